@@ -1,0 +1,13 @@
+"""spatial_jax: Flax ports of vision-language models with explicit intervention points.
+
+    import spatial_jax as sj
+    model = sj.load(path)
+    batch = model.prepare(images=[img], prompts=["The color of ..."])
+    out = sj.forward(model, batch, cache=("lm.resid_post",), interventions=[...])
+"""
+from spatial_jax.batch import Batch
+from spatial_jax.forward import Model, Output, apply, forward, load
+from spatial_jax.interventions.ops import Intervention, mask_index
+from spatial_jax.interventions.sites import ALL_SITES
+
+__all__ = ["Batch", "Model", "Output", "apply", "forward", "load", "Intervention", "mask_index", "ALL_SITES"]

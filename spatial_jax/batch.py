@@ -1,0 +1,35 @@
+"""`Batch`: the HF forward inputs, same names, shapes and meaning; unused fields are None."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Model inputs (numpy or jax arrays).
+
+    input_ids:      [B, T] int
+    attention_mask: [B, T] int, 1 = real token, 0 = padding (None: all real)
+    pixel_values:   Qwen2-VL [N_patches, C*tp*p*p] (all images concatenated); Gemma 3 [n_img, 3, H, W]
+    image_grid_thw: Qwen2-VL [n_img, 3] int (t, h, w in patches)
+    token_type_ids: Gemma 3 [B, T] int, 1 at image soft tokens
+    image_sizes:    Pixtral [n_img, 2] int
+    """
+
+    input_ids: jax.Array | np.ndarray
+    attention_mask: Optional[jax.Array | np.ndarray] = None
+    pixel_values: Optional[jax.Array | np.ndarray] = None
+    image_grid_thw: Optional[jax.Array | np.ndarray] = None
+    token_type_ids: Optional[jax.Array | np.ndarray] = None
+    image_sizes: Optional[jax.Array | np.ndarray] = None
+
+    def with_defaults(self) -> "Batch":
+        """Fills attention_mask with ones when absent, so jitted code sees one structure."""
+        if self.attention_mask is not None:
+            return self
+        return dataclasses.replace(self, attention_mask=np.ones(np.shape(self.input_ids), np.int32))

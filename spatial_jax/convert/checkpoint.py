@@ -1,0 +1,79 @@
+"""Converted checkpoints: an Orbax parameter tree plus the HF config and tokenizer/processor files.
+
+Layout of a converted dir:
+  spatial_jax.json   family and dtype
+  config.json        the HF config, unchanged
+  params/            Orbax checkpoint of the parameter tree
+  tokenizer*, chat_template*, preprocessor_config.json, ...   copied from the HF dir
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from spatial_jax.convert.convert import DTYPES, abstract_model, resolve_config
+from flax import nnx
+
+META_FILE = "spatial_jax.json"
+PARAMS_DIR = "params"
+# Everything a processor/tokenizer needs; never the weights themselves.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer*", "vocab*", "merges.txt",
+              "special_tokens_map.json", "added_tokens.json", "chat_template*", "preprocessor_config.json",
+              "processor_config.json", "video_preprocessor_config.json")
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def write_converted(out_dir: str, hf_dir: str, family: str, dtype: str, params: dict) -> None:
+    """Writes a converted checkpoint atomically: into a temp dir beside `out_dir`, then renamed.
+
+    `out_dir` must not exist or be empty; on any failure nothing is left at `out_dir`.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir}: output directory exists and is not empty")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+        ckptr.wait_until_finished()
+        for pattern in SIDE_FILES:
+            for f in glob.glob(os.path.join(hf_dir, pattern)):
+                if os.path.isfile(f):
+                    shutil.copy2(f, tmp)
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump({"family": family, "dtype": dtype, "format": 1}, f, indent=1)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_converted(path: str, shardings=None):
+    """Restores a converted dir -> (family, config, raw config, params pure dict of jax arrays).
+
+    `shardings`, a pytree of jax.sharding.Sharding matching the params, restores each array
+    straight into its sharding (no full copy gathered on one device).
+    """
+    with open(os.path.join(path, META_FILE)) as f:
+        meta = json.load(f)
+    family, cfg, raw = resolve_config(path)
+    dtype = DTYPES[meta["dtype"]]
+    target = nnx.to_pure_dict(nnx.state(abstract_model(family, cfg, dtype)))
+    if shardings is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
+    params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
+    return family, cfg, raw, meta["dtype"], params

@@ -1,0 +1,41 @@
+"""spatial-jax-convert: HF safetensors checkpoint dir -> converted Orbax checkpoint dir.
+
+  spatial-jax-convert --hf_dir DIR --output_dir DIR [--dtype float32|bfloat16]
+
+Exits 0 on success. On bad input it prints one line naming the problem, exits 1, and leaves no
+output directory behind.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from spatial_jax.convert.checkpoint import write_converted
+from spatial_jax.convert.convert import DTYPES, convert_hf
+from spatial_jax.convert.safetensors_dir import CheckpointError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("hf_dir", None, "HF checkpoint dir (config.json + safetensors).")
+flags.DEFINE_string("output_dir", None, "Where the converted checkpoint goes (must not exist).")
+flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Parameter dtype of the converted checkpoint.")
+flags.mark_flags_as_required(["hf_dir", "output_dir"])
+
+
+def main(argv):
+    del argv
+    try:
+        family, _, _, params = convert_hf(FLAGS.hf_dir, FLAGS.dtype)
+        write_converted(FLAGS.output_dir, FLAGS.hf_dir, family.name, FLAGS.dtype, params)
+    except (CheckpointError, FileExistsError) as e:
+        print(f"spatial-jax-convert: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    logging.info("wrote %s (%s, %s)", FLAGS.output_dir, family.name, FLAGS.dtype)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

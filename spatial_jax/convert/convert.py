@@ -1,0 +1,103 @@
+"""HF safetensors -> our parameter tree, streamed tensor by tensor through the family's key map."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from spatial_jax.convert import key_maps
+from spatial_jax.convert.safetensors_dir import CheckpointError, TensorReader, read_config, shard_of_tensor
+from spatial_jax.models.registry import Family, family_of
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def abstract_model(family: Family, cfg, dtype) -> nnx.Module:
+    """The model with ShapeDtypeStruct leaves: shapes and dtypes without allocating weights."""
+    return nnx.eval_shape(lambda: family.model_cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def flatten_paths(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        out.update(flatten_paths(v, path) if isinstance(v, dict) else {path: v})
+    return out
+
+
+def unflatten_paths(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def _transform(x: np.ndarray, how: str | None) -> np.ndarray:
+    if how == "T":
+        return x.T
+    if how == "flat_T":
+        return x.reshape(x.shape[0], -1).T
+    return x
+
+
+def resolve_config(hf_dir: str):
+    """config.json -> (family, family config, raw dict)."""
+    raw = read_config(hf_dir)
+    try:
+        family = family_of(raw)
+        return family, family.config_cls.from_hf(raw), raw
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{hf_dir}/config.json: {e}") from None
+
+
+def convert_hf(hf_dir: str, dtype: str = "float32"):
+    """Reads a HF checkpoint dir. Returns (family, config, raw config dict, params as a nested
+    dict of host numpy arrays in `dtype`, laid out like the model's pure-dict state)."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    family, cfg, raw = resolve_config(hf_dir)
+    table, aliases = key_maps.TABLES[family.name]
+    np_dtype = np.dtype(DTYPES[dtype])
+    reader = TensorReader(shard_of_tensor(hf_dir), aliases)
+    expected = flatten_paths(nnx.to_pure_dict(nnx.state(abstract_model(family, cfg, DTYPES[dtype]))))
+
+    params, used = {}, set()
+    for path, hf_name, how in table:
+        if path not in expected:  # e.g. lm_head of a model with tied embeddings
+            continue
+        want = expected[path]
+        names = [hf_name.format(i=i) for i in range(want.shape[0])] if "{i}" in hf_name else [hf_name]
+        out = np.empty(want.shape, np_dtype)
+        for i, name in enumerate(names):
+            if name not in reader:
+                raise CheckpointError(f"{hf_dir}: missing tensor {name} (for {path})")
+            x = reader.get(name)
+            if not np.issubdtype(x.dtype, np.floating) and x.dtype != np.dtype(jnp.bfloat16):
+                raise CheckpointError(f"{hf_dir}: tensor {name} has dtype {x.dtype}, expected a float type")
+            x = _transform(x, how)
+            target = out[i] if len(names) > 1 or "{i}" in hf_name else out
+            if x.shape != target.shape:
+                raise CheckpointError(f"{hf_dir}: tensor {name} has shape {tuple(x.shape)} after transform "
+                                      f"{how}, expected {tuple(target.shape)} (for {path})")
+            target[...] = x.astype(np_dtype)
+            used.add(name)
+        params[path] = out
+    missing = sorted(set(expected) - set(params))
+    if missing:
+        raise CheckpointError(f"{hf_dir}: no key-map entry fills {missing[0]} ({len(missing)} params)")
+    unused = sorted(set(reader.names()) - used)
+    if unused:
+        tied = cfg.tie_word_embeddings and unused == ["lm_head.weight"]
+        if not tied:
+            raise CheckpointError(f"{hf_dir}: {len(unused)} tensors not in the {family.name} key map, "
+                                  f"e.g. {unused[0]}")
+    logging.info("converted %d tensors from %s", len(used), hf_dir)
+    return family, cfg, raw, unflatten_paths(params)

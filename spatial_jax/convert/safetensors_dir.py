@@ -1,0 +1,120 @@
+"""Reading a HF checkpoint directory: config.json and safetensors shards, tensor by tensor.
+
+Every failure raises `CheckpointError` with one line that names the file and the problem.
+Torch pickles (`pytorch_model*.bin`) are refused: unpickling can run arbitrary code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterator
+
+import jax
+import numpy as np
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A HF checkpoint directory that cannot be read as asked."""
+
+
+def read_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"{hf_dir}: no such directory")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+
+
+def _check_complete(path: str) -> list[str]:
+    """Header sanity and length check: a truncated shard fails here, before any tensor is read."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (header of {header_len} bytes "
+                                  f"in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file (needs {8 + header_len + end} bytes, "
+                              f"has {size})")
+    return [k for k in header if k != "__metadata__"]
+
+
+def shard_of_tensor(hf_dir: str) -> dict[str, str]:
+    """Tensor name -> shard path, from model.safetensors or model.safetensors.index.json."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    single = os.path.join(hf_dir, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        shards = sorted(set(weight_map.values()))
+        names: dict[str, str] = {}
+        for shard in shards:
+            path = os.path.join(hf_dir, shard)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: missing shard listed in {os.path.basename(index)}")
+            for name in _check_complete(path):
+                names[name] = path
+        missing = sorted(set(weight_map) - set(names))
+        if missing:
+            raise CheckpointError(f"{index}: {len(missing)} indexed tensors not found in their shards, "
+                                  f"e.g. {missing[0]}")
+        return names
+    if os.path.isfile(single):
+        return {name: single for name in _check_complete(single)}
+    pickles = [f for f in os.listdir(hf_dir) if f.endswith(".bin") or f.endswith(".pt")]
+    if pickles:
+        raise CheckpointError(f"{hf_dir}: only pickled torch weights ({pickles[0]}); they are never "
+                              "unpickled here: save the model with safetensors")
+    raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+class TensorReader:
+    """Reads tensors one at a time as host numpy arrays (bfloat16 via ml_dtypes).
+
+    `aliases` ((old_prefix, new_prefix), ...) rename stored tensors to the spelling a key map
+    uses, so one table serves every on-disk layout of a family.
+    """
+
+    def __init__(self, shard_of: dict[str, str], aliases: tuple[tuple[str, str], ...] = ()):
+        self._where: dict[str, tuple[str, str]] = {}
+        for stored, path in shard_of.items():
+            name = stored
+            for old, new in aliases:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+                    break
+            self._where[name] = (path, stored)
+        self._open: dict[str, object] = {}
+        self._cpu = jax.devices("cpu")[0]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def get(self, name: str) -> np.ndarray:
+        path, stored = self._where[name]
+        if path not in self._open:
+            # The numpy backend cannot hold bfloat16; the flax one can, kept on the host CPU.
+            self._open[path] = safe_open(path, framework="flax", device="cpu")
+        with jax.default_device(self._cpu):
+            return np.asarray(self._open[path].get_tensor(stored))

@@ -1,0 +1,86 @@
+"""Interventions as data, and the one function that applies any of them at a site.
+
+An `Intervention` is a pytree: `site` and `op` are static, everything else is an array, so a
+batch of interventions (a leading axis on `layer`, `index`, `source`, ...) can be vmapped and
+jitted without recompiling when only the layer or the token map changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from spatial_jax.interventions import sites
+
+OPS = ("replace", "add", "amplify")
+_EPS = 1e-8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Intervention:
+    """One intervention at one site.
+
+    Attributes:
+      site: a site name from `sites.ALL_SITES`.
+      op: "replace" (also ablation with given values), "add" or "amplify".
+      layer: int scalar array; the layer (LM) or block (vision) it applies at. Ignored for the
+        once-per-forward sites `vision.tokens` and `lm.final`.
+      index: [B, T] int; for each destination token, the source token to read (replace/add) or
+        any value >= 0 to act there (amplify); -1 keeps the token. None acts on every token with
+        the identity map.
+      source: [B, S, D] activations to read from (replace/add), or a [D] vector (add) that is
+        added at every chosen token.
+      directions: [D, K] (amplify): h += alpha * sum_k (h.w_k / |w_k|^2) w_k.
+      alpha: scalar multiplier for add and amplify.
+    """
+
+    site: str = dataclasses.field(metadata=dict(static=True))
+    op: str = dataclasses.field(metadata=dict(static=True))
+    layer: jax.Array | int = 0
+    index: Optional[jax.Array] = None
+    source: Optional[jax.Array] = None
+    directions: Optional[jax.Array] = None
+    alpha: jax.Array | float = 1.0
+
+    def __post_init__(self):
+        sites.check_site(self.site)
+        if self.op not in OPS:
+            raise ValueError(f"unknown op {self.op!r}; known ops: {OPS}")
+        if self.op in ("replace", "add") and self.source is None:
+            raise ValueError(f"op {self.op!r} needs `source` activations")
+        if self.op == "amplify" and self.directions is None:
+            raise ValueError("op 'amplify' needs `directions` [D, K]")
+
+
+def mask_index(mask: jax.Array) -> jax.Array:
+    """[B, T] bool -> [B, T] int: the identity source map where `mask`, -1 elsewhere."""
+    return jnp.where(mask, jnp.arange(mask.shape[-1]), -1)
+
+
+def _gather_tokens(source: jax.Array, index: jax.Array) -> jax.Array:
+    """source [B, S, D], index [B, T] (>= 0) -> [B, T, D]."""
+    return jnp.take_along_axis(source, index[..., None], axis=1)
+
+
+def apply(h: jax.Array, iv: Intervention, layer: jax.Array | int) -> jax.Array:
+    """Applies `iv` to activations h [B, T, D] if `iv.layer == layer`; returns the new h."""
+    B, T, _ = h.shape
+    index = iv.index if iv.index is not None else jnp.broadcast_to(jnp.arange(T), (B, T))
+    chosen = (index >= 0)[..., None]
+    src_index = jnp.maximum(index, 0)
+    if iv.op == "replace":
+        new = jnp.where(chosen, _gather_tokens(iv.source.astype(h.dtype), src_index), h)
+    elif iv.op == "add":
+        source = iv.source.astype(jnp.float32)
+        delta = source if source.ndim == 1 else _gather_tokens(source, src_index)
+        new = h + jnp.where(chosen, iv.alpha * delta, 0.0).astype(h.dtype)
+    else:
+        w = iv.directions.astype(jnp.float32)
+        coeff = h.astype(jnp.float32) @ w / (jnp.sum(w * w, axis=0) + _EPS)
+        new = h + jnp.where(chosen, iv.alpha * (coeff @ w.T), 0.0).astype(h.dtype)
+    if iv.site in sites.ONCE_SITES:
+        return new
+    return jnp.where(jnp.asarray(iv.layer) == layer, new, h)

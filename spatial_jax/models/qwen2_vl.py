@@ -1,0 +1,317 @@
+"""Flax NNX port of transformers' Qwen2VLForConditionalGeneration (Qwen2-VL-7B/2B-Instruct).
+
+Spec: shared/reference/architectures.md, part A. The vision tower works on the patches of all
+images of a batch concatenated (as HF does), with attention kept inside each image by a segment
+mask, so the vision sites have batch axis 1: `vision.block_out` [1, Lv, N_patches, Dv] and
+`vision.tokens` [1, N_tokens, D], images in batch order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spatial_jax.interventions import sites
+from spatial_jax.interventions.taps import Taps
+from spatial_jax.models import layers as L
+
+_LM_STEP_SITES = frozenset({sites.LM_RESID_PRE, sites.LM_ATTN_OUT, sites.LM_MLP_OUT, sites.LM_RESID_POST})
+_VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLConfig:
+    # vision tower
+    vision_depth: int
+    vision_dim: int
+    vision_heads: int
+    vision_mlp_dim: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    in_channels: int
+    vision_rope_theta: float
+    # language model
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    tie_word_embeddings: bool
+    image_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+
+    family = "qwen2_vl"
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "Qwen2VLConfig":
+        """From a HF config.json dict: hub layout (text keys at the top level, `rope_scaling`)
+        or the nested `text_config` layout that transformers 5.x writes."""
+        text = {**d, **d.get("text_config", {})}
+        vis = d["vision_config"]
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if "mrope_section" not in rope:
+            raise ValueError("Qwen2-VL config has no mrope_section (rope_parameters / rope_scaling)")
+        rope_theta = rope.get("rope_theta", text.get("rope_theta", 1e6))
+        heads = text["num_attention_heads"]
+        vis_heads = vis["num_heads"]
+        vis_rope = vis.get("rope_parameters") or {}
+        return cls(
+            vision_depth=vis["depth"], vision_dim=vis["embed_dim"], vision_heads=vis_heads,
+            vision_mlp_dim=int(vis["embed_dim"] * vis.get("mlp_ratio", 4)),
+            patch_size=vis.get("patch_size", 14), temporal_patch_size=vis.get("temporal_patch_size", 2),
+            merge_size=vis.get("spatial_merge_size", 2), in_channels=vis.get("in_channels", 3),
+            vision_rope_theta=float(vis_rope.get("rope_theta", 10000.0)),
+            vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
+            num_layers=text["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=text.get("num_key_value_heads", heads),
+            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+            intermediate_size=text["intermediate_size"], rms_norm_eps=text.get("rms_norm_eps", 1e-5),
+            rope_theta=float(rope_theta), mrope_section=tuple(rope["mrope_section"]),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            image_token_id=d.get("image_token_id", 151655),
+            vision_start_token_id=d.get("vision_start_token_id", 151652),
+            vision_end_token_id=d.get("vision_end_token_id", 151653),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision tower
+
+
+def vision_patch_layout(grid_thw: jax.Array, n_patches: int, merge: int):
+    """Row/column of every patch and the image it belongs to, computed from the grid in-graph.
+
+    grid_thw [n_img, 3] (t must be 1: still images). Patches come in merge-block-major order, as
+    the processor lays them out. Returns (h_idx, w_idx, image_of_patch), each [n_patches] int32.
+    """
+    sizes = grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]
+    ends = jnp.cumsum(sizes)
+    p = jnp.arange(n_patches)
+    img = jnp.searchsorted(ends, p, side="right")
+    q = p - (ends[img] - sizes[img])
+    blocks_per_row = grid_thw[img, 2] // merge
+    block, within = q // (merge * merge), q % (merge * merge)
+    h_idx = (block // blocks_per_row) * merge + within // merge
+    w_idx = (block % blocks_per_row) * merge + within % merge
+    return h_idx.astype(jnp.int32), w_idx.astype(jnp.int32), img.astype(jnp.int32)
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: Qwen2VLConfig, *, dtype, rngs: nnx.Rngs):
+        d = cfg.vision_dim
+        self.norm1 = L.LayerNorm(d, eps=1e-6, dtype=dtype)
+        self.qkv = L.Dense(d, 3 * d, bias=True, dtype=dtype, rngs=rngs)
+        self.proj = L.Dense(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.norm2 = L.LayerNorm(d, eps=1e-6, dtype=dtype)
+        self.fc1 = L.Dense(d, cfg.vision_mlp_dim, bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = L.Dense(cfg.vision_mlp_dim, d, bias=True, dtype=dtype, rngs=rngs)
+        self.heads = cfg.vision_heads
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array) -> jax.Array:
+        """x [1, N, Dv]; cos/sin [N, hd] float32; allowed [1, N, N]."""
+        _, N, D = x.shape
+        hd = D // self.heads
+        qkv = self.qkv(self.norm1(x)).reshape(1, N, 3, self.heads, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # HF rotates the vision q/k in float32 whatever the model dtype.
+        q = L.apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        k = L.apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        a = L.attention(q, k, v, allowed, hd**-0.5).reshape(1, N, D)
+        x = x + self.proj(a)
+        h = self.fc1(self.norm2(x))
+        return x + self.fc2(h * jax.nn.sigmoid(1.702 * h))  # quick_gelu
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: Qwen2VLConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        m2 = cfg.merge_size**2
+        self.patch_embed = L.Dense(cfg.patch_dim, cfg.vision_dim, bias=False, dtype=dtype, rngs=rngs)
+        self.blocks = L.stack_modules([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.vision_depth)])
+        self.merger_norm = L.LayerNorm(cfg.vision_dim, eps=1e-6, dtype=dtype)
+        self.merger_fc1 = L.Dense(m2 * cfg.vision_dim, m2 * cfg.vision_dim, bias=True, dtype=dtype, rngs=rngs)
+        self.merger_fc2 = L.Dense(m2 * cfg.vision_dim, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, pixel_values: jax.Array, grid_thw: jax.Array, taps: Taps) -> jax.Array:
+        """pixel_values [N, patch_dim], grid_thw [n_img, 3] -> visual tokens [1, N / merge^2, D]."""
+        cfg = self.cfg
+        N = pixel_values.shape[0]
+        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))[None]
+        h_idx, w_idx, img = vision_patch_layout(grid_thw, N, cfg.merge_size)
+        hd = cfg.vision_dim // cfg.vision_heads
+        inv_freq = 1.0 / cfg.vision_rope_theta ** (jnp.arange(0, hd // 2, 2, dtype=jnp.float32) / (hd // 2))
+        emb = jnp.concatenate([h_idx[:, None] * inv_freq, w_idx[:, None] * inv_freq], axis=-1)
+        emb = jnp.concatenate([emb, emb], axis=-1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        allowed = (img[:, None] == img[None, :])[None]
+
+        def step(block, x, idx, _):
+            t = taps.for_step(_VISION_STEP_SITES)
+            x = t.at(sites.VISION_BLOCK_OUT, block(x, cos, sin, allowed), idx)
+            return x, t.collected
+
+        x, collected = L.scan_layers(self.blocks, step, x)
+        if sites.VISION_BLOCK_OUT in collected:
+            taps.collected[sites.VISION_BLOCK_OUT] = jnp.moveaxis(collected[sites.VISION_BLOCK_OUT], 0, 1)
+        x = self.merger_norm(x).reshape(1, N // cfg.merge_size**2, -1)
+        x = self.merger_fc2(jax.nn.gelu(self.merger_fc1(x), approximate=False))
+        return taps.at(sites.VISION_TOKENS, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Language model
+
+
+def mrope_positions(input_ids: jax.Array, attention_mask: jax.Array, grid_thw: Optional[jax.Array],
+                    image_token_id: int, merge: int) -> jax.Array:
+    """M-RoPE (t, h, w) position ids [3, B, T], as HF's get_rope_index, computed in-graph.
+
+    Text advances every row by 1; an image run of H' x W' merged tokens puts token (r, c) at
+    (p, p + r, p + c) and advances the position by max(H', W'). Padded slots get 0; positions
+    count only unpadded tokens. Images are numbered in batch order, as image_grid_thw lists them.
+    """
+    B, T = input_ids.shape
+    valid = attention_mask.astype(bool)
+    ar = jnp.arange(T)
+    if grid_thw is None:
+        is_img = jnp.zeros((B, T), bool)
+    else:
+        is_img = (input_ids == image_token_id) & valid
+    starts = is_img & ~jnp.pad(is_img[:, :-1], ((0, 0), (1, 0)))
+    k = ar - jax.lax.cummax(jnp.where(starts, ar, 0), axis=1)  # index inside the image run
+    if grid_thw is None:
+        r = c = advance_img = jnp.zeros((B, T), jnp.int32)
+    else:
+        img = jnp.clip(jnp.cumsum(starts.reshape(-1)).reshape(B, T) - 1, 0, grid_thw.shape[0] - 1)
+        hh, ww = grid_thw[img, 1] // merge, grid_thw[img, 2] // merge
+        r, c = k // ww, k % ww
+        advance_img = jnp.where(k == hh * ww - 1, jnp.maximum(hh, ww), 0)
+    advance = jnp.where(is_img, advance_img, valid.astype(jnp.int32))
+    base = jnp.cumsum(advance, axis=1) - advance
+    pos = jnp.stack([base, base + jnp.where(is_img, r, 0), base + jnp.where(is_img, c, 0)])
+    return jnp.where(valid[None], pos, 0).astype(jnp.int32)
+
+
+def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, section: tuple[int, ...]):
+    """positions [3, B, T] -> cos, sin [B, T, head_dim] float32; frequency slots take t/h/w in turn."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [3, B, T, hd/2]
+    axis_of_slot = jnp.concatenate([jnp.full((n,), i % 3) for i, n in enumerate(section)])
+    f = jnp.where(axis_of_slot == 0, freqs[0], jnp.where(axis_of_slot == 1, freqs[1], freqs[2]))
+    emb = jnp.concatenate([f, f], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen2VLConfig, *, dtype, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.input_norm = L.RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.q = L.Dense(d, cfg.num_heads * hd, bias=True, dtype=dtype, rngs=rngs)
+        self.k = L.Dense(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, rngs=rngs)
+        self.v = L.Dense(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, rngs=rngs)
+        self.o = L.Dense(cfg.num_heads * hd, d, bias=False, dtype=dtype, rngs=rngs)
+        self.post_norm = L.RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.gate = L.Dense(d, cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
+        self.up = L.Dense(d, cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
+        self.down = L.Dense(cfg.intermediate_size, d, bias=False, dtype=dtype, rngs=rngs)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+
+    def __call__(self, x, cos, sin, allowed, taps: Taps, layer):
+        """x [B, T, D] (resid_pre) -> resid_post; cos/sin [B, T, hd]; allowed [B, T, T]."""
+        B, T, _ = x.shape
+        x = taps.at(sites.LM_RESID_PRE, x, layer)
+        h = self.input_norm(x)
+        cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+        q = L.apply_rope(self.q(h).reshape(B, T, self.heads, self.head_dim), cos, sin)
+        k = L.apply_rope(self.k(h).reshape(B, T, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v(h).reshape(B, T, self.kv_heads, self.head_dim)
+        a = self.o(L.attention(q, k, v, allowed, self.head_dim**-0.5).reshape(B, T, -1))
+        x = x + taps.at(sites.LM_ATTN_OUT, a, layer)
+        h = self.post_norm(x)
+        m = self.down(jax.nn.silu(self.gate(h)) * self.up(h))
+        x = x + taps.at(sites.LM_MLP_OUT, m, layer)
+        return taps.at(sites.LM_RESID_POST, x, layer)
+
+
+class Qwen2VL(nnx.Module):
+    """Qwen2VLForConditionalGeneration. Call it with the HF forward inputs and a `Taps`."""
+
+    def __init__(self, cfg: Qwen2VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.vision = VisionTower(cfg, dtype=dtype, rngs=rngs)
+        self.embed = nnx.Param(L.init_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.layers = L.stack_modules([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else L.Dense(
+            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+
+    def embed_inputs(self, input_ids, pixel_values, image_grid_thw, taps: Taps) -> jax.Array:
+        """Token embeddings with the visual tokens scattered over the `<|image_pad|>` slots, in order."""
+        x = jnp.take(self.embed[...], input_ids, axis=0)
+        if pixel_values is None:
+            return x
+        vis = self.vision(pixel_values, image_grid_thw, taps)[0]
+        is_img = input_ids == self.cfg.image_token_id
+        slot = jnp.clip(jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1, 0, vis.shape[0] - 1)
+        return jnp.where(is_img[..., None], vis[slot].astype(x.dtype), x)
+
+    @staticmethod
+    def check_batch(cfg: Qwen2VLConfig, batch) -> None:
+        """Host-side input checks, raising ValueError with what is wrong."""
+        if batch.pixel_values is None:
+            return
+        if batch.image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        n, dim = np.shape(batch.pixel_values)
+        if dim != cfg.patch_dim:
+            raise ValueError(f"pixel_values rows have {dim} values, expected {cfg.patch_dim}")
+        grid = np.asarray(batch.image_grid_thw)
+        if (grid[:, 0] != 1).any():
+            raise ValueError("only still images (t = 1 in image_grid_thw) are supported, not video")
+        if grid.prod(-1).sum() != n:
+            raise ValueError(f"image_grid_thw covers {grid.prod(-1).sum()} patches, pixel_values has {n}")
+        if not isinstance(batch.input_ids, jax.core.Tracer):
+            slots = int((np.asarray(batch.input_ids) == cfg.image_token_id).sum())
+            if slots * cfg.merge_size**2 != n:
+                raise ValueError(f"the prompts have {slots} <|image_pad|> slots but the images give "
+                                 f"{n // cfg.merge_size**2} visual tokens")
+
+    def __call__(self, batch, taps: Taps) -> jax.Array:
+        """batch.input_ids/attention_mask [B, T] -> final-normed hidden states [B, T, D] (lm.final)."""
+        cfg = self.cfg
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        B, T = input_ids.shape
+        x = self.embed_inputs(input_ids, batch.pixel_values, batch.image_grid_thw, taps)
+        pos = mrope_positions(input_ids, attention_mask, batch.image_grid_thw, cfg.image_token_id, cfg.merge_size)
+        cos, sin = mrope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        allowed = causal[None] & attention_mask.astype(bool)[:, None, :]
+
+        def step(layer, x, idx, _):
+            t = taps.for_step(_LM_STEP_SITES)
+            return layer(x, cos, sin, allowed, t, idx), t.collected
+
+        x, collected = L.scan_layers(self.layers, step, x)
+        for site, stacked in collected.items():
+            taps.collected[site] = jnp.moveaxis(stacked, 0, 1)
+        return taps.at(sites.LM_FINAL, self.norm(x))
+
+    def unembed(self, h: jax.Array) -> jax.Array:
+        """h [..., D] -> logits [..., V] float32."""
+        w = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return jnp.matmul(h, w, precision=L.PRECISION).astype(jnp.float32)
