@@ -21,6 +21,7 @@ from spatial_jax.convert.convert import DTYPES, abstract_model, convert_hf
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
 from spatial_jax.interventions.taps import Taps
+from spatial_jax.models.layers import run_layers
 from spatial_jax.models.registry import FAMILIES
 
 
@@ -84,7 +85,9 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
     module = nnx.merge(graphdef, params)
     taps = Taps(interventions, cache)
     batch = batch.with_defaults()
-    final = module(batch, taps)
+    x = module.embed_inputs(batch, taps)
+    x = run_layers(module.layers, x, module.lm_context(batch), taps)
+    final = module.final(x, taps)
     return Output(module.unembed(final) if logits else None, taps.collected)
 
 

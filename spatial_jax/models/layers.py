@@ -10,6 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spatial_jax.interventions import sites
+from spatial_jax.interventions.taps import Taps
+
+LM_LAYER_SITES = frozenset({sites.LM_RESID_PRE, sites.LM_ATTN_OUT, sites.LM_MLP_OUT, sites.LM_RESID_POST})
+
 # float32 matmuls stay float32 on GPU/TPU too (no TF32 / bf16 passes), so parity holds everywhere.
 PRECISION = jax.lax.Precision.HIGHEST
 NEG_INF = -1e30
@@ -109,3 +114,33 @@ def scan_layers(stacked: nnx.Module, step: Callable, carry, xs=None):
         return step(nnx.merge(graphdef, layer_state), c, idx, x)
 
     return jax.lax.scan(body, carry, (state, jnp.arange(n), xs))
+
+
+def run_layers(stacked: nnx.Module, x: jax.Array, ctx, taps: Taps, start: jax.Array | None = None) -> jax.Array:
+    """Runs decoder layers `layer(x, ctx, taps, idx)` over x [B, T, D].
+
+    From layer 0 it is a scan, and the cached per-layer sites leave it as [B, L, T, D]. With
+    `start` (a traced scalar), x is the residual entering layer `start` and only layers
+    start..L-1 run: a sweep patching at layer l reuses the clean run below l instead of
+    recomputing it. That path caches nothing.
+    """
+    if start is None:
+        def step(layer, h, idx, _):
+            t = taps.for_step(LM_LAYER_SITES)
+            return layer(h, ctx, t, idx), t.collected
+
+        x, collected = scan_layers(stacked, step, x)
+        for site, per_layer in collected.items():
+            taps.collected[site] = jnp.moveaxis(per_layer, 0, 1)
+        return x
+
+    if taps.cache_sites & LM_LAYER_SITES:
+        raise ValueError("per-layer sites cannot be cached when starting above layer 0")
+    graphdef, state = nnx.split(stacked)
+    n = jax.tree.leaves(state)[0].shape[0]
+
+    def body(idx, h):
+        layer_state = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, idx, keepdims=False), state)
+        return nnx.merge(graphdef, layer_state)(h, ctx, taps.for_step(LM_LAYER_SITES), idx)
+
+    return jax.lax.fori_loop(start, n, body, x)

@@ -19,7 +19,6 @@ from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.models import layers as L
 
-_LM_STEP_SITES = frozenset({sites.LM_RESID_PRE, sites.LM_ATTN_OUT, sites.LM_MLP_OUT, sites.LM_RESID_POST})
 _VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
 
 
@@ -231,16 +230,16 @@ class DecoderLayer(nnx.Module):
         self.down = L.Dense(cfg.intermediate_size, d, bias=False, dtype=dtype, rngs=rngs)
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
-    def __call__(self, x, cos, sin, allowed, taps: Taps, layer):
-        """x [B, T, D] (resid_pre) -> resid_post; cos/sin [B, T, hd]; allowed [B, T, T]."""
+    def __call__(self, x, ctx: dict, taps: Taps, layer):
+        """x [B, T, D] (resid_pre) -> resid_post. ctx: cos/sin [B, T, hd], allowed [B, T, T]."""
         B, T, _ = x.shape
         x = taps.at(sites.LM_RESID_PRE, x, layer)
         h = self.input_norm(x)
-        cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+        cos, sin = ctx["cos"][:, :, None].astype(x.dtype), ctx["sin"][:, :, None].astype(x.dtype)
         q = L.apply_rope(self.q(h).reshape(B, T, self.heads, self.head_dim), cos, sin)
         k = L.apply_rope(self.k(h).reshape(B, T, self.kv_heads, self.head_dim), cos, sin)
         v = self.v(h).reshape(B, T, self.kv_heads, self.head_dim)
-        a = self.o(L.attention(q, k, v, allowed, self.head_dim**-0.5).reshape(B, T, -1))
+        a = self.o(L.attention(q, k, v, ctx["allowed"], self.head_dim**-0.5).reshape(B, T, -1))
         x = x + taps.at(sites.LM_ATTN_OUT, a, layer)
         h = self.post_norm(x)
         m = self.down(jax.nn.silu(self.gate(h)) * self.up(h))
@@ -249,7 +248,8 @@ class DecoderLayer(nnx.Module):
 
 
 class Qwen2VL(nnx.Module):
-    """Qwen2VLForConditionalGeneration. Call it with the HF forward inputs and a `Taps`."""
+    """Qwen2VLForConditionalGeneration, as the pieces every family exposes to the runner in
+    forward.py: embed_inputs -> lm_context -> layers (stacked) -> final -> unembed."""
 
     def __init__(self, cfg: Qwen2VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -260,13 +260,13 @@ class Qwen2VL(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else L.Dense(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
 
-    def embed_inputs(self, input_ids, pixel_values, image_grid_thw, taps: Taps) -> jax.Array:
-        """Token embeddings with the visual tokens scattered over the `<|image_pad|>` slots, in order."""
-        x = jnp.take(self.embed[...], input_ids, axis=0)
-        if pixel_values is None:
+    def embed_inputs(self, batch, taps: Taps) -> jax.Array:
+        """LM input [B, T, D]: token embeddings with the visual tokens over the `<|image_pad|>` slots."""
+        x = jnp.take(self.embed[...], batch.input_ids, axis=0)
+        if batch.pixel_values is None:
             return x
-        vis = self.vision(pixel_values, image_grid_thw, taps)[0]
-        is_img = input_ids == self.cfg.image_token_id
+        vis = self.vision(batch.pixel_values, batch.image_grid_thw, taps)[0]
+        is_img = batch.input_ids == self.cfg.image_token_id
         slot = jnp.clip(jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1, 0, vis.shape[0] - 1)
         return jnp.where(is_img[..., None], vis[slot].astype(x.dtype), x)
 
@@ -291,24 +291,18 @@ class Qwen2VL(nnx.Module):
                 raise ValueError(f"the prompts have {slots} <|image_pad|> slots but the images give "
                                  f"{n // cfg.merge_size**2} visual tokens")
 
-    def __call__(self, batch, taps: Taps) -> jax.Array:
-        """batch.input_ids/attention_mask [B, T] -> final-normed hidden states [B, T, D] (lm.final)."""
+    def lm_context(self, batch) -> dict:
+        """What every decoder layer needs besides the residual: M-RoPE cos/sin and the mask."""
         cfg = self.cfg
-        input_ids, attention_mask = batch.input_ids, batch.attention_mask
-        B, T = input_ids.shape
-        x = self.embed_inputs(input_ids, batch.pixel_values, batch.image_grid_thw, taps)
-        pos = mrope_positions(input_ids, attention_mask, batch.image_grid_thw, cfg.image_token_id, cfg.merge_size)
+        T = batch.input_ids.shape[1]
+        pos = mrope_positions(batch.input_ids, batch.attention_mask, batch.image_grid_thw,
+                              cfg.image_token_id, cfg.merge_size)
         cos, sin = mrope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         causal = jnp.tril(jnp.ones((T, T), bool))
-        allowed = causal[None] & attention_mask.astype(bool)[:, None, :]
+        allowed = causal[None] & batch.attention_mask.astype(bool)[:, None, :]
+        return {"cos": cos, "sin": sin, "allowed": allowed}
 
-        def step(layer, x, idx, _):
-            t = taps.for_step(_LM_STEP_SITES)
-            return layer(x, cos, sin, allowed, t, idx), t.collected
-
-        x, collected = L.scan_layers(self.layers, step, x)
-        for site, stacked in collected.items():
-            taps.collected[site] = jnp.moveaxis(stacked, 0, 1)
+    def final(self, x: jax.Array, taps: Taps) -> jax.Array:
         return taps.at(sites.LM_FINAL, self.norm(x))
 
     def unembed(self, h: jax.Array) -> jax.Array:
