@@ -1,0 +1,72 @@
+"""The two sweeps the paper's experiments are built on, as thin layers over `patch_sweep`.
+
+Both patch at every residual "slot" of the LM, as the official code does: slot 0 is the LM input
+(`lm.resid_pre` of layer 0, the "Embed" tick) and slot s >= 1 is the output of layer s - 1, so
+a model with L layers has L + 1 slots. Sources come from one cached run of the counterfactual.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from spatial_jax.batch import Batch
+from spatial_jax.forward import Model, forward
+from spatial_jax.interventions import sites
+from spatial_jax.interventions.ops import Intervention
+from spatial_jax.interventions.sweep import Readout, SweepResult, last_positions, patch_sweep
+
+
+def _slot_sweep(model: Model, base: Batch, source: Batch, index: np.ndarray, tokens: np.ndarray,
+                **kwargs) -> SweepResult:
+    """Replace at every slot with the source run's residual there; index [R, B, T] -> [L+1, R, B, K]."""
+    L = model.config.num_layers
+    cache = forward(model, source, cache=(sites.LM_RESID_PRE, sites.LM_RESID_POST), logits=False).cache
+    readout = Readout(last_positions(base.with_defaults().attention_mask), tokens)
+    R = index.shape[0]
+    parts = []
+    # Slots 0..L-1 are the inputs of layers 0..L-1; slot L is the output of the last layer.
+    for site, layers in ((sites.LM_RESID_PRE, np.arange(L)), (sites.LM_RESID_POST, np.array([L - 1]))):
+        acts = np.moveaxis(np.asarray(cache[site])[:, layers], 1, 0)  # [n, B, S, D]
+        n = len(layers)
+        iv = Intervention(site=site, op="replace",
+                          layer=np.broadcast_to(layers[:, None], (n, R)),
+                          index=np.broadcast_to(index[None], (n,) + index.shape),
+                          source=np.broadcast_to(acts[:, None], (n, R) + acts.shape[1:]))
+        parts.append(patch_sweep(model, base, [iv], readout, **kwargs))
+    return SweepResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "probs", "argmax")))
+
+
+def last_token_sweep(model: Model, clean: Batch, cf: Batch, tokens: np.ndarray, **kwargs) -> SweepResult:
+    """Paper Fig. 3: the cf run's last-token residual patched into the clean run at every slot.
+
+    tokens: [K] or [B, K] answer tokens to track (e.g. the five candidate colours).
+    Returns logits/probs [L+1, B, K] and argmax [L+1, B].
+    """
+    clean_mask = clean.with_defaults().attention_mask
+    B, T = np.shape(clean_mask)
+    index = np.full((1, B, T), -1, np.int32)
+    index[0, np.arange(B), last_positions(clean_mask)] = last_positions(cf.with_defaults().attention_mask)
+    res = _slot_sweep(model, clean, cf, index, tokens, **kwargs)
+    return SweepResult(res.logits[:, 0], res.probs[:, 0], res.argmax[:, 0])
+
+
+def region_swap_sweep(model: Model, clean: Batch, cf: Batch, index: np.ndarray, tokens: np.ndarray,
+                      **kwargs) -> SweepResult:
+    """Paper Figs. 6, 7, 9: visual-token regions of the clean run replaced by the cf run's, at every slot.
+
+    index: [R, B, T] source-index maps, one per region set (e.g. object-only, strip); a criss-cross
+    swap maps the left region's tokens to the cf's right region and vice versa (see `swap_index`).
+    Returns logits/probs [L+1, R, B, K] and argmax [L+1, R, B].
+    """
+    return _slot_sweep(model, clean, cf, np.asarray(index, np.int32), tokens, **kwargs)
+
+
+def swap_index(T: int, pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """[T] source-index map that swaps token regions: for each (a, b) of equal-size position
+    arrays (in matching order), a reads from b and b from a; every other token is kept (-1)."""
+    index = np.full((T,), -1, np.int32)
+    for a, b in pairs:
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            raise ValueError(f"swapped regions differ in size: {a.shape} vs {b.shape}")
+        index[a], index[b] = b, a
+    return index
