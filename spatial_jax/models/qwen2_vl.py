@@ -56,6 +56,38 @@ class Qwen2VLConfig:
     def patch_dim(self) -> int:
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
+    @property
+    def patch_embed_shape(self) -> tuple[int, ...]:
+        """HF's Conv3d kernel shape, [out, C, T, p, p]; ours is its flattened transpose."""
+        return (self.vision_dim, self.in_channels, self.temporal_patch_size, self.patch_size, self.patch_size)
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json contents (transformers 5.x nested layout) that `from_hf` reads back."""
+        return {
+            "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+            "image_token_id": self.image_token_id, "video_token_id": self.image_token_id + 1,
+            "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "vision_config": {
+                "model_type": "qwen2_vl_vision", "depth": self.vision_depth, "embed_dim": self.vision_dim,
+                "num_heads": self.vision_heads, "mlp_ratio": self.vision_mlp_dim // self.vision_dim,
+                "hidden_size": self.hidden_size, "patch_size": self.patch_size,
+                "temporal_patch_size": self.temporal_patch_size, "spatial_merge_size": self.merge_size,
+                "in_channels": self.in_channels, "hidden_act": "quick_gelu",
+                "rope_parameters": {"rope_type": "axial", "rope_theta": self.vision_rope_theta},
+            },
+            "text_config": {
+                "model_type": "qwen2_vl_text", "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads, "intermediate_size": self.intermediate_size,
+                "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu", "max_position_embeddings": 32768,
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                    "mrope_section": list(self.mrope_section)},
+                "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": None, "eos_token_id": None,
+                "pad_token_id": None,
+            },
+        }
+
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "Qwen2VLConfig":
         """From a HF config.json dict: hub layout (text keys at the top level, `rope_scaling`)
