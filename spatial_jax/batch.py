@@ -24,9 +24,15 @@ class Batch:
     input_ids: jax.Array | np.ndarray
     attention_mask: Optional[jax.Array | np.ndarray] = None
     pixel_values: Optional[jax.Array | np.ndarray] = None
-    image_grid_thw: Optional[jax.Array | np.ndarray] = None
+    image_grid_thw: Optional[tuple[tuple[int, int, int], ...]] = dataclasses.field(
+        default=None, metadata=dict(static=True))
     token_type_ids: Optional[jax.Array | np.ndarray] = None
     image_sizes: Optional[jax.Array | np.ndarray] = None
+
+    def __post_init__(self):
+        if self.image_grid_thw is not None:
+            grid = tuple(tuple(int(v) for v in row) for row in np.asarray(self.image_grid_thw).reshape(-1, 3))
+            object.__setattr__(self, "image_grid_thw", grid)
 
     def with_defaults(self) -> "Batch":
         """Fills attention_mask with ones when absent, so jitted code sees one structure."""

@@ -124,22 +124,34 @@ class Qwen2VLConfig:
 # Vision tower
 
 
-def vision_patch_layout(grid_thw: jax.Array, n_patches: int, merge: int):
-    """Row/column of every patch and the image it belongs to, computed from the grid in-graph.
+def vision_patch_layout(grid_thw: tuple[tuple[int, int, int], ...], merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of every patch of every image, in the processor's merge-block-major order.
 
-    grid_thw [n_img, 3] (t must be 1: still images). Patches come in merge-block-major order, as
-    the processor lays them out. Returns (h_idx, w_idx, image_of_patch), each [n_patches] int32.
+    grid_thw: static ((t, h, w), ...) with t = 1. Returns h_idx, w_idx, each [N_patches] int32.
     """
-    sizes = grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]
-    ends = jnp.cumsum(sizes)
-    p = jnp.arange(n_patches)
-    img = jnp.searchsorted(ends, p, side="right")
-    q = p - (ends[img] - sizes[img])
-    blocks_per_row = grid_thw[img, 2] // merge
-    block, within = q // (merge * merge), q % (merge * merge)
-    h_idx = (block // blocks_per_row) * merge + within // merge
-    w_idx = (block % blocks_per_row) * merge + within % merge
-    return h_idx.astype(jnp.int32), w_idx.astype(jnp.int32), img.astype(jnp.int32)
+    rows, cols = [], []
+    for _, h, w in grid_thw:
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        for a, out in ((hh, rows), (ww, cols)):
+            out.append(a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1))
+    return np.concatenate(rows).astype(np.int32), np.concatenate(cols).astype(np.int32)
+
+
+def image_groups(grid_thw: tuple[tuple[int, int, int], ...]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive equal-size images as (first patch, n images, patches per image).
+
+    Attention stays inside each image; batching a run as [n, Np] avoids an [N, N] mask over all
+    patches of the batch (quadratic in the number of images).
+    """
+    groups, start = [], 0
+    for _, h, w in grid_thw:
+        if groups and groups[-1][2] == h * w:
+            first, n, size = groups[-1]
+            groups[-1] = (first, n + 1, size)
+        else:
+            groups.append((start, 1, h * w))
+        start += h * w
+    return groups
 
 
 class VisionBlock(nnx.Module):
@@ -153,16 +165,20 @@ class VisionBlock(nnx.Module):
         self.fc2 = L.Dense(cfg.vision_mlp_dim, d, bias=True, dtype=dtype, rngs=rngs)
         self.heads = cfg.vision_heads
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array) -> jax.Array:
-        """x [1, N, Dv]; cos/sin [N, hd] float32; allowed [1, N, N]."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, groups) -> jax.Array:
+        """x [1, N, Dv]; cos/sin [N, hd] float32; groups: `image_groups` of the batch."""
         _, N, D = x.shape
         hd = D // self.heads
-        qkv = self.qkv(self.norm1(x)).reshape(1, N, 3, self.heads, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        qkv = self.qkv(self.norm1(x)).reshape(N, 3, self.heads, hd)
         # HF rotates the vision q/k in float32 whatever the model dtype.
-        q = L.apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
-        k = L.apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
-        a = L.attention(q, k, v, allowed, hd**-0.5).reshape(1, N, D)
+        q = L.apply_rope(qkv[:, 0].astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        k = L.apply_rope(qkv[:, 1].astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        v = qkv[:, 2]
+        parts = []
+        for first, n, size in groups:
+            q_g, k_g, v_g = (t[first:first + n * size].reshape(n, size, self.heads, hd) for t in (q, k, v))
+            parts.append(L.attention(q_g, k_g, v_g, None, hd**-0.5).reshape(n * size, D))
+        a = jnp.concatenate(parts)[None]
         x = x + self.proj(a)
         h = self.fc1(self.norm2(x))
         return x + self.fc2(h * jax.nn.sigmoid(1.702 * h))  # quick_gelu
@@ -178,22 +194,22 @@ class VisionTower(nnx.Module):
         self.merger_fc1 = L.Dense(m2 * cfg.vision_dim, m2 * cfg.vision_dim, bias=True, dtype=dtype, rngs=rngs)
         self.merger_fc2 = L.Dense(m2 * cfg.vision_dim, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, pixel_values: jax.Array, grid_thw: jax.Array, taps: Taps) -> jax.Array:
-        """pixel_values [N, patch_dim], grid_thw [n_img, 3] -> visual tokens [1, N / merge^2, D]."""
+    def __call__(self, pixel_values: jax.Array, grid_thw: tuple, taps: Taps) -> jax.Array:
+        """pixel_values [N, patch_dim], static grid_thw ((1, h, w), ...) -> visual tokens [1, N / merge^2, D]."""
         cfg = self.cfg
         N = pixel_values.shape[0]
         x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))[None]
-        h_idx, w_idx, img = vision_patch_layout(grid_thw, N, cfg.merge_size)
+        h_idx, w_idx = vision_patch_layout(grid_thw, cfg.merge_size)
         hd = cfg.vision_dim // cfg.vision_heads
         inv_freq = 1.0 / cfg.vision_rope_theta ** (jnp.arange(0, hd // 2, 2, dtype=jnp.float32) / (hd // 2))
         emb = jnp.concatenate([h_idx[:, None] * inv_freq, w_idx[:, None] * inv_freq], axis=-1)
         emb = jnp.concatenate([emb, emb], axis=-1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
-        allowed = (img[:, None] == img[None, :])[None]
+        groups = image_groups(grid_thw)
 
         def step(block, x, idx, _):
             t = taps.for_step(_VISION_STEP_SITES)
-            x = t.at(sites.VISION_BLOCK_OUT, block(x, cos, sin, allowed), idx)
+            x = t.at(sites.VISION_BLOCK_OUT, block(x, cos, sin, groups), idx)
             return x, t.collected
 
         x, collected = L.scan_layers(self.blocks, step, x)
@@ -208,7 +224,7 @@ class VisionTower(nnx.Module):
 # Language model
 
 
-def mrope_positions(input_ids: jax.Array, attention_mask: jax.Array, grid_thw: Optional[jax.Array],
+def mrope_positions(input_ids: jax.Array, attention_mask: jax.Array, grid_thw: Optional[tuple],
                     image_token_id: int, merge: int) -> jax.Array:
     """M-RoPE (t, h, w) position ids [3, B, T], as HF's get_rope_index, computed in-graph.
 
@@ -228,6 +244,7 @@ def mrope_positions(input_ids: jax.Array, attention_mask: jax.Array, grid_thw: O
     if grid_thw is None:
         r = c = advance_img = jnp.zeros((B, T), jnp.int32)
     else:
+        grid_thw = jnp.asarray(grid_thw, jnp.int32)
         img = jnp.clip(jnp.cumsum(starts.reshape(-1)).reshape(B, T) - 1, 0, grid_thw.shape[0] - 1)
         hh, ww = grid_thw[img, 1] // merge, grid_thw[img, 2] // merge
         r, c = k // ww, k % ww
@@ -305,7 +322,11 @@ class Qwen2VL(nnx.Module):
     @staticmethod
     def check_batch(cfg: Qwen2VLConfig, batch) -> None:
         """Host-side input checks, raising ValueError with what is wrong."""
+        ids = None if isinstance(batch.input_ids, jax.core.Tracer) else np.asarray(batch.input_ids)
         if batch.pixel_values is None:
+            if ids is not None and (ids == cfg.image_token_id).any():
+                raise ValueError(f"the prompts have {int((ids == cfg.image_token_id).sum())} <|image_pad|> "
+                                 "slots but no pixel_values were given")
             return
         if batch.image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
@@ -317,11 +338,21 @@ class Qwen2VL(nnx.Module):
             raise ValueError("only still images (t = 1 in image_grid_thw) are supported, not video")
         if grid.prod(-1).sum() != n:
             raise ValueError(f"image_grid_thw covers {grid.prod(-1).sum()} patches, pixel_values has {n}")
-        if not isinstance(batch.input_ids, jax.core.Tracer):
-            slots = int((np.asarray(batch.input_ids) == cfg.image_token_id).sum())
+        if ids is not None:
+            slots = int((ids == cfg.image_token_id).sum())
             if slots * cfg.merge_size**2 != n:
                 raise ValueError(f"the prompts have {slots} <|image_pad|> slots but the images give "
                                  f"{n // cfg.merge_size**2} visual tokens")
+            # Each image is one contiguous run of slots, in order; equal totals can still pair a
+            # run with the wrong image (HF's get_rope_index fails on that too).
+            runs = []
+            for row in ids == cfg.image_token_id:
+                edges = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
+                runs += (np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).tolist()
+            per_image = (grid.prod(-1) // cfg.merge_size**2).tolist()
+            if runs != per_image:
+                raise ValueError(f"the prompts' <|image_pad|> runs have {runs} slots, but image_grid_thw "
+                                 f"gives {per_image} visual tokens per image")
 
     def lm_context(self, batch) -> dict:
         """What every decoder layer needs besides the residual: M-RoPE cos/sin and the mask."""
