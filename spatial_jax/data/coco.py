@@ -1,0 +1,156 @@
+"""COCO-spatial: two-object questions on COCO val2017 photos (the What'sUp benchmark's COCO subset).
+
+The QA file is a JSON list of [image_id, correct caption, distractor caption], captions like
+"A photo of a dining table to the left of a refrigerator" or "A photo of a toilet below a sink".
+Entries whose caption is left/right/above/below are kept (the paper's 440: 279 horizontal,
+161 vertical). Each item is asked in both option orders ("lr", "rl"); an item counts as correct
+only if both are (`strict_outcome`). Images are `<image_dir>/%012d.jpg`; boxes, when an instances
+JSON is given, are the largest ground-truth box of the category named in the caption.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from PIL import Image
+
+from spatial_jax.data.files import open_rgb, read_json
+from spatial_jax.data.geometry import Box
+from spatial_jax.data.prompts import AXIS_OPTIONS, coco_prompt
+from spatial_jax.data.scoring import normalize
+
+AXES = {"left": "horizontal", "right": "horizontal", "above": "vertical", "below": "vertical"}
+
+_CAPTION = re.compile(r"^A photo of (?P<subject>.+?) "
+                      r"(?:to the (?P<side>left|right) of|(?P<level>above|below)(?: of)?) (?P<object>.+?)\.?$")
+_ARTICLE = re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE)
+
+
+def strip_article(phrase: str) -> str:
+    return _ARTICLE.sub("", phrase.strip()).strip()
+
+
+def parse_caption(caption: str) -> tuple[str, str, str] | None:
+    """(subject, relation, object) of a spatial caption, articles stripped; None if not spatial."""
+    match = _CAPTION.match(caption.strip())
+    if match is None:
+        return None
+    return strip_article(match["subject"]), match["side"] or match["level"], strip_article(match["object"])
+
+
+@dataclass(frozen=True)
+class CocoItem:
+    """One COCO-spatial question.
+
+    Attributes:
+      index: position of the entry in the QA file.
+      image_id: COCO image id.
+      subject, object: category phrases without articles ("dining table", "refrigerator").
+      relation: the truth, "left", "right", "above" or "below" (subject relative to object).
+      caption, distractor: the QA file's two captions.
+      image_path: the photo, if an image folder was given.
+      image_size: (width, height) from the instances file, if given.
+      subject_box, object_box: (x0, y0, x1, y1) pixel boxes, if the instances file has that category.
+    """
+
+    index: int
+    image_id: int
+    subject: str
+    object: str
+    relation: str
+    caption: str
+    distractor: str
+    image_path: Path | None = None
+    image_size: tuple[int, int] | None = None
+    subject_box: Box | None = None
+    object_box: Box | None = None
+
+    @property
+    def axis(self) -> str:
+        return AXES[self.relation]
+
+    def prompt(self, style: str, order: str) -> str:
+        """The question for `style` ("direct"/"anchor" or a model family) in option `order` ("lr"/"rl")."""
+        return coco_prompt(self.subject, self.object, self.axis, style, order)
+
+    @property
+    def image(self) -> Image.Image:
+        if self.image_path is None:
+            raise ValueError(f"COCO item {self.index} (image {self.image_id}) was loaded without an image folder")
+        return open_rgb(self.image_path, "COCO image")
+
+
+def strict_outcome(item: CocoItem, prediction_lr: str, prediction_rl: str) -> str:
+    """"golden" (both orders right), "fail_lr_only", "fail_rl_only", "fail_both", or "invalid"
+    (an answer off the item's axis; the paper drops such items)."""
+    predictions = normalize(prediction_lr), normalize(prediction_rl)
+    if any(p not in AXIS_OPTIONS[item.axis] for p in predictions):
+        return "invalid"
+    right_lr, right_rl = (p == item.relation for p in predictions)
+    if right_lr and right_rl:
+        return "golden"
+    if right_lr or right_rl:
+        return "fail_rl_only" if right_lr else "fail_lr_only"
+    return "fail_both"
+
+
+def load_coco_spatial(qa_path: str | Path, image_dir: str | Path | None = None,
+                      instances_path: str | Path | None = None) -> list[CocoItem]:
+    """The spatial entries of a COCO-spatial QA file, in file order.
+
+    Args:
+      qa_path: the QA JSON (e.g. coco_qa_two_obj.json).
+      image_dir: folder of COCO val2017 images `%012d.jpg`; every needed image must exist.
+      instances_path: a COCO instances JSON (images / annotations / categories) for boxes.
+    Raises:
+      FileNotFoundError naming the missing file; ValueError naming the malformed file.
+    """
+    qa_path = Path(qa_path)
+    entries = read_json(qa_path)
+    if not isinstance(entries, list):
+        raise ValueError(f"{qa_path}: expected a JSON list of [image_id, caption, distractor], "
+                         f"got {type(entries).__name__}")
+    sizes, boxes = _read_instances(Path(instances_path)) if instances_path is not None else ({}, {})
+    items = []
+    for index, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 3 and type(entry[0]) is int
+                and isinstance(entry[1], str) and isinstance(entry[2], str)):
+            raise ValueError(f"{qa_path}: entry {index} is not [image_id, caption, distractor]: {entry!r}")
+        image_id, caption, distractor = entry
+        parsed = parse_caption(caption)
+        if parsed is None:
+            continue
+        subject, relation, obj = parsed
+        image_path = None
+        if image_dir is not None:
+            image_path = Path(image_dir) / f"{image_id:012d}.jpg"
+            if not image_path.is_file():
+                raise FileNotFoundError(f"COCO image not found: {image_path} (entry {index} of {qa_path})")
+        items.append(CocoItem(index=index, image_id=image_id, subject=subject, object=obj, relation=relation,
+                              caption=caption, distractor=distractor, image_path=image_path,
+                              image_size=sizes.get(image_id),
+                              subject_box=_largest_box(boxes, image_id, subject),
+                              object_box=_largest_box(boxes, image_id, obj)))
+    return items
+
+
+def _read_instances(path: Path) -> tuple[dict[int, tuple[int, int]], dict[int, list[tuple[str, Box, float]]]]:
+    """(image id -> (width, height), image id -> [(category name, xyxy box, box area)])."""
+    data = read_json(path)
+    try:
+        names = {c["id"]: c["name"].lower() for c in data["categories"]}
+        sizes = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
+        boxes: dict[int, list[tuple[str, Box, float]]] = defaultdict(list)
+        for annotation in data["annotations"]:
+            x, y, w, h = (float(v) for v in annotation["bbox"])
+            boxes[annotation["image_id"]].append((names[annotation["category_id"]], (x, y, x + w, y + h), w * h))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: not a COCO instances file (images/annotations/categories): {error!r}") from error
+    return sizes, boxes
+
+
+def _largest_box(boxes: dict[int, list[tuple[str, Box, float]]], image_id: int, category: str) -> Box | None:
+    matches = [(area, box) for name, box, area in boxes.get(image_id, ()) if name == category.lower()]
+    # the largest box, the first one on ties (as the official code picks it)
+    return max(matches, key=lambda m: m[0])[1] if matches else None

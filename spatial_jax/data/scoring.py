@@ -1,0 +1,119 @@
+"""Answer scoring as the paper does it, from next-token logits [B, V].
+
+- top-1: the arg-max next token, decoded and normalised (strip, lower-case), equals the answer;
+- answer probability: the next-token probability summed over the spellings
+  {lower, Capitalized, " "+lower, " "+Capitalized} of the answer that are a single token.
+
+Tokenizers: anything with `encode(text, add_special_tokens=False)` (a `tokenizers.Tokenizer`, whose
+result has `.ids`, or a transformers tokenizer, which returns a list) or a callable text -> ids; for
+decoding, anything with `decode(ids)` or a callable id -> text. The array functions take numpy or
+jax arrays and return the same kind (they trace under jit).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+Tokenizer = Any  # see the module docstring
+
+
+def encode_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without special tokens."""
+    out = tokenizer.encode(text, add_special_tokens=False) if hasattr(tokenizer, "encode") else tokenizer(text)
+    return list(getattr(out, "ids", out))
+
+
+def decode_id(tokenizer: Tokenizer | Callable[[int], str], token_id: int) -> str:
+    return tokenizer.decode([token_id]) if hasattr(tokenizer, "decode") else tokenizer(token_id)
+
+
+def is_single_token(tokenizer: Tokenizer, word: str) -> bool:
+    """True if `word` is one token both lower-case and Capitalized (the What'sUp answer filter)."""
+    return all(len(encode_ids(tokenizer, w)) == 1 for w in (word.lower(), word.capitalize()))
+
+
+def normalize(text: str) -> str:
+    return text.strip().lower()
+
+
+def spellings(word: str) -> tuple[str, ...]:
+    lower, capital = word.lower(), word.capitalize()
+    return (lower, capital, " " + lower, " " + capital)
+
+
+def spelling_ids(tokenizer: Tokenizer, word: str) -> list[int]:
+    """Distinct ids of the single-token spellings of `word`, in `spellings` order.
+
+    Distinct, because tokenizers that drop leading spaces map "red" and " red" to one id,
+    which must be counted once.
+    """
+    ids: list[int] = []
+    for spelling in spellings(word):
+        encoded = encode_ids(tokenizer, spelling)
+        if len(encoded) == 1 and encoded[0] not in ids:
+            ids.append(encoded[0])
+    return ids
+
+
+def spelling_table(tokenizer: Tokenizer,
+                   words: Sequence[str] | Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Padded spelling ids of candidate answers, for `answer_probs`.
+
+    Args:
+      words: [K] words shared by every row, or [B][K] words per row.
+    Returns:
+      ids: [K, M] or [B, K, M] int32 (padding 0), mask: same shape, bool; M = 4 spellings at most.
+    """
+    nested = len(words) > 0 and not isinstance(words[0], str)
+    rows = [list(r) for r in words] if nested else [list(words)]
+    width = len(rows[0])
+    if any(len(r) != width for r in rows):
+        raise ValueError("every row needs the same number of candidate words")
+    ids = np.zeros((len(rows), width, 4), dtype=np.int32)
+    mask = np.zeros((len(rows), width, 4), dtype=bool)
+    for b, row in enumerate(rows):
+        for k, word in enumerate(row):
+            word_ids = spelling_ids(tokenizer, word)
+            ids[b, k, :len(word_ids)] = word_ids
+            mask[b, k, :len(word_ids)] = True
+    return (ids, mask) if nested else (ids[0], mask[0])
+
+
+def _array_module(x):
+    if type(x).__module__.startswith(("jax", "jaxlib")):
+        import jax.numpy as jnp
+        return jnp
+    return np
+
+
+def answer_probs(logits, ids, mask):
+    """Next-token probability of each candidate, summed over its single-token spellings.
+
+    Args:
+      logits: [B, V] next-token logits (numpy or jax).
+      ids, mask: [K, M] or [B, K, M] from `spelling_table`.
+    Returns:
+      [B, K] float probabilities (softmax in float32 or wider).
+    """
+    xp = _array_module(logits)
+    logits = logits.astype(xp.promote_types(logits.dtype, xp.float32))
+    weights = xp.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = weights / weights.sum(axis=-1, keepdims=True)
+    ids, mask = xp.asarray(ids), xp.asarray(mask)
+    if ids.ndim == 2:
+        gathered = probs[:, ids]  # [B, K, M]
+    else:
+        batch, k, m = ids.shape
+        gathered = xp.take_along_axis(probs, ids.reshape(batch, k * m), axis=1).reshape(batch, k, m)
+    return (gathered * mask).sum(axis=-1)
+
+
+def top1_tokens(logits, tokenizer: Tokenizer | Callable[[int], str]) -> list[str]:
+    """[B] decoded, normalised arg-max tokens of next-token logits [B, V]."""
+    return [normalize(decode_id(tokenizer, int(i))) for i in np.asarray(logits).argmax(axis=-1)]
+
+
+def top1_correct(logits, answers: Sequence[str], tokenizer: Tokenizer | Callable[[int], str]) -> np.ndarray:
+    """[B] bool: the arg-max next token, normalised, equals the normalised answer."""
+    return np.array([p == normalize(a) for p, a in zip(top1_tokens(logits, tokenizer), answers, strict=True)])
