@@ -1,0 +1,67 @@
+"""Paper Table 1: top-1 next-token accuracy per dataset and direction.
+
+    python -m experiments.behaviour --checkpoint checkpoints/organism --dataset squares,shapes,objects
+"""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from absl import app, logging
+from tqdm.auto import tqdm
+
+from experiments import common
+from spatial_jax.data.prompts import DIRECTIONS
+
+FLAGS = common.FLAGS
+NAME = "behaviour"
+
+
+def run() -> dict:
+    model, geometry = common.load_model()
+    results = common.Results(common.experiment_dir(NAME), common.run_config())
+    for dataset in tqdm(FLAGS.dataset, desc=NAME):
+        if results.done(dataset):
+            continue
+        items = common.task_items(dataset, geometry, FLAGS.max_items, FLAGS.seed)
+        answers = common.predict(model, items, FLAGS.batch_size)
+        correct = np.array([a == it.answer for a, it in zip(answers, items)])
+        per_dir = {d: float(correct[[it.direction == d for it in items]].mean()) for d in DIRECTIONS
+                   if any(it.direction == d for it in items)}
+        results.put(dataset, {"accuracy": float(correct.mean()), "n": len(items), "per_direction": per_dir})
+        logging.info("%s: accuracy %.3f over %d items", dataset, correct.mean(), len(items))
+    summary = {d: results.get(d) for d in FLAGS.dataset}
+    _write(results.dir, summary)
+    return summary
+
+
+def _write(out_dir: str, summary: dict) -> None:
+    rows = [[d, s["n"], f"{s['accuracy']:.3f}", *(f"{s['per_direction'].get(k, float('nan')):.3f}" for k in DIRECTIONS)]
+            for d, s in summary.items()]
+    common.write_csv(os.path.join(out_dir, "accuracy.csv"), ["dataset", "n", "accuracy", *DIRECTIONS], rows)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.8 / len(DIRECTIONS)
+    x = np.arange(len(summary))
+    for i, d in enumerate(DIRECTIONS):
+        ax.bar(x + i * width, [s["per_direction"].get(d, 0.0) for s in summary.values()], width, label=d)
+    ax.axhline(1 / 3, color="gray", ls="--", lw=1, label="chance (1/3)")
+    ax.set_xticks(x + 0.4 - width / 2, list(summary))
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title("Behaviour (paper Table 1)")
+    ax.legend(fontsize=7, ncol=5, loc="lower center")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "accuracy.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    run()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,169 @@
+"""What every experiment binary shares: flags, loading, items -> batches, answers, resumable results.
+
+Each binary defines its own flags on top of these and writes under --output_dir/<experiment>/:
+results.json (finished parts, written atomically after each part, so an interrupted run resumes
+where it stopped), a CSV of the main table, and PNG figures.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from absl import flags, logging
+
+import spatial_jax as sj
+from spatial_jax.data import scoring
+from spatial_jax.data.geometry import Geometry, get_geometry
+from spatial_jax.data.items import Item
+from spatial_jax.data.prompts import SYSTEM_TEXT
+from spatial_jax.data.synthetic import make_task
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", "checkpoints/organism", "Converted checkpoint dir or HF model dir.")
+flags.DEFINE_list("dataset", ["squares"], "Synthetic datasets: squares, shapes, objects.")
+flags.DEFINE_string("output_dir", "outputs", "Results go to <output_dir>/<experiment>/.")
+flags.DEFINE_string("geometry", "", "Canvas geometry name; empty: the checkpoint's (see geometry_of).")
+flags.DEFINE_integer("max_items", 0, "Use at most this many items per dataset (0: all).")
+flags.DEFINE_integer("batch_size", 16, "Prompts per forward.")
+flags.DEFINE_integer("n_pairs", 50, "Golden pairs per direction for the patching experiments.")
+flags.DEFINE_integer("seed", 0, "Seed for item sampling and pair building.")
+flags.DEFINE_bool("golden", True, "Keep only pairs the model answers correctly (the paper's protocol). "
+                  "--nogolden keeps every pair: for smoke runs on untrained models.")
+
+GEOMETRY_KEY = "spatial_jax_geometry"  # optional config.json key naming a checkpoint's canvas geometry
+
+
+def geometry_of(model: sj.Model) -> Geometry:
+    """--geometry, else the checkpoint's config.json `spatial_jax_geometry`, else its family's."""
+    if FLAGS.geometry:
+        return get_geometry(FLAGS.geometry)
+    with open(os.path.join(model.path, "config.json")) as f:
+        return get_geometry(json.load(f).get(GEOMETRY_KEY, model.family))
+
+
+def load_model() -> tuple[sj.Model, Geometry]:
+    if not os.path.isdir(FLAGS.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint}: no such directory")
+    model = sj.load(FLAGS.checkpoint)
+    return model, geometry_of(model)
+
+
+def task_items(name: str, geometry: Geometry, max_items: int = 0, seed: int = 0) -> list[Item]:
+    """A synthetic dataset's items; a seeded subsample of `max_items` if that is > 0."""
+    items = make_task(name, geometry).items()
+    if 0 < max_items < len(items):
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), max_items, replace=False))
+        items = [items[i] for i in keep]
+    return items
+
+
+def batches(model: sj.Model, items: Sequence[Item], batch_size: int) -> Iterator[tuple[Sequence[Item], sj.Batch]]:
+    """(items, Batch) chunks, each prompt chat-templated with the paper's system text."""
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        yield chunk, prepare(model, chunk)
+
+
+def pair_filter(model: sj.Model):
+    """The `predict` the pair builders filter with: the model's answers, or (--nogolden) the truth."""
+    if FLAGS.golden:
+        return lambda items: predict(model, items, FLAGS.batch_size)
+    return lambda items: [it.answer for it in items]
+
+
+def prepare(model: sj.Model, items: Sequence[Item]) -> sj.Batch:
+    """A Batch of items, each prompt chat-templated with the paper's system text."""
+    return model.prepare(images=[it.image for it in items], prompts=[it.prompt for it in items], system=SYSTEM_TEXT)
+
+
+def predict(model: sj.Model, items: Sequence[Item], batch_size: int) -> list[str]:
+    """Top-1 next token of each item, decoded and normalised."""
+    out: list[str] = []
+    for _, batch in batches(model, items, batch_size):
+        out += [scoring.normalize(w) for w in scoring.top1_tokens(np.asarray(sj.next_token_logits(model, batch)),
+                                                                  model.processor.tokenizer)]
+    return out
+
+
+def answer_token(model: sj.Model, word: str) -> int:
+    """The id the model would emit for `word` (its first single-token spelling)."""
+    ids = scoring.spelling_ids(model.processor.tokenizer, word)
+    if not ids:
+        raise ValueError(f"answer {word!r} is not a single token for this tokenizer")
+    return ids[0]
+
+
+def image_positions(model: sj.Model, batch: sj.Batch) -> np.ndarray:
+    """[B, N] sequence position of each row's visual tokens, in grid (row-major) order."""
+    ids = np.asarray(batch.input_ids)
+    rows = [np.flatnonzero(r == model.config.image_token_id) for r in ids]
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError("rows have different numbers of visual tokens")
+    return np.stack(rows)
+
+
+class Results:
+    """A resumable JSON record of finished parts: `done(key)`, `get(key)`, `put(key, value)`."""
+
+    def __init__(self, out_dir: str, config: dict[str, Any]):
+        self.dir = out_dir
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "results.json")
+        self.data: dict[str, Any] = {"config": config, "parts": {}}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                old = json.load(f)
+            if old.get("config") == config:
+                self.data = old
+                logging.info("resuming %s: %d parts already done", self.path, len(old["parts"]))
+            else:
+                logging.warning("%s was made with other settings; starting over", self.path)
+
+    def done(self, key: str) -> bool:
+        return key in self.data["parts"]
+
+    def get(self, key: str) -> Any:
+        return self.data["parts"][key]
+
+    def put(self, key: str, value: Any) -> None:
+        self.data["parts"][key] = value
+        write_atomic(self.path, json.dumps(self.data, indent=1, default=_jsonable))
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x)}")
+
+
+def write_atomic(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def experiment_dir(name: str) -> str:
+    return os.path.join(FLAGS.output_dir, name)
+
+
+def run_config(**extra) -> dict[str, Any]:
+    """What a results file must match to be resumed."""
+    return {"checkpoint": os.path.abspath(FLAGS.checkpoint), "dataset": list(FLAGS.dataset),
+            "geometry": FLAGS.geometry, "max_items": FLAGS.max_items, "n_pairs": FLAGS.n_pairs,
+            "seed": FLAGS.seed, "golden": FLAGS.golden, **extra}

@@ -1,0 +1,124 @@
+"""Paper Figs. 6 and 7: criss-cross swaps of object-only and strip regions at every LM slot.
+
+The counterfactual is the clean image reversed with the same prompt. At each slot (the LM input,
+then each layer's output), the clean run's left (top) region takes the cf run's right (bottom)
+region and vice versa; the colour at each place is unchanged, only where its tokens came from.
+The flip rate is the fraction of pairs whose answer becomes the cf's answer (the entity now at
+the queried end), per slot and region set.
+
+    python -m experiments.criss_cross --checkpoint checkpoints/organism --dataset squares
+"""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from absl import app, logging
+from tqdm.auto import tqdm
+
+import spatial_jax as sj
+from experiments import common
+from spatial_jax.data import pairs as pairs_lib
+from spatial_jax.data.prompts import DIRECTIONS
+from spatial_jax.data.synthetic import make_task
+
+FLAGS = common.FLAGS
+NAME = "criss_cross"
+REGION_SETS = ("object", "strip")
+
+
+def region_swaps(model, batch, items) -> np.ndarray:
+    """[R, B, T] swap maps (object-only, strip) between slot 0 and slot 2 of each row."""
+    pos = common.image_positions(model, batch)
+    T = np.shape(batch.input_ids)[1]
+    maps = np.empty((len(REGION_SETS), len(items), T), np.int32)
+    for b, it in enumerate(items):
+        for r, regions in enumerate((it.regions.objects, it.regions.strips)):
+            maps[r, b] = sj.swap_index(T, [(pos[b, regions[0]], pos[b, regions[2]])])
+    return maps
+
+
+def sweep_pairs(model, pairs, index_fn, batch_size):
+    """Runs a region-swap sweep over golden pairs; returns (flip, keep) rates [L+1, R]."""
+    flips, keeps, n = 0.0, 0.0, 0
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        clean = common.prepare(model, [p.clean for p in chunk])
+        cf = common.prepare(model, [p.counterfactual for p in chunk])
+        tokens = np.array([[common.answer_token(model, w) for w in p.candidates] for p in chunk])
+        res = sj.region_swap_sweep(model, clean, cf, index_fn(model, clean, [p.clean for p in chunk]), tokens)
+        flips = flips + (res.argmax == tokens[None, None, :, 2]).sum(-1)
+        keeps = keeps + (res.argmax == tokens[None, None, :, 0]).sum(-1)
+        n += len(chunk)
+    return flips / n, keeps / n
+
+
+def golden_criss_cross_pairs(model, task, directions):
+    return pairs_lib.criss_cross_pairs(task.item, list(task.entities), common.pair_filter(model),
+                                       directions=directions, n_per_direction=FLAGS.n_pairs, seed=FLAGS.seed)
+
+
+def run() -> dict:
+    model, geometry = common.load_model()
+    results = common.Results(common.experiment_dir(NAME), common.run_config())
+    for dataset in FLAGS.dataset:
+        task = make_task(dataset, geometry)
+        for direction in tqdm(DIRECTIONS, desc=f"{NAME} {dataset}"):
+            key = f"{dataset}|{direction}"
+            if results.done(key):
+                continue
+            pairs = golden_criss_cross_pairs(model, task, [direction])[direction]
+            if not pairs:
+                results.put(key, {"n_pairs": 0})
+                continue
+            flip, keep = sweep_pairs(model, pairs, region_swaps, FLAGS.batch_size)
+            results.put(key, {"n_pairs": len(pairs), "flip": flip.tolist(), "keep": keep.tolist()})
+            logging.info("%s: %d pairs; strip flip at slot 0 %.2f, object flip at slot 0 %.2f", key, len(pairs),
+                         flip[0, 1], flip[0, 0])
+    summary = {k: v for k, v in results.data["parts"].items()}
+    plot(results.dir, summary, "Criss-cross swaps (paper Figs. 6, 7)")
+    return summary
+
+
+def plot(out_dir: str, summary: dict, title: str, region_sets=REGION_SETS) -> None:
+    """Flip rate per slot: one panel per dataset, a line per region set (mean over directions,
+    weighted by pairs), thin lines per direction; also a CSV."""
+    datasets = sorted({k.split("|")[0] for k in summary})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False)
+    rows = []
+    for ax, dataset in zip(axes[0], datasets):
+        parts = {k.split("|")[1]: v for k, v in summary.items() if k.startswith(dataset + "|") and v["n_pairs"]}
+        if not parts:
+            ax.set_title(f"{dataset}: no golden pairs")
+            continue
+        for r, name in enumerate(region_sets):
+            total = sum(np.array(v["flip"])[:, r] * v["n_pairs"] for v in parts.values())
+            mean = total / sum(v["n_pairs"] for v in parts.values())
+            line, = ax.plot(mean, marker="o", ms=3, label=f"{name} swap")
+            for d, v in parts.items():
+                ax.plot(np.array(v["flip"])[:, r], color=line.get_color(), alpha=0.25, lw=0.8)
+                rows += [[dataset, d, name, s, f"{f:.3f}", v["n_pairs"]] for s, f in enumerate(np.array(v["flip"])[:, r])]
+        n_slots = len(mean)
+        ax.set_xticks(range(n_slots), ["emb"] + [str(i) for i in range(n_slots - 1)], fontsize=7)
+        ax.set_xlabel("slot (LM input, then output of layer i)")
+        ax.set_ylabel("flip rate")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"{dataset} ({sum(v['n_pairs'] for v in parts.values())} pairs)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "flip_rate.png"), dpi=120)
+    plt.close(fig)
+    common.write_csv(os.path.join(out_dir, "flip_rate.csv"), ["dataset", "direction", "regions", "slot", "flip_rate", "n_pairs"], rows)
+
+
+def main(argv):
+    del argv
+    run()
+
+
+if __name__ == "__main__":
+    app.run(main)
