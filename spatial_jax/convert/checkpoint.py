@@ -12,7 +12,7 @@ import glob
 import json
 import os
 import shutil
-import tempfile
+import uuid
 
 import jax
 import numpy as np
@@ -33,17 +33,25 @@ def is_converted(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META_FILE))
 
 
+def check_output_dir(out_dir: str) -> str:
+    """The absolute output path; FileExistsError unless it is absent or an empty directory."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir}: output directory exists and is not empty")
+    return out_dir
+
+
 def write_converted(out_dir: str, hf_dir: str, family: str, dtype: str, params: dict) -> None:
     """Writes a converted checkpoint atomically: into a temp dir beside `out_dir`, then renamed.
 
     `out_dir` must not exist or be empty; on any failure nothing is left at `out_dir`.
     """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise FileExistsError(f"{out_dir}: output directory exists and is not empty")
+    out_dir = check_output_dir(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    # os.mkdir, not tempfile.mkdtemp: the renamed dir keeps the user's umask, not mkdtemp's 0o700.
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
+    os.mkdir(tmp)
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), params)

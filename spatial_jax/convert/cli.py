@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-from spatial_jax.convert.checkpoint import write_converted
+from spatial_jax.convert.checkpoint import check_output_dir, write_converted
 from spatial_jax.convert.convert import DTYPES, convert_hf
 from spatial_jax.convert.safetensors_dir import CheckpointError
 
@@ -24,13 +24,24 @@ flags.mark_flags_as_required(["hf_dir", "output_dir"])
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:
+        # stderr carries only the one-line error (libraries log INFO lines there otherwise);
+        # --verbosity=0 shows the progress logs.
+        logging.set_verbosity(logging.WARNING)
     try:
+        check_output_dir(FLAGS.output_dir)  # before the (long) conversion
         family, _, _, params = convert_hf(FLAGS.hf_dir, FLAGS.dtype)
         write_converted(FLAGS.output_dir, FLAGS.hf_dir, family.name, FLAGS.dtype, params)
-    except (CheckpointError, FileExistsError) as e:
-        print(f"spatial-jax-convert: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    logging.info("wrote %s (%s, %s)", FLAGS.output_dir, family.name, FLAGS.dtype)
+    except (CheckpointError, OSError) as e:  # OSError includes FileExistsError
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 -- the contract is one line, never a traceback
+        _fail(f"unexpected {type(e).__name__}: {e}")
+    print(f"spatial-jax-convert: wrote {FLAGS.output_dir} ({family.name}, {FLAGS.dtype})")
+
+
+def _fail(message: str) -> None:
+    print(f"spatial-jax-convert: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(1)
 
 
 def run():

@@ -1,0 +1,85 @@
+"""Shared test set-up.
+
+DESIGN.md: tests simulate 8 devices on the CPU. XLA reads the flag when jax initializes its
+backends, so it is set here, before any test module imports jax.
+"""
+from __future__ import annotations
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import pytest  # noqa: E402
+
+import fixtures_qwen2_vl as fq  # noqa: E402
+
+
+class Qwen2VLCheckpoints:
+    """Tiny HF Qwen2-VL checkpoints, each built once per session on first use.
+
+    Kinds: "untied" (7B style), "tied" (2B style, tied embeddings), "processor" (untied, with a
+    word-level tokenizer/processor and its special token ids; needs spatial_jax.processing).
+    hf_dir(kind): the save_pretrained dir; hf_model(kind): the transformers model loaded from it
+    (eager attention); model(kind): `sj.load` of it (float32). `tied` may be given as a bool.
+    """
+
+    _SEEDS = {"untied": 0, "tied": 1, "processor": 2}
+
+    def __init__(self, root):
+        self._root = root
+        self._dirs: dict = {}
+        self._hf: dict = {}
+        self._sj: dict = {}
+
+    @staticmethod
+    def _kind(kind) -> str:
+        return {False: "untied", True: "tied"}.get(kind, kind) if isinstance(kind, bool) else kind
+
+    def hf_dir(self, kind="untied") -> str:
+        kind = self._kind(kind)
+        if kind not in self._dirs:
+            self._dirs[kind] = fq.build_tiny_qwen2_vl(
+                str(self._root / f"qwen2_vl_{kind}"), tie_word_embeddings=kind == "tied",
+                seed=self._SEEDS[kind], processor=kind == "processor")
+        return self._dirs[kind]
+
+    def hf_model(self, kind="untied"):
+        kind = self._kind(kind)
+        if kind not in self._hf:
+            self._hf[kind] = fq.load_hf(self.hf_dir(kind))
+        return self._hf[kind]
+
+    def model(self, kind="untied"):
+        kind = self._kind(kind)
+        if kind not in self._sj:
+            import spatial_jax as sj
+
+            self._sj[kind] = sj.load(self.hf_dir(kind))
+        return self._sj[kind]
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_ckpts(tmp_path_factory) -> Qwen2VLCheckpoints:
+    return Qwen2VLCheckpoints(tmp_path_factory.mktemp("qwen2_vl_ckpts"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(qwen2_vl_ckpts) -> str:
+    """A tiny random HF Qwen2-VL dir with an untied lm_head (7B style)."""
+    return qwen2_vl_ckpts.hf_dir("untied")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_tied_dir(qwen2_vl_ckpts) -> str:
+    """A tiny random HF Qwen2-VL dir with tied embeddings (2B style)."""
+    return qwen2_vl_ckpts.hf_dir("tied")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_processor_dir(qwen2_vl_ckpts) -> str:
+    """A tiny random HF Qwen2-VL dir with tokenizer, chat template and preprocessor config
+    (word-level; special ids vision_start 3, vision_end 4, image_pad 6)."""
+    pytest.importorskip("spatial_jax.processing.word_tokenizer")
+    return qwen2_vl_ckpts.hf_dir("processor")
