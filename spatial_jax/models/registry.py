@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from spatial_jax.models import qwen2_vl
+from spatial_jax.models import gemma3, qwen2_vl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +19,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family("qwen2_vl", qwen2_vl.Qwen2VLConfig, qwen2_vl.Qwen2VL,
                        ("Qwen2VLForConditionalGeneration",), ("qwen2_vl",)),
+    "gemma3": Family("gemma3", gemma3.Gemma3Config, gemma3.Gemma3,
+                     ("Gemma3ForConditionalGeneration",), ("gemma3",)),
 }
 
 
