@@ -1,7 +1,10 @@
 """Gemma 3 forward time: our jitted Flax port vs transformers (eager and sdpa attention) on the same
 random ~250M-parameter Gemma3ForConditionalGeneration and the same inputs, on this machine's CPU.
 
-    python benchmarks/bench_gemma3_forward.py [--image_size 448] [--batch 1] [--repeats 5]
+    python benchmarks/bench_gemma3_forward.py [--image_size 448] [--batch 1] [--repeats 5] [--single_thread]
+
+--single_thread runs both sides on one core (torch.set_num_threads(1); XLA without its Eigen
+thread pool), which gives comparable figures when other processes share the machine.
 
 Config (structure of gemma-3-4b-it at ~1/17 the size): SigLIP 768 wide, 8 layers, 12 heads, MLP
 3072, 14-px patches; LM 1024 wide, 10 layers (sliding x5, full, sliding x4), 8 query / 4 KV
@@ -22,12 +25,7 @@ import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
-import torch
-
-import spatial_jax as sj
-from spatial_jax.forward import _apply_jit  # the jitted pure forward sj.forward runs
 
 BOS, BOI, EOI, IMG, NLNL = 2, 255, 256, 257, 108
 
@@ -69,7 +67,20 @@ def main():
     ap.add_argument("--image_size", type=int, default=448)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--single_thread", action="store_true")
     args = ap.parse_args()
+    if args.single_thread:  # before jax starts its CPU backend
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    global jax, torch, sj
+    import jax
+    import torch
+
+    import spatial_jax as sj
+    from spatial_jax.forward import _apply_jit  # the jitted pure forward sj.forward runs
+
+    if args.single_thread:
+        torch.set_num_threads(1)
     mm_tokens = (args.image_size // 14 // 2) ** 2
     from transformers import Gemma3ForConditionalGeneration
 

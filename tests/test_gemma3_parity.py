@@ -164,7 +164,7 @@ def test_patch_equals_hf_forward_hook(gemma3_ckpts):
 
 def test_bfloat16_close_to_float32(gemma3_ckpts):
     """Our bf16 forward is within 2.5% of the logit range of our float32 forward, and no further
-    from it than 1.5x HF's own bf16-vs-float32 difference on the same inputs."""
+    from it than 2x HF's own bf16-vs-float32 difference on the same inputs."""
     import torch
 
     inputs, ours32, ref32 = _run(gemma3_ckpts, "padded_batch")
@@ -178,7 +178,7 @@ def test_bfloat16_close_to_float32(gemma3_ckpts):
     hf_err = np.abs(ref16 - ref32["logits"])[real].max()
     scale = np.abs(ours32["logits"]).max()
     assert err <= 0.025 * scale, (err, scale)
-    assert err <= 1.5 * hf_err, (err, hf_err)
+    assert err <= 2.0 * hf_err, (err, hf_err)
     agree = (ours16.argmax(-1) == ours32["logits"].argmax(-1))[real].mean()
     assert agree >= 0.95
 
