@@ -17,7 +17,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	$(PY) -m experiments.demo --output_dir outputs/demo
+	$(PY) -m experiments.demo --output_dir outputs/demo --dataset squares,shapes,objects
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

@@ -16,6 +16,7 @@ import numpy as np
 from absl import flags, logging
 
 import spatial_jax as sj
+from spatial_jax import parallel
 from spatial_jax.data import scoring
 from spatial_jax.data.geometry import Geometry, get_geometry
 from spatial_jax.data.items import Item
@@ -48,7 +49,10 @@ def geometry_of(model: sj.Model) -> Geometry:
 def load_model() -> tuple[sj.Model, Geometry]:
     if not os.path.isdir(FLAGS.checkpoint):
         raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint}: no such directory")
-    model = sj.load(FLAGS.checkpoint)
+    # Opt-in scale-out: with --mesh or --distributed (spatial_jax.parallel.flags) params go over
+    # `model` and sweep variants over `data`; without, everything runs on the default device.
+    mesh = parallel.setup_from_flags(model_path=FLAGS.checkpoint) if FLAGS.mesh or FLAGS.distributed else None
+    model = sj.load(FLAGS.checkpoint, mesh=mesh)
     return model, geometry_of(model)
 
 

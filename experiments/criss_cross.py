@@ -41,15 +41,20 @@ def region_swaps(model, batch, items) -> np.ndarray:
     return maps
 
 
-def sweep_pairs(model, pairs, index_fn, batch_size):
-    """Runs a region-swap sweep over golden pairs; returns (flip, keep) rates [L+1, R]."""
+def sweep_pairs(model, pairs, index_fn, batch_size, under=None):
+    """Runs a region-swap sweep over golden pairs; returns (flip, keep) rates [L+1, R].
+
+    under(items, batch) -> interventions applied to the clean and the cf runs alike (Fig. 9).
+    """
     flips, keeps, n = 0.0, 0.0, 0
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        clean = common.prepare(model, [p.clean for p in chunk])
-        cf = common.prepare(model, [p.counterfactual for p in chunk])
+        clean_items, cf_items = [p.clean for p in chunk], [p.counterfactual for p in chunk]
+        clean, cf = common.prepare(model, clean_items), common.prepare(model, cf_items)
         tokens = np.array([[common.answer_token(model, w) for w in p.candidates] for p in chunk])
-        res = sj.region_swap_sweep(model, clean, cf, index_fn(model, clean, [p.clean for p in chunk]), tokens)
+        extra = {} if under is None else dict(clean_interventions=under(clean_items, clean),
+                                              cf_interventions=under(cf_items, cf))
+        res = sj.region_swap_sweep(model, clean, cf, index_fn(model, clean, clean_items), tokens, **extra)
         flips = flips + (res.argmax == tokens[None, None, :, 2]).sum(-1)
         keeps = keeps + (res.argmax == tokens[None, None, :, 0]).sum(-1)
         n += len(chunk)

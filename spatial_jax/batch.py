@@ -39,3 +39,9 @@ class Batch:
         if self.attention_mask is not None:
             return self
         return dataclasses.replace(self, attention_mask=np.ones(np.shape(self.input_ids), np.int32))
+
+
+def last_positions(attention_mask) -> np.ndarray:
+    """[B, T] mask -> [B] int32 index of each row's last real token (left or right padding)."""
+    mask = np.asarray(attention_mask).astype(bool)
+    return (mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)).astype(np.int32)

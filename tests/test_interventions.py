@@ -237,3 +237,71 @@ def test_paper_sweeps_shapes_and_slots(tiny):
     index = np.stack([np.stack([sj.swap_index(T, [(grid[:, 0], grid[:, 2])])] * 2)])
     swap = sj.region_swap_sweep(model, clean, cf, index, tokens)
     assert swap.logits.shape == (L + 1, 1, 2, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same engine on Gemma 3, with no family-specific code
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    import fixtures_gemma3 as fg
+    d = fg.build_tiny_gemma3(str(tmp_path_factory.mktemp("tiny_gemma_iv")), processor=False)
+    batch = lambda seed: fg.to_batch(fg.make_inputs([[fg.IMAGE, [fg.vocab_id("What"), fg.vocab_id("is")]],
+                                                     [[fg.vocab_id("left")], fg.IMAGE, [fg.vocab_id("is")]]],
+                                                    seed=seed))
+    return sj.load(d), fg.load_hf(d), batch, fg
+
+
+def test_gemma_criss_cross_and_amplify_match_hf_hooks(tiny_gemma):
+    model, hf, make_batch, fg = tiny_gemma
+    clean, cf = make_batch(0), make_batch(1)
+    inputs = fg.make_inputs([[fg.IMAGE, [fg.vocab_id("What"), fg.vocab_id("is")]],
+                             [[fg.vocab_id("left")], fg.IMAGE, [fg.vocab_id("is")]]], seed=0)
+    layer = 2
+    src = np.asarray(sj.forward(model, cf, cache=("lm.resid_pre",)).cache["lm.resid_pre"][:, layer])
+    T = clean.input_ids.shape[1]
+    index = np.stack([sj.swap_index(T, [(row[:3], row[-3:])])
+                      for row in (np.flatnonzero(r == fg.IMG) for r in np.asarray(clean.input_ids))])
+    W = np.random.default_rng(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
+    at = np.asarray(clean.input_ids) == fg.IMG
+    ivs = [sj.Intervention(site="lm.resid_pre", op="replace", layer=layer, source=src, index=index),
+           sj.Intervention(site="lm.resid_pre", op="amplify", layer=0, directions=W, alpha=4.0, index=sj.mask_index(at))]
+    ours = np.asarray(sj.forward(model, clean, interventions=ivs).logits)
+    Wt, sel = torch.tensor(W), torch.tensor(at)
+
+    def amplify(h):
+        coeff = (h @ Wt) / ((Wt * Wt).sum(0) + 1e-8)
+        return torch.where(sel[..., None], h + 4.0 * coeff @ Wt.T, h)
+
+    layers = hf.model.language_model.layers
+    hooks = [(layers[0], amplify), (layers[layer], _torch_replace(index, src))]
+    handles = [m.register_forward_pre_hook(
+        lambda mod, a, kw, fn=fn: ((fn(a[0]),) + a[1:], kw) if a else (a, {**kw, "hidden_states": fn(kw["hidden_states"])}),
+        with_kwargs=True) for m, fn in hooks]
+    try:
+        ref = fg.hf_run(hf, inputs)["logits"]
+    finally:
+        for h in handles:
+            h.remove()
+    valid = inputs["attention_mask"].astype(bool)
+    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4)
+
+
+def test_gemma_sweep_equals_loop(tiny_gemma):
+    model, _, make_batch, fg = tiny_gemma
+    clean, cf = make_batch(0), make_batch(1)
+    L = model.config.num_layers
+    src = np.asarray(sj.forward(model, cf, cache=("lm.resid_pre",)).cache["lm.resid_pre"])
+    T = clean.input_ids.shape[1]
+    index = np.stack([sj.swap_index(T, [(row[:3], row[-3:])])
+                      for row in (np.flatnonzero(r == fg.IMG) for r in np.asarray(clean.input_ids))])
+    tokens = np.array([3, 7, 9])
+    readout = sj.Readout(position=sj.last_positions(clean.attention_mask), tokens=tokens)
+    iv = sj.Intervention(site="lm.resid_pre", op="replace", layer=np.arange(L),
+                         index=np.broadcast_to(index, (L,) + index.shape), source=np.moveaxis(src, 1, 0))
+    res = sj.patch_sweep(model, clean, [iv], readout, chunk_size=2)
+    for layer in range(L):
+        one = sj.Intervention(site="lm.resid_pre", op="replace", layer=layer, index=index, source=src[:, layer])
+        logits = np.asarray(sj.forward(model, clean, interventions=[one]).logits)[:, -1]
+        np.testing.assert_allclose(res.logits[layer], logits[:, tokens], atol=1e-5)

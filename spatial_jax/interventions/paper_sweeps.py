@@ -8,30 +8,36 @@ from __future__ import annotations
 
 import numpy as np
 
-from spatial_jax.batch import Batch
+from spatial_jax import parallel
+from spatial_jax.batch import Batch, last_positions
 from spatial_jax.forward import Model, forward
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
-from spatial_jax.interventions.sweep import Readout, SweepResult, last_positions, patch_sweep
+from spatial_jax.interventions.sweep import Readout, SweepResult, patch_sweep
 
 
 def _slot_sweep(model: Model, base: Batch, source: Batch, index: np.ndarray, tokens: np.ndarray,
-                **kwargs) -> SweepResult:
-    """Replace at every slot with the source run's residual there; index [R, B, T] -> [L+1, R, B, K]."""
+                base_interventions=(), source_interventions=(), **kwargs) -> SweepResult:
+    """Replace at every slot with the source run's residual there; index [R, B, T] -> [L+1, R, B, K].
+
+    base_interventions apply in every patched run of `base` (e.g. an ablation), and
+    source_interventions in the run the sources are cached from.
+    """
     L = model.config.num_layers
-    cache = forward(model, source, cache=(sites.LM_RESID_PRE, sites.LM_RESID_POST), logits=False).cache
+    cache = forward(model, source, cache=(sites.LM_RESID_PRE, sites.LM_RESID_POST),
+                    interventions=source_interventions, logits=False).cache
     readout = Readout(last_positions(base.with_defaults().attention_mask), tokens)
     R = index.shape[0]
     parts = []
     # Slots 0..L-1 are the inputs of layers 0..L-1; slot L is the output of the last layer.
     for site, layers in ((sites.LM_RESID_PRE, np.arange(L)), (sites.LM_RESID_POST, np.array([L - 1]))):
-        acts = np.moveaxis(np.asarray(cache[site])[:, layers], 1, 0)  # [n, B, S, D]
+        acts = np.moveaxis(parallel.to_host(cache[site])[:, layers], 1, 0)  # [n, B, S, D]
         n = len(layers)
         iv = Intervention(site=site, op="replace",
                           layer=np.broadcast_to(layers[:, None], (n, R)),
                           index=np.broadcast_to(index[None], (n,) + index.shape),
                           source=np.broadcast_to(acts[:, None], (n, R) + acts.shape[1:]))
-        parts.append(patch_sweep(model, base, [iv], readout, **kwargs))
+        parts.append(patch_sweep(model, base, [iv], readout, base=base_interventions, **kwargs))
     return SweepResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "probs", "argmax")))
 
 
@@ -50,14 +56,16 @@ def last_token_sweep(model: Model, clean: Batch, cf: Batch, tokens: np.ndarray, 
 
 
 def region_swap_sweep(model: Model, clean: Batch, cf: Batch, index: np.ndarray, tokens: np.ndarray,
-                      **kwargs) -> SweepResult:
+                      clean_interventions=(), cf_interventions=(), **kwargs) -> SweepResult:
     """Paper Figs. 6, 7, 9: visual-token regions of the clean run replaced by the cf run's, at every slot.
 
     index: [R, B, T] source-index maps, one per region set (e.g. object-only, strip); a criss-cross
     swap maps the left region's tokens to the cf's right region and vice versa (see `swap_index`).
-    Returns logits/probs [L+1, R, B, K] and argmax [L+1, R, B].
+    clean_interventions / cf_interventions: applied to every clean run / the cf run (Fig. 9 swaps
+    under an ablation of both). Returns logits/probs [L+1, R, B, K] and argmax [L+1, R, B].
     """
-    return _slot_sweep(model, clean, cf, np.asarray(index, np.int32), tokens, **kwargs)
+    return _slot_sweep(model, clean, cf, np.asarray(index, np.int32), tokens, clean_interventions,
+                       cf_interventions, **kwargs)
 
 
 def swap_index(T: int, pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:

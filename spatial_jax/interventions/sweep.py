@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from spatial_jax.batch import Batch
+from spatial_jax import parallel
+from spatial_jax.batch import Batch, last_positions
 from spatial_jax.forward import Model, check_batch, forward
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
@@ -50,13 +51,6 @@ class SweepResult:
     argmax: np.ndarray
 
 
-def last_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """[B, T] mask -> [B] index of each row's last real token (left or right padding)."""
-    mask = np.asarray(attention_mask).astype(bool)
-    T = mask.shape[1]
-    return (T - 1 - np.argmax(mask[:, ::-1], axis=1)).astype(np.int32)
-
-
 def _read(module, x: jax.Array, taps: Taps, readout: Readout):
     """Final norm (site lm.final), then logits at the read positions only."""
     final = module.final(x, taps)
@@ -68,14 +62,15 @@ def _read(module, x: jax.Array, taps: Taps, readout: Readout):
             jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
-def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout):
-    """vmapped over the leading axis of `ivs`. x_start None: every variant runs the full forward
-    (vision included); otherwise each restarts the LM at layer `start` from x_start [B, T, D]."""
+def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout, base=()):
+    """vmapped over the leading axis of `ivs`; `base` interventions apply unbatched in every
+    variant. x_start None: every variant runs the full forward (vision included); otherwise each
+    restarts the LM at layer `start` from x_start [B, T, D]."""
     module = nnx.merge(graphdef, params)
     ctx = module.lm_context(batch)
 
     def one(variant_ivs):
-        taps = Taps(variant_ivs)
+        taps = Taps(tuple(base) + tuple(variant_ivs))
         if x_start is None:
             x = run_layers(module.layers, module.embed_inputs(batch, taps), ctx, taps)
         else:
@@ -116,15 +111,35 @@ def _chunk_size(model: Model, batch: Batch, memory_budget_bytes: float) -> int:
     return int(max(1, min(256, memory_budget_bytes // per_variant)))
 
 
+def _on_mesh(model: Model, mesh: jax.sharding.Mesh) -> Model:
+    """The model with its params placed on `mesh` by the family's sharding rules."""
+    pure = nnx.to_pure_dict(model.params)
+    placed = parallel.place_params(pure, parallel.param_shardings(pure, model.family, mesh))
+    state = jax.tree.map(lambda x: x, model.params)
+    nnx.replace_by_pure_dict(state, placed)
+    return dataclasses.replace(model, params=state, mesh=mesh)
+
+
 def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention], readout: Readout, *,
-                chunk_size: int | None = None, memory_budget_bytes: float = 2e9,
-                progress: bool = False) -> SweepResult:
+                base: Sequence[Intervention] = (), chunk_size: int | None = None,
+                memory_budget_bytes: float = 2e9, progress: bool = False,
+                mesh: jax.sharding.Mesh | None = None) -> SweepResult:
     """Runs every variant of a sweep and returns what `readout` asks for, shaped [*S, B, ...].
 
     interventions: applied together in list order within a variant; all of their arrays carry
     the same leading variant shape S (np.broadcast_to makes shared ones free).
+    base: interventions without a variant axis that apply in the clean run and in every variant,
+    before the variant's own (e.g. an ablation under which the variants swap regions).
+    mesh: the variants of each chunk are split over its `data` axis (the chunk size is rounded
+    up to a multiple of it) and the params are used as sharded over `model`. Default: the mesh
+    the model was loaded on (`sj.load(..., mesh=)`), if any; a different mesh places the params
+    on it first with the family's sharding rules.
     """
     interventions = tuple(interventions)
+    if mesh is None:
+        mesh = model.mesh
+    elif mesh != model.mesh:
+        model = _on_mesh(model, mesh)
     batch = batch.with_defaults()
     check_batch(model, batch)
     shape = _num_variants(interventions)
@@ -135,16 +150,21 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
             for iv in interventions]
     readout = Readout(np.asarray(readout.position, np.int32), np.asarray(readout.tokens, np.int32))
     chunk = chunk_size or _chunk_size(model, batch, memory_budget_bytes)
+    if mesh is not None:
+        n_data = parallel.axis_size(mesh, parallel.DATA)
+        chunk = -(-chunk // n_data) * n_data
 
+    base = tuple(base)
     if any(iv.site.startswith("vision.") for iv in interventions):
         starts = np.zeros((n,), np.int64)
         clean = None
     else:
         L = model.config.num_layers
         starts = _start_layers(interventions, n, L)
-        out = forward(model, batch, cache=(sites.LM_RESID_PRE, sites.LM_RESID_POST), logits=False)
-        clean = np.concatenate([np.asarray(out.cache[sites.LM_RESID_PRE]),
-                                np.asarray(out.cache[sites.LM_RESID_POST][:, -1:])], axis=1)  # [B, L+1, T, D]
+        out = forward(model, batch, cache=(sites.LM_RESID_PRE, sites.LM_RESID_POST), interventions=base,
+                      logits=False)
+        clean = np.concatenate([parallel.to_host(out.cache[sites.LM_RESID_PRE]),
+                                parallel.to_host(out.cache[sites.LM_RESID_POST][:, -1:])], axis=1)  # [B, L+1, T, D]
 
     results = [None] * n
     order = np.argsort(starts, kind="stable")
@@ -155,8 +175,11 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
         ivs = tuple(jax.tree.map(lambda a: a[padded], iv) for iv in flat)
         s = int(starts[idx[0]])
         x_start = None if clean is None else clean[:, s]
-        got = _variants_jit(model.graphdef, model.params, batch, x_start, np.int32(s), ivs, readout)
-        got = jax.tree.map(np.asarray, got)
+        args = (batch, x_start, np.int32(s), ivs, readout, base)
+        if mesh is not None:  # variants over `data`, the rest replicated, all as global arrays
+            args = (*parallel.put_tree(args[:3], mesh), parallel.put_tree(ivs, mesh, data_axis=0),
+                    parallel.put_tree(readout, mesh), parallel.put_tree(base, mesh))
+        got = parallel.to_host(_variants_jit(model.graphdef, model.params, *args))
         for j, v in enumerate(idx):
             results[v] = (got[0][j], got[1][j], got[2][j])
     logits, probs, argmax = (np.stack([r[k] for r in results]).reshape(shape + results[0][k].shape)
