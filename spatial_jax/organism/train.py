@@ -1,0 +1,258 @@
+"""Training the model organism: the jitted step, held-out evaluation and early stopping.
+
+The forward pass used in training is the model's own pieces (`Qwen2VL.vision`, `lm_context`,
+`layers`, `final`, `unembed`) with three training-only differences, none of which changes the
+function the model computes at inference:
+
+* pixel_values are gathered from the cell table inside the step (see organism/data.py);
+* the final norm and the unembedding run only at the last position (the loss reads only there);
+* optionally (`shuffle_tokens`, the second organism) the visual tokens are put in the LM sequence in
+  a random order per example, while every slot keeps its raster M-RoPE position, so neither the
+  order nor the RoPE position of a visual token says where in the image it came from.
+
+`organism_logits` equals `spatial_jax.forward.apply`'s last-position logits on the same batch
+(tests/test_organism_train.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from spatial_jax.batch import Batch
+from spatial_jax.interventions.taps import Taps
+from spatial_jax.models.layers import run_layers
+from spatial_jax.models import layers as L
+from spatial_jax.models.qwen2_vl import (DecoderLayer, Qwen2VL, Qwen2VLConfig, VisionTower, image_groups,
+                                         vision_patch_layout)
+from spatial_jax.organism import data as odata
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.98
+    clip: float = 1.0
+    max_steps: int = 20000
+    max_minutes: float = 30.0
+    eval_every: int = 100
+    stop_at: float = 0.98          # early stop once every task's val accuracy is >= this ...
+    stop_evals: int = 2            # ... at this many consecutive evaluations
+    shuffle_tokens: bool = False   # the second organism (see the module docstring)
+
+
+def vision_from_embeddings(tower: VisionTower, x: jax.Array, grid_thw: tuple) -> jax.Array:
+    """`VisionTower.__call__` after its patch embedding: x [N_patches, Dv] -> visual tokens [N / merge^2, D]."""
+    cfg = tower.cfg
+    N = x.shape[0]
+    h_idx, w_idx = vision_patch_layout(grid_thw, cfg.merge_size)
+    hd = cfg.vision_dim // cfg.vision_heads
+    inv_freq = 1.0 / cfg.vision_rope_theta ** (jnp.arange(0, hd // 2, 2, dtype=jnp.float32) / (hd // 2))
+    emb = jnp.concatenate([h_idx[:, None] * inv_freq, w_idx[:, None] * inv_freq], axis=-1)
+    emb = jnp.concatenate([emb, emb], axis=-1)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    groups = image_groups(grid_thw)
+    x, _ = L.scan_layers(tower.blocks, lambda block, h, idx, _: (block(h, cos, sin, groups), None), x[None])
+    x = tower.merger_norm(x).reshape(N // cfg.merge_size**2, -1)
+    return tower.merger_fc2(jax.nn.gelu(tower.merger_fc1(x), approximate=False))
+
+
+def last_position_layer(layer: DecoderLayer, x: jax.Array, ctx: dict) -> jax.Array:
+    """`DecoderLayer.__call__` when only the last position's output is needed: x [B, T, D] -> [B, D].
+
+    Keys and values come from every position; the query, attention output and MLP only from the last.
+    """
+    B, T, _ = x.shape
+    h = layer.input_norm(x)
+    cos, sin = ctx["cos"][:, :, None].astype(x.dtype), ctx["sin"][:, :, None].astype(x.dtype)
+    q = L.apply_rope(layer.q(h[:, -1:]).reshape(B, 1, layer.heads, layer.head_dim), cos[:, -1:], sin[:, -1:])
+    k = L.apply_rope(layer.k(h).reshape(B, T, layer.kv_heads, layer.head_dim), cos, sin)
+    v = layer.v(h).reshape(B, T, layer.kv_heads, layer.head_dim)
+    a = layer.o(L.attention(q, k, v, ctx["allowed"][:, -1:], layer.head_dim**-0.5).reshape(B, 1, -1))
+    x = x[:, -1:] + a
+    h = layer.post_norm(x)
+    x = x + layer.down(jax.nn.silu(layer.gate(h)) * layer.up(h))
+    return x[:, 0]
+
+
+def organism_logits(module: Qwen2VL, input_ids, attention_mask, cells, cell_table, grid_thw: tuple,
+                    image_of_row: Optional[jax.Array] = None, token_perm: Optional[jax.Array] = None) -> jax.Array:
+    """Next-token logits [B, V] at the last position of left-padded rows, every row one image.
+
+    cells: [n_img, Ni] int rows of cell_table [n_cells, merge^2, patch_dim] (organism/data.py): the
+      patch embedding runs once per cell-table row, and its result is gathered per image.
+    grid_thw: n_img equal (1, h, w).
+    image_of_row: [B] int, the image each row asks about (None: row b has image b). The vision
+      tower runs once per image however many rows share it.
+    token_perm: [B, Ni] int or None; LM image slot j of row b gets visual token token_perm[b, j].
+    """
+    cfg = module.cfg
+    B = input_ids.shape[0]
+    tower = module.vision
+    patches = tower.patch_embed(cell_table.reshape(-1, cell_table.shape[-1]).astype(tower.patch_embed.kernel.dtype))
+    patches = patches.reshape(cell_table.shape[0], cell_table.shape[1], -1)
+    vis = vision_from_embeddings(tower, patches[cells].reshape(-1, patches.shape[-1]), grid_thw)
+    x = jnp.take(module.embed[...], input_ids, axis=0)
+    vis = vis.astype(x.dtype).reshape(cells.shape[0], -1, vis.shape[-1])
+    if image_of_row is not None:
+        vis = vis[image_of_row]
+    if token_perm is not None:
+        vis = jnp.take_along_axis(vis, token_perm[..., None], axis=1)
+    is_img = input_ids == cfg.image_token_id
+    slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, vis.shape[1] - 1)
+    x = jnp.where(is_img[..., None], jnp.take_along_axis(vis, slot[..., None], axis=1), x)
+    batch = Batch(input_ids=input_ids, attention_mask=attention_mask, image_grid_thw=grid_thw)
+    ctx = module.lm_context(batch)
+    graphdef, state = nnx.split(module.layers)
+    n = cfg.num_layers
+    if n > 1:
+        below = nnx.merge(graphdef, jax.tree.map(lambda p: p[:n - 1], state))
+        x = run_layers(below, x, ctx, Taps())
+    last = nnx.merge(graphdef, jax.tree.map(lambda p: p[n - 1], state))
+    return module.unembed(module.final(last_position_layer(last, x, ctx), Taps()))
+
+
+class Trainer:
+    """Holds the model, optimizer and jitted functions of one training run."""
+
+    def __init__(self, model_cfg: Qwen2VLConfig, encoder: odata.Encoder, data_cfg: odata.DataConfig,
+                 cfg: TrainConfig):
+        self.model_cfg, self.encoder, self.data_cfg, self.cfg = model_cfg, encoder, data_cfg, cfg
+        module = Qwen2VL(model_cfg, rngs=nnx.Rngs(cfg.seed))
+        self.graphdef, self.params = nnx.split(module)
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup, 1)), optax.constant_schedule(cfg.lr)],
+            [max(cfg.warmup, 1)])
+        decay_mask = jax.tree.map(lambda p: p.ndim >= 2, self.params)
+        self.optimizer = optax.chain(
+            optax.clip_by_global_norm(cfg.clip),
+            optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
+        self.opt_state = self.optimizer.init(self.params)
+        self.cell_table = jnp.asarray(encoder.cell_table)
+        self.sampler = odata.Sampler(encoder, data_cfg, cfg.batch_size, cfg.seed, cfg.shuffle_tokens)
+        self.step_count = 0
+        self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
+        self._predict = jax.jit(self._logits)
+
+    def _grid(self, n: int) -> tuple:
+        return (tuple(int(v) for v in self.encoder.grid_thw),) * n
+
+    def _logits(self, params, cell_table, batch: dict) -> jax.Array:
+        module = nnx.merge(self.graphdef, params)
+        return organism_logits(module, batch["input_ids"], batch["attention_mask"], batch["cells"], cell_table,
+                               self._grid(batch["cells"].shape[0]), batch.get("image_of_row"),
+                               batch.get("token_perm"))
+
+    def _step(self, params, opt_state, cell_table, batch: dict):
+        def loss_fn(p):
+            logits = self._logits(p, cell_table, batch)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+            return loss, (logits.argmax(-1) == batch["labels"]).mean()
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, acc
+
+    def step(self) -> tuple[jax.Array, jax.Array]:
+        """One optimizer step on the next sampled batch; returns (loss, batch accuracy) as arrays."""
+        batch = self.sampler.next()
+        self.params, self.opt_state, loss, acc = self._train_step(self.params, self.opt_state, self.cell_table, batch)
+        self.step_count += 1
+        return loss, acc
+
+    def predict(self, arrays: dict, chunk: int = 64, params=None) -> np.ndarray:
+        """Arg-max next token [N] for encoded examples (padded to whole chunks: one compile)."""
+        params = self.params if params is None else params
+        n = len(arrays["labels"])
+        out = []
+        for i in range(0, n, chunk):
+            part = {k: v[i:i + chunk] for k, v in arrays.items()}
+            short = chunk - len(part["labels"])
+            if short:
+                part = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in part.items()}
+            out.append(np.asarray(self._predict(params, self.cell_table, part).argmax(-1))[:chunk - short])
+        return np.concatenate(out)
+
+    def accuracy(self, arrays: dict, params=None) -> float:
+        return float((self.predict(arrays, params=params) == arrays["labels"]).mean())
+
+    def param_count(self) -> int:
+        return int(sum(np.size(x) for x in jax.tree.leaves(self.params)))
+
+
+def eval_sets(encoder: odata.Encoder, which: str) -> dict[str, dict]:
+    """Per task, the encoded paper items (unshifted, paper system text) of the val or test triples."""
+    return {name: encoder.encode(odata.eval_examples(t, getattr(t.split, which)))
+            for name, t in encoder.tasks.items()}
+
+
+@dataclasses.dataclass
+class RunResult:
+    params: Any                      # best params (host numpy pure dict)
+    best_step: int
+    best_val: dict[str, float]
+    steps: int
+    train_seconds: float
+    stopped: str                     # "target", "time" or "steps"
+    curve: list[dict]
+
+
+def train(trainer: Trainer, progress: Optional[Callable] = None, log: Optional[Callable[[dict], None]] = None) -> RunResult:
+    """Trains until every task's val accuracy is >= stop_at at `stop_evals` consecutive evaluations,
+    or the step / time budget runs out; returns the best parameters by (min, mean) val accuracy.
+
+    progress: a tqdm-like factory (total=...) -> bar with update() and set_postfix(); None: silent.
+    """
+    cfg = trainer.cfg
+    val = eval_sets(trainer.encoder, "val")
+    bar = progress(total=cfg.max_steps) if progress else None
+    curve, best, best_key, best_step, streak = [], None, (-1.0, -1.0), 0, 0
+    losses, accs = [], []
+    stopped = "steps"
+    start = time.perf_counter()
+    while trainer.step_count < cfg.max_steps:
+        loss, acc = trainer.step()
+        losses.append(loss)
+        accs.append(acc)
+        if bar:
+            bar.update(1)
+        if trainer.step_count % cfg.eval_every and trainer.step_count < cfg.max_steps:
+            continue
+        vals = {name: trainer.accuracy(arrays) for name, arrays in val.items()}
+        elapsed = time.perf_counter() - start
+        point = {"step": trainer.step_count, "seconds": round(elapsed, 1),
+                 "loss": float(np.mean(jax.device_get(losses))), "train_acc": float(np.mean(jax.device_get(accs))),
+                 "val": vals}
+        losses, accs = [], []
+        curve.append(point)
+        if log:
+            log(point)
+        if bar:
+            bar.set_postfix(loss=f"{point['loss']:.3f}", **{k[:2]: f"{v:.2f}" for k, v in vals.items()})
+        key = (min(vals.values()), float(np.mean(list(vals.values()))))
+        if key > best_key:
+            best_key, best_step = key, trainer.step_count
+            best = jax.device_get(nnx.to_pure_dict(trainer.params))
+        streak = streak + 1 if key[0] >= cfg.stop_at else 0
+        if streak >= cfg.stop_evals:
+            stopped = "target"
+            break
+        if elapsed > cfg.max_minutes * 60:
+            stopped = "time"
+            break
+    if bar:
+        bar.close()
+    return RunResult(params=best, best_step=best_step, best_val=dict(zip(val, [None] * len(val))) if best is None
+                     else next(p["val"] for p in curve if p["step"] == best_step),
+                     steps=trainer.step_count, train_seconds=time.perf_counter() - start, stopped=stopped, curve=curve)
