@@ -87,7 +87,7 @@ def convert_hf(hf_dir: str, dtype: str = "float32"):
             if x.shape != target.shape:
                 raise CheckpointError(f"{hf_dir}: tensor {name} has shape {tuple(x.shape)} after transform "
                                       f"{how}, expected {tuple(target.shape)} (for {path})")
-            target[...] = x.astype(np_dtype)
+            target[...] = x  # casts to np_dtype in place, no temporary copy
             used.add(name)
         params[path] = out
     missing = sorted(set(expected) - set(params))

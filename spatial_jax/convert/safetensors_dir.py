@@ -10,9 +10,18 @@ import os
 import struct
 from typing import Iterator
 
-import jax
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+
+# safetensors dtype names -> numpy (little-endian on disk; bfloat16/fp8 via ml_dtypes).
+_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
 
 
 class CheckpointError(ValueError):
@@ -32,8 +41,9 @@ def read_config(hf_dir: str) -> dict:
         raise CheckpointError(f"{path}: malformed JSON ({e})") from None
 
 
-def _check_complete(path: str) -> list[str]:
-    """Header sanity and length check: a truncated shard fails here, before any tensor is read."""
+def _read_header(path: str) -> tuple[int, dict]:
+    """(offset of the data block, {name: header entry}) of a safetensors file, checked to be
+    complete: a truncated shard fails here, before any tensor is read."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -47,11 +57,21 @@ def _check_complete(path: str) -> list[str]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    header.pop("__metadata__", None)
+    try:
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    except (KeyError, TypeError, IndexError):
+        raise CheckpointError(f"{path}: corrupt safetensors header") from None
     if 8 + header_len + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file (needs {8 + header_len + end} bytes, "
                               f"has {size})")
-    return [k for k in header if k != "__metadata__"]
+    return 8 + header_len, header
+
+
+def _check_complete(path: str) -> list[str]:
+    return list(_read_header(path)[1])
 
 
 def shard_of_tensor(hf_dir: str) -> dict[str, str]:
@@ -89,6 +109,9 @@ def shard_of_tensor(hf_dir: str) -> dict[str, str]:
 class TensorReader:
     """Reads tensors one at a time as host numpy arrays (bfloat16 via ml_dtypes).
 
+    Each tensor is read with plain file reads into a fresh array: no memory map stays behind
+    (mapped pages count in the process's RSS until unmapped) and nothing passes through jax.
+
     `aliases` ((old_prefix, new_prefix), ...) rename stored tensors to the spelling a key map
     uses, so one table serves every on-disk layout of a family.
     """
@@ -102,8 +125,7 @@ class TensorReader:
                     name = new + name[len(old):]
                     break
             self._where[name] = (path, stored)
-        self._open: dict[str, object] = {}
-        self._cpu = jax.devices("cpu")[0]
+        self._headers: dict[str, tuple[int, dict]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -113,8 +135,21 @@ class TensorReader:
 
     def get(self, name: str) -> np.ndarray:
         path, stored = self._where[name]
-        if path not in self._open:
-            # The numpy backend cannot hold bfloat16; the flax one can, kept on the host CPU.
-            self._open[path] = safe_open(path, framework="flax", device="cpu")
-        with jax.default_device(self._cpu):
-            return np.asarray(self._open[path].get_tensor(stored))
+        if path not in self._headers:
+            self._headers[path] = _read_header(path)
+        data_start, header = self._headers[path]
+        entry = header[stored]
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {stored} has unsupported dtype {entry.get('dtype')!r}")
+        shape = tuple(entry["shape"])
+        start, end = entry["data_offsets"]
+        if end - start != int(np.prod(shape)) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {stored} holds {end - start} bytes, but shape {shape} "
+                                  f"of {entry['dtype']} needs {int(np.prod(shape)) * dtype.itemsize}")
+        out = np.empty(shape, dtype)
+        with open(path, "rb") as f:
+            f.seek(data_start + start)
+            if f.readinto(out.reshape(-1).view(np.uint8)) != end - start:
+                raise CheckpointError(f"{path}: truncated safetensors file (tensor {stored})")
+        return out

@@ -99,8 +99,14 @@ class Qwen2VLConfig:
             raise ValueError("Qwen2-VL config has no mrope_section (rope_parameters / rope_scaling)")
         rope_theta = rope.get("rope_theta", text.get("rope_theta", 1e6))
         heads = text["num_attention_heads"]
+        head_dim = text.get("head_dim") or text["hidden_size"] // heads
+        if sum(rope["mrope_section"]) != head_dim // 2:
+            raise ValueError(f"mrope_section {list(rope['mrope_section'])} sums to {sum(rope['mrope_section'])}, "
+                             f"but head_dim {head_dim} has {head_dim // 2} rotary frequencies")
         vis_heads = vis["num_heads"]
         vis_rope = vis.get("rope_parameters") or {}
+        # As HF's Qwen2VLConfig: tied if the top level or (pre-v5 saves) text_config says so.
+        tied = bool(d.get("tie_word_embeddings", False)) or bool(d.get("text_config", {}).get("tie_word_embeddings", False))
         return cls(
             vision_depth=vis["depth"], vision_dim=vis["embed_dim"], vision_heads=vis_heads,
             vision_mlp_dim=int(vis["embed_dim"] * vis.get("mlp_ratio", 4)),
@@ -110,10 +116,10 @@ class Qwen2VLConfig:
             vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
             num_layers=text["num_hidden_layers"], num_heads=heads,
             num_kv_heads=text.get("num_key_value_heads", heads),
-            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+            head_dim=head_dim,
             intermediate_size=text["intermediate_size"], rms_norm_eps=text.get("rms_norm_eps", 1e-5),
             rope_theta=float(rope_theta), mrope_section=tuple(rope["mrope_section"]),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            tie_word_embeddings=tied,
             image_token_id=d.get("image_token_id", 151655),
             vision_start_token_id=d.get("vision_start_token_id", 151652),
             vision_end_token_id=d.get("vision_end_token_id", 151653),

@@ -1,0 +1,152 @@
+"""One full Qwen2-VL forward (float32, CPU): our jitted `sj.forward` vs transformers eager and sdpa.
+
+    python benchmarks/bench_qwen2_vl_forward.py [--runs 5] [--hf_dir DIR]
+
+Model: the random mid-size Qwen2-VL of benchmarks/_qwen2_vl_mid.py (346.6M params; HF's own
+init), saved with save_pretrained (or an existing save of that config, --hf_dir). Input: one
+448x448 image (32x32 patches = 1024 vision tokens, merged to 256 LM tokens) in a short chat
+prompt, 290 LM tokens in all. Timings are wall-clock medians (and minima) of --runs calls after
+one warm-up call; our compile time is the first call minus the median. Also printed: the matmul
+FLOPs of one forward and the rate each implementation reaches, next to this machine's fp32
+matmul rate (a 2048^3 matmul in jax and in torch), and the load average while it ran (the
+timings mean little on a busy machine).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _qwen2_vl_mid as mid  # noqa: E402
+
+GRID = 32  # 448 px / 14
+
+
+def prompt_ids() -> np.ndarray:
+    """system + user turn with the image, then a question and the assistant header: 290 tokens."""
+    head = list(range(10, 24))  # "<|im_start|>system ... <|im_start|>user\n"
+    question = list(range(30, 45))
+    tail = list(range(50, 54))  # "<|im_end|>\n<|im_start|>assistant\n"
+    n_img = GRID * GRID // 4
+    return np.array([head + [mid.VSTART] + [mid.IMG] * n_img + [mid.VEND] + question + tail], np.int64)
+
+
+def forward_flops(cfg, T: int, n_patches: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one forward, attention score/value products included."""
+    v, t = cfg.vision_config, cfg.text_config
+    Dv, mlp = v.embed_dim, int(v.embed_dim * v.mlp_ratio)
+    N = n_patches
+    patch = 2 * N * (3 * v.temporal_patch_size * v.patch_size**2) * Dv
+    block = 2 * N * Dv * 3 * Dv + 2 * N * Dv * Dv + 2 * 2 * N * Dv * mlp + 2 * 2 * N * N * Dv
+    m = v.spatial_merge_size**2
+    merger = 2 * (N // m) * (m * Dv) ** 2 + 2 * (N // m) * m * Dv * t.hidden_size
+    D, hd = t.hidden_size, t.hidden_size // t.num_attention_heads
+    kv = t.num_key_value_heads * hd
+    layer = (2 * T * D * D * 2 + 2 * T * D * kv * 2 + 3 * 2 * T * D * t.intermediate_size
+             + 2 * 2 * T * T * t.num_attention_heads * hd)
+    head = 2 * T * D * t.vocab_size
+    return patch + v.depth * block + merger + t.num_hidden_layers * layer + head
+
+
+def timed(fn, runs: int) -> tuple[float, list[float]]:
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+def matmul_rate() -> tuple[float, float]:
+    """fp32 GFLOP/s of a 2048^3 matmul: (jax, torch), best of 5."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    tj = min(timed(lambda: f(a).block_until_ready(), 5)[1])
+    b = torch.ones(n, n)
+    tt = min(timed(lambda: b @ b, 5)[1])
+    return 2 * n**3 / tj / 1e9, 2 * n**3 / tt / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--hf_dir", default=None, help="an existing save of the mid config (else one is made)")
+    args = ap.parse_args()
+
+    import jax
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    import spatial_jax as sj
+
+    tmp = None
+    if args.hf_dir is None:
+        tmp = tempfile.TemporaryDirectory()
+        args.hf_dir = tmp.name
+        mid.save_random(args.hf_dir)
+    load0 = os.getloadavg()[0]
+    ids = prompt_ids()
+    grid = np.array([[1, GRID, GRID]])
+    rng = np.random.default_rng(0)
+    pv = rng.standard_normal((GRID * GRID, 1176)).astype(np.float32)
+    T = ids.shape[1]
+
+    t0 = time.perf_counter()
+    model = sj.load(args.hf_dir)
+    load_s = time.perf_counter() - t0
+    batch = sj.Batch(input_ids=ids, pixel_values=pv, image_grid_thw=grid)
+    ours_first, ours = timed(lambda: jax.block_until_ready(sj.forward(model, batch).logits), args.runs)
+    ours_logits = np.asarray(sj.forward(model, batch).logits)
+
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
+              pixel_values=torch.tensor(pv), image_grid_thw=torch.tensor(grid),
+              mm_token_type_ids=torch.tensor((ids == mid.IMG).astype(np.int64)), use_cache=False)
+    results = {}
+    for impl in ("eager", "sdpa"):
+        hf = Qwen2VLForConditionalGeneration.from_pretrained(args.hf_dir, attn_implementation=impl).eval()
+        with torch.no_grad():
+            _, times = timed(lambda: hf(**kw), args.runs)
+            diff = float(np.abs(hf(**kw).logits.numpy() - ours_logits).max())
+        results[impl] = (times, diff)
+        n_params = sum(p.numel() for p in hf.parameters())
+        del hf
+    load1 = os.getloadavg()[0]
+    jax_rate, torch_rate = matmul_rate()
+    flops = forward_flops(mid.hf_config(), T, GRID * GRID)
+
+    print(f"\nQwen2-VL mid config, {n_params:,} params, float32; 448x448 image (1024 patches -> 256 tokens), "
+          f"T = {T} LM tokens; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(f"matmul FLOPs per forward: {flops / 1e9:.1f} GFLOP; machine fp32 matmul (2048^3): "
+          f"jax {jax_rate:.1f} GFLOP/s, torch {torch_rate:.1f} GFLOP/s; load average {load0:.2f} -> {load1:.2f}")
+    print(f"sj.load (HF dir, converted in memory): {load_s:.1f} s; our first call "
+          f"(trace + compile + run): {ours_first:.2f} s, so compile ~ {ours_first - statistics.median(ours):.2f} s\n")
+    print(f"{'implementation':28s} {'median s':>9s} {'min s':>7s} {'GFLOP/s':>8s} {'vs ours':>8s} {'max|dlogit| vs ours':>20s}")
+    med_ours = statistics.median(ours)
+    print(f"{'ours: sj.forward (jit)':28s} {med_ours:9.3f} {min(ours):7.3f} {flops / med_ours / 1e9:8.1f} "
+          f"{1.0:8.2f} {'-':>20s}")
+    for impl, (times, diff) in results.items():
+        med = statistics.median(times)
+        print(f"{'transformers ' + impl:28s} {med:9.3f} {min(times):7.3f} {flops / med / 1e9:8.1f} "
+              f"{med / med_ours:8.2f} {diff:20.2e}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
