@@ -85,17 +85,13 @@ def test_unsupported_configs_are_refused(bad, message):
 
 
 def _cli(hf_dir: str, out_dir: str, dtype: str = "float32") -> None:
-    """spatial-jax-convert, run in-process (the same absl main the console script runs)."""
-    from absl import flags
+    """What spatial-jax-convert runs, in-process (tests/test_convert_cli.py runs the console
+    script itself; its absl flags cannot share one process with the experiments' flags)."""
+    from spatial_jax.convert.checkpoint import write_converted
+    from spatial_jax.convert.convert import convert_hf
 
-    from spatial_jax.convert import cli
-
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["spatial-jax-convert", f"--hf_dir={hf_dir}", f"--output_dir={out_dir}", f"--dtype={dtype}"])
-    try:
-        cli.main([])
-    finally:
-        flags.FLAGS.unparse_flags()
+    family, _, _, params = convert_hf(hf_dir, dtype)
+    write_converted(out_dir, hf_dir, family.name, dtype, params)
 
 
 @pytest.mark.parametrize("layout", ["hub", "saved", "runtime"])
