@@ -11,9 +11,11 @@ import time
 
 from absl import app, flags, logging
 
-from experiments import ablation, backup, behaviour, common, criss_cross, last_token, report
+from experiments import (ablation, absolute_vs_relative, amplification, backup, behaviour, common, criss_cross,
+                         last_token, probe_lm, probe_vision, report)
 
-EXPERIMENTS = {m.NAME: m for m in (behaviour, last_token, criss_cross, ablation, backup)}
+EXPERIMENTS = {m.NAME: m for m in (behaviour, probe_vision, probe_lm, last_token, criss_cross, ablation, backup,
+                                   amplification, absolute_vs_relative)}
 flags.DEFINE_list("only", [], f"Run only these experiments, of {list(EXPERIMENTS)}.")
 FLAGS = flags.FLAGS
 

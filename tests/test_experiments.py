@@ -98,3 +98,35 @@ def test_run_all_writes_one_report(flag_values):
     path = run_all.run_all()
     text = open(path).read()
     assert "paper Table 1" in text and "criss_cross/flip_rate.png" in text
+
+
+def test_probe_experiments_write_accuracies_and_heatmaps(flag_values):
+    from experiments import probe_lm, probe_vision
+    out = flag_values("--max_items=12")
+    vision = probe_vision.run()
+    assert set(vision) == {"squares|horizontal", "squares|vertical"}
+    for part in vision.values():
+        assert 0 <= part["test_accuracy"] <= 1
+        heat = np.array(part["heatmap"])
+        assert heat.shape == (6, 6, 3) and np.allclose(heat.sum(-1), 1, atol=1e-5)
+    lm = probe_lm.run()
+    assert np.array(lm["squares|horizontal"]["test_accuracy"]).shape == (3, 2)  # slots x token groups
+    assert (out / "probe_vision" / "strip_heatmaps.png").exists()
+    assert (out / "probe_lm" / "accuracy_by_layer.png").exists()
+
+
+def test_amplification_at_alpha_zero_changes_nothing(flag_values):
+    from experiments import amplification
+    flag_values("--max_items=24", "--max_alpha=2")
+    summary = amplification.run()
+    for part in summary.values():
+        assert part["replay_fixed_at_alpha0"] == 0  # failures stay failures at alpha = 0
+        assert part["Probe_by_alpha"][0] == 0 and part["Random_by_alpha"][0] == 0
+        assert 0 <= part["Probe*"] <= 1
+
+
+def test_absolute_vs_relative_covers_every_shift(flag_values):
+    from experiments import absolute_vs_relative
+    flag_values("--max_items=8")
+    summary = absolute_vs_relative.run()
+    assert sorted(summary["squares"], key=int) == ["0", "1"]  # the organism geometry allows shifts 0..1

@@ -86,15 +86,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scal
 
     q [B, T, Hq, hd], k/v [B, S, Hkv, hd], allowed [B, T, S] (True = may attend) or None (all).
     Query head j reads kv head j // (Hq // Hkv), as HF's repeat_kv does. Returns [B, T, Hq, hd].
-    softcap: scores -> tanh(scores / softcap) * softcap before the mask (HF eager, Gemma's
-    attn_logit_softcapping); None leaves them as they are.
     """
     B, T, Hq, hd = q.shape
     Hkv = k.shape[2]
     qg = q.reshape(B, T, Hkv, Hq // Hkv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=PRECISION).astype(jnp.float32) * scale
-    if softcap is not None:
-        scores = jnp.tanh(scores / softcap) * softcap
     if allowed is not None:
         scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
