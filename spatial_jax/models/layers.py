@@ -80,8 +80,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,
-              softcap: float | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, scale: float) -> jax.Array:
     """Grouped-query attention with a boolean mask, softmax in float32.
 
     q [B, T, Hq, hd], k/v [B, S, Hkv, hd], allowed [B, T, S] (True = may attend) or None (all).
