@@ -1,7 +1,7 @@
-"""Probe-sweep wall time: one vmapped compiled call vs a Python loop of per-probe jitted calls.
+"""Probe-sweep wall time: one compiled train_probes call vs a Python loop of per-probe jitted calls.
 
-    python benchmarks/bench_probes.py                       # 29 layers x 3 groups, N 1000, D 512
-    python benchmarks/bench_probes.py --layers 4 --epochs 50  # quick
+    python benchmarks/bench_probes.py                          # 29 layers x 3 groups, N 1000, D 512
+    python benchmarks/bench_probes.py --layers 4 --epochs 50   # quick
 
 The sweep is `layers x groups` probes (the paper's recipe: C classes, full-batch AdamW, `epochs`
 steps). Two layouts of the same probes:
@@ -12,10 +12,13 @@ Methods, all but the loop one compiled call to train_probes: `chunk=None` (every
 batched matmuls, the accelerator path), `chunk=1` (a lax.scan over the probe axes along which x
 varies, the axes where x is shared still vmapped: the CPU default, chunk="auto"), `chunk=K`
 (lax.map of K-probe vmaps), and `loop` (one jitted single-probe train_probes, compiled once,
-called once per probe from Python). Compile time is measured separately (first
-call minus the best later call); run time is the best of --repeats calls. All methods are checked
-to give the same probes (max |dw|). Work: 4 N D C flops per probe-epoch (forward x @ w, backward
-x^T g; no gradient with respect to x), and the activations are read twice per epoch.
+called once per probe from Python, slices prepared outside the timed region).
+
+Compile time: trace + lower + XLA compile through the AOT API, timed alone. Run time: --repeats rounds, each round
+calling every method once in turn (so load swings on a shared machine hit all methods alike);
+min and median reported. All methods are checked to give the same probes (max |dw|). Work:
+4 N D C flops per probe-epoch (forward x @ w^T, backward g^T x; no gradient with respect to x);
+the activations are read twice per epoch.
 """
 from __future__ import annotations
 
@@ -30,26 +33,18 @@ import numpy as np
 from spatial_jax import probes as pr
 
 
-def _timed(fn, repeats: int):
-    """(first-call seconds, best of `repeats` later calls, result)."""
+def _once(fn):
     t = time.perf_counter()
     out = jax.block_until_ready(fn())
-    first = time.perf_counter() - t
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t)
-    return first, best, out
+    return time.perf_counter() - t, out
 
 
 def matmul_rate(n: int = 2048) -> float:
-    """This machine's float32 matmul rate, GFLOP/s (best of 3 n x n x n products)."""
+    """This machine's float32 matmul rate, GFLOP/s (best of 5 n x n x n products)."""
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     jax.block_until_ready(f(a))
-    best = min(_timed(lambda: f(a), 0)[0] for _ in range(3))
-    return 2.0 * n**3 / best / 1e9
+    return 2.0 * n**3 / min(_once(lambda: f(a))[0] for _ in range(5)) / 1e9
 
 
 def main():
@@ -61,7 +56,7 @@ def main():
     ap.add_argument("--classes", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--chunks", default="none,1,4", help="chunk settings of train_probes to time")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layouts", default="distinct,shared")
     args = ap.parse_args()
     L, G, N, D, C, E = args.layers, args.groups, args.n, args.d, args.classes, args.epochs
@@ -79,49 +74,57 @@ def main():
           f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
           f"float32 matmul rate {matmul_rate():.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}")
     flops = 4.0 * N * D * C * P * E
-    rows = []
+    chunks = [None if c == "none" else int(c) for c in args.chunks.split(",")]
+
+    methods = []  # (layout, name, fn, x MiB, bytes read)
     for layout in args.layouts.split(","):
         if layout == "distinct":
             x = jnp.asarray(np.broadcast_to(xl, (L, G, N, D)).reshape(P, N, D))
             yy, m = jnp.asarray(np.broadcast_to(y, (P, N))), jnp.asarray(np.tile(train, (L, 1)))
-            x_of = lambda p: x[p]  # noqa: E731
-            m_of = lambda p: m[p]  # noqa: E731
-            y_of = lambda p: yy[p]  # noqa: E731
+            xs, ys, ms = [x[p] for p in range(P)], [yy[p] for p in range(P)], [m[p] for p in range(P)]
             read = 2.0 * E * P * N * D * 4
         else:
             x, yy, m = jnp.asarray(xl), jnp.asarray(y), jnp.asarray(train)
-            x_of = lambda p: x[p // G, 0]  # noqa: E731
-            m_of = lambda p: m[p % G]  # noqa: E731
-            y_of = lambda p: yy  # noqa: E731
+            xs, ys, ms = [x[p // G, 0] for p in range(P)], [yy] * P, [m[p % G] for p in range(P)]
             read = 2.0 * E * L * N * D * 4
-        x_mb = x.size * 4 / 2**20
-        ref = None
-        chunks = [None if c == "none" else int(c) for c in args.chunks.split(",")]
-        for method in chunks + ["loop"]:
-            if method != "loop":
-                fn = lambda c=method: pr.train_probes(x, yy, m, C, chunk=c, **kw).w  # noqa: E731
-                name = f"chunk={method}"
-            else:
-                one = jax.jit(lambda x1, y1, m1: pr.train_probes(x1, y1, m1, C, **kw))  # x1 [N, D]
-                xs = [x_of(p) for p in range(P)]  # slices made outside the timed loop
-                ms, ys = [m_of(p) for p in range(P)], [y_of(p) for p in range(P)]
-                fn = lambda: jnp.stack([one(xs[p], ys[p], ms[p]).w for p in range(P)])  # noqa: E731
-                name = "loop"
-            first, best, w = _timed(fn, args.repeats)
-            w = np.asarray(w).reshape(P, D, C)
-            ref = w if ref is None else ref
-            rows.append((layout, name, x_mb, first - best, best, flops / best / 1e9, read / best / 1e9,
-                         float(np.abs(w - ref).max())))
-            print(f"  done {layout}/{name}: {best:.2f} s", flush=True)
+        for c in chunks:
+            fn = (lambda x=x, yy=yy, m=m, c=c: pr.train_probes(x, yy, m, C, chunk=c, **kw).w)
+            aot = (lambda x=x, yy=yy, m=m, c=c: pr.train_probes.lower(x, yy, m, C, chunk=c, **kw).compile())
+            methods.append((layout, f"chunk={c}", fn, aot, x.size * 4 / 2**20, read))
+        one = jax.jit(lambda x1, y1, m1: pr.train_probes(x1, y1, m1, C, **kw))  # x1 [N, D]
+        fn = (lambda one=one, xs=xs, ys=ys, ms=ms: jnp.stack([one(xs[p], ys[p], ms[p]).w for p in range(P)]))
+        aot = (lambda one=one, xs=xs, ys=ys, ms=ms: one.lower(xs[0], ys[0], ms[0]).compile())
+        methods.append((layout, "loop", fn, aot, x.size * 4 / 2**20, read))
+
+    compile_s, times, ws = [], [[] for _ in methods], []
+    for layout, name, fn, aot, _, _ in methods:
+        t = time.perf_counter()
+        aot()  # trace + lower + XLA compile, timed alone (the loop's: its one single-probe function)
+        compile_s.append(time.perf_counter() - t)
+        ws.append(np.asarray(_once(fn)[1]).reshape(P, D, C))  # warm the jit cache
+        print(f"  compiled {layout}/{name}: {compile_s[-1]:.2f} s", flush=True)
+    for r in range(args.repeats):
+        for i, (_, _, fn, _, _, _) in enumerate(methods):
+            times[i].append(_once(fn)[0])
+        print(f"  round {r + 1}/{args.repeats} done", flush=True)
 
     print()
-    print("| layout | method | x MiB | compile s | run s | GFLOP/s | x read GB/s | max abs dw vs first |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.2f} | {r[4]:.3f} | {r[5]:.1f} | {r[6]:.1f} | {r[7]:.1e} |")
+    print("| layout | method | x MiB | compile s | run s (min) | run s (median) | GFLOP/s (min) | x read GB/s "
+          "(min) | max abs dw vs chunk=None |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    best = {}
+    for i, (layout, name, _, _, mib, read) in enumerate(methods):
+        ref = next(ws[j] for j, mm in enumerate(methods) if mm[0] == layout)
+        lo, med = min(times[i]), float(np.median(times[i]))
+        best[layout, name] = (lo, med)
+        print(f"| {layout} | {name} | {mib:.0f} | {compile_s[i]:.2f} | {lo:.3f} | {med:.3f} | "
+              f"{flops / lo / 1e9:.1f} | {read / lo / 1e9:.1f} | {np.abs(ws[i] - ref).max():.1e} |")
     for layout in args.layouts.split(","):
-        t = {r[1]: r[4] for r in rows if r[0] == layout}
-        print(f"{layout}: loop / " + ", loop / ".join(f"{k} = {t['loop'] / v:.2f}x" for k, v in t.items() if k != "loop"))
+        lp = best[layout, "loop"]
+        print(f"{layout}: loop time / method time (min, median): " + ", ".join(
+            f"{name} {lp[0] / v[0]:.2f}x {lp[1] / v[1]:.2f}x" for (lay, name), v in best.items()
+            if lay == layout and name != "loop"))
+    print(f"# load average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -86,17 +86,16 @@ def test_vmapped_equals_loop():
     alone = pr.train_probes(x[5][keep], y[5][keep], m[5][keep], 3, seed=int(seeds[5]), **kw)
     np.testing.assert_allclose(probes.w[5], alone.w, atol=1e-5, rtol=0)
     np.testing.assert_allclose(probes.b[5], alone.b, atol=1e-5, rtol=0)
-    # chunk=1 (a scan over probes: the CPU default) and chunk=3 (lax.map of 3-probe vmaps),
-    # both inside one compiled call, give the same probes
-    for chunk in (1, 3):
-        other = pr.train_probes(x, y, m, 3, seed=seeds, chunk=chunk, **kw)
-        np.testing.assert_allclose(other.w, probes.w, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(other.b, probes.b, atol=1e-5, rtol=0)
+    # chunk=1 (a scan over probes inside the same compiled call: the CPU default) agrees too;
+    # chunk=K > 1 (lax.map of K-probe vmaps) is checked by benchmarks/bench_probes.py
+    other = pr.train_probes(x, y, m, 3, seed=seeds, chunk=1, **kw)
+    np.testing.assert_allclose(other.w, probes.w, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(other.b, probes.b, atol=1e-5, rtol=0)
 
 
 def test_shared_activations_broadcast():
     """x [L, 1, N, D] x token-group masks [G, N] x labels [N] -> L x G probes, x never copied;
-    equal to the explicitly broadcast [L, G, N, D] sweep and to training each probe alone."""
+    equal to training each probe alone, with the layer axis scanned (CPU default) or vmapped."""
     rng = np.random.default_rng(3)
     L, G, N, D = 3, 2, 200, 16
     x = rng.standard_normal((L, 1, N, D)).astype(np.float32)
@@ -107,11 +106,8 @@ def test_shared_activations_broadcast():
     kw = dict(epochs=40, lr=1e-2)
     shared = pr.train_probes(x, y, train, 3, **kw)
     assert shared.shape == (L, G) and shared.w.shape == (L, G, D, 3)
-    full = pr.train_probes(np.broadcast_to(x, (L, G, N, D)), np.broadcast_to(y, (L, G, N)),
-                           np.broadcast_to(train, (L, G, N)), 3, **kw)
-    np.testing.assert_allclose(shared.w, full.w, atol=1e-5, rtol=0)
     vmapped = pr.train_probes(x, y, train, 3, chunk=None, **kw)  # vmapped over layers as well
-    np.testing.assert_allclose(vmapped.w, full.w, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(vmapped.w, shared.w, atol=1e-5, rtol=0)
     for l in range(L):
         for g in range(G):
             one = pr.train_probes(x[l, 0], y, train[g], 3, **kw)
