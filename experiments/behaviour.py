@@ -1,6 +1,7 @@
 """Paper Table 1: top-1 next-token accuracy per dataset and direction.
 
     python -m experiments.behaviour --checkpoint checkpoints/organism --dataset squares,shapes,objects
+    python -m experiments.behaviour --checkpoint ckpt --dataset whatsup --whatsup_dir data/controlled_images
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def run() -> dict:
     for dataset in tqdm(FLAGS.dataset, desc=NAME):
         if results.done(dataset):
             continue
-        items = common.task_items(dataset, geometry, FLAGS.max_items, FLAGS.seed)
+        items = common.task_items(dataset, geometry, FLAGS.max_items, FLAGS.seed, model.processor.tokenizer)
         answers = common.predict(model, items, FLAGS.batch_size)
         correct = np.array([a == it.answer for a, it in zip(answers, items)])
         per_dir = {d: float(correct[[it.direction == d for it in items]].mean()) for d in DIRECTIONS

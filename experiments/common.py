@@ -22,10 +22,13 @@ from spatial_jax.data.geometry import Geometry, get_geometry
 from spatial_jax.data.items import Item
 from spatial_jax.data.prompts import SYSTEM_TEXT
 from spatial_jax.data.synthetic import make_task
+from spatial_jax.data.whatsup import whatsup_items
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "checkpoints/organism", "Converted checkpoint dir or HF model dir.")
-flags.DEFINE_list("dataset", ["squares"], "Synthetic datasets: squares, shapes, objects.")
+flags.DEFINE_list("dataset", ["squares"], "Datasets: squares, shapes, objects (synthetic); whatsup (needs "
+                  "--whatsup_dir; behaviour only).")
+flags.DEFINE_string("whatsup_dir", "", "What'sUp controlled_images folder (<obj>_{left,right}_of_<middle>.jpeg).")
 flags.DEFINE_string("output_dir", "outputs", "Results go to <output_dir>/<experiment>/.")
 flags.DEFINE_string("geometry", "", "Canvas geometry name; empty: the checkpoint's (see geometry_of).")
 flags.DEFINE_integer("max_items", 0, "Use at most this many items per dataset (0: all).")
@@ -56,9 +59,15 @@ def load_model() -> tuple[sj.Model, Geometry]:
     return model, geometry_of(model)
 
 
-def task_items(name: str, geometry: Geometry, max_items: int = 0, seed: int = 0) -> list[Item]:
-    """A synthetic dataset's items; a seeded subsample of `max_items` if that is > 0."""
-    items = make_task(name, geometry).items()
+def task_items(name: str, geometry: Geometry, max_items: int = 0, seed: int = 0, tokenizer=None) -> list[Item]:
+    """A dataset's items; a seeded subsample of `max_items` if that is > 0. What'sUp reads
+    --whatsup_dir and keeps the objects whose names are one token for `tokenizer`."""
+    if name == "whatsup":
+        if not FLAGS.whatsup_dir:
+            raise ValueError("--dataset whatsup needs --whatsup_dir (the What'sUp controlled_images folder)")
+        items = whatsup_items(FLAGS.whatsup_dir, geometry, tokenizer=tokenizer)
+    else:
+        items = make_task(name, geometry).items()
     if 0 < max_items < len(items):
         keep = np.sort(np.random.default_rng(seed).choice(len(items), max_items, replace=False))
         items = [items[i] for i in keep]

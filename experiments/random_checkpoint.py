@@ -27,10 +27,11 @@ def _mrope_section(head_dim: int) -> tuple[int, int, int]:
 
 
 def write_random_checkpoint(out_dir: str, *, geometry: str = "organism", seed: int = 0, hidden: int = 64,
-                            layers: int = 2) -> str:
-    """A tiny random model whose processor accepts exactly the `geometry` canvas."""
+                            layers: int = 2, extra_words: tuple[str, ...] = ()) -> str:
+    """A tiny random model whose processor accepts exactly the `geometry` canvas; its vocabulary
+    is the synthetic tasks' words plus `extra_words` (e.g. What'sUp object names)."""
     canvas = get_geometry(geometry).canvas_px
-    vocab = write_word_level_qwen2vl_processor(out_dir, synthetic_words(), min_pixels=canvas * canvas,
+    vocab = write_word_level_qwen2vl_processor(out_dir, synthetic_words(extra_words), min_pixels=canvas * canvas,
                                                max_pixels=canvas * canvas)
     ids = vocab.special_ids
     cfg = Qwen2VLConfig(vision_depth=2, vision_dim=32, vision_heads=4, vision_mlp_dim=64, patch_size=14,

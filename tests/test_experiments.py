@@ -130,3 +130,20 @@ def test_absolute_vs_relative_covers_every_shift(flag_values):
     flag_values("--max_items=8")
     summary = absolute_vs_relative.run()
     assert sorted(summary["squares"], key=int) == ["0", "1"]  # the organism geometry allows shifts 0..1
+
+
+def test_behaviour_on_whatsup_folder(tmp_path, flag_values):
+    """What'sUp from a controlled_images-style folder: items whose names are single tokens."""
+    from PIL import Image
+    folder = tmp_path / "whatsup"
+    folder.mkdir()
+    for i, obj in enumerate(("mug", "book", "cap")):
+        for side in ("left", "right"):
+            Image.new("RGB", (120, 90), (40 * i, 100, 200)).save(folder / f"{obj}_{side}_of_chair.jpeg")
+    Image.new("RGB", (120, 90)).save(folder / "water-bottle_left_of_chair.jpeg")  # no right_of photo
+    ckpt = write_random_checkpoint(str(tmp_path / "ckpt"), extra_words=("mug", "book", "cap", "chair", "floor"))
+    flag_values(f"--checkpoint={ckpt}", "--dataset=whatsup", f"--whatsup_dir={folder}", "--max_items=0")
+    summary = behaviour.run()
+    # one middle (chair) x P(3, 2) ordered (left, right) side pairs x 2 directions = 12 items
+    assert summary["whatsup"]["n"] == 12
+    assert set(summary["whatsup"]["per_direction"]) == {"left", "right"}
