@@ -6,7 +6,8 @@ Model: the random mid-size Qwen2-VL of benchmarks/_qwen2_vl_mid.py (346.6M param
 init), saved with save_pretrained (or an existing save of that config, --hf_dir). Input: one
 448x448 image (32x32 patches = 1024 vision tokens, merged to 256 LM tokens) in a short chat
 prompt, 290 LM tokens in all. Timings are wall-clock medians (and minima) of --runs calls after
-one warm-up call; our compile time is the first call minus the median. Also printed: the matmul
+one warm-up call; our compile time is the first call minus the median. transformers runs
+with 2 and with 1 torch threads (--torch_threads). Also printed: the matmul
 FLOPs of one forward and the rate each implementation reaches, next to this machine's fp32
 matmul rate (a 2048^3 matmul in jax and in torch), and the load average while it ran (the
 timings mean little on a busy machine).
@@ -86,7 +87,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--hf_dir", default=None, help="an existing save of the mid config (else one is made)")
+    ap.add_argument("--torch_threads", default="2,1",
+                    help="torch thread counts to time (on a busy machine 1 thread can beat 2: OpenMP barriers)")
     args = ap.parse_args()
+    args.torch_threads = [int(t) for t in args.torch_threads.split(",")]
 
     import jax
     import torch
@@ -117,12 +121,16 @@ def main():
               pixel_values=torch.tensor(pv), image_grid_thw=torch.tensor(grid),
               mm_token_type_ids=torch.tensor((ids == mid.IMG).astype(np.int64)), use_cache=False)
     results = {}
+    default_threads = torch.get_num_threads()
     for impl in ("eager", "sdpa"):
         hf = Qwen2VLForConditionalGeneration.from_pretrained(args.hf_dir, attn_implementation=impl).eval()
         with torch.no_grad():
-            _, times = timed(lambda: hf(**kw), args.runs)
             diff = float(np.abs(hf(**kw).logits.numpy() - ours_logits).max())
-        results[impl] = (times, diff)
+            for threads in args.torch_threads:
+                torch.set_num_threads(threads)
+                _, times = timed(lambda: hf(**kw), args.runs)
+                results[f"{impl}, {threads} thread{'s' * (threads > 1)}"] = (times, diff)
+        torch.set_num_threads(default_threads)
         n_params = sum(p.numel() for p in hf.parameters())
         del hf
     load1 = os.getloadavg()[0]
@@ -130,19 +138,19 @@ def main():
     flops = forward_flops(mid.hf_config(), T, GRID * GRID)
 
     print(f"\nQwen2-VL mid config, {n_params:,} params, float32; 448x448 image (1024 patches -> 256 tokens), "
-          f"T = {T} LM tokens; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"T = {T} LM tokens; {os.cpu_count()} CPUs, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
     print(f"matmul FLOPs per forward: {flops / 1e9:.1f} GFLOP; machine fp32 matmul (2048^3): "
           f"jax {jax_rate:.1f} GFLOP/s, torch {torch_rate:.1f} GFLOP/s; load average {load0:.2f} -> {load1:.2f}")
     print(f"sj.load (HF dir, converted in memory): {load_s:.1f} s; our first call "
           f"(trace + compile + run): {ours_first:.2f} s, so compile ~ {ours_first - statistics.median(ours):.2f} s\n")
-    print(f"{'implementation':28s} {'median s':>9s} {'min s':>7s} {'GFLOP/s':>8s} {'vs ours':>8s} {'max|dlogit| vs ours':>20s}")
+    print(f"{'implementation':32s} {'median s':>9s} {'min s':>7s} {'GFLOP/s':>8s} {'vs ours':>8s} {'max|dlogit| vs ours':>20s}")
     med_ours = statistics.median(ours)
-    print(f"{'ours: sj.forward (jit)':28s} {med_ours:9.3f} {min(ours):7.3f} {flops / med_ours / 1e9:8.1f} "
+    print(f"{'ours: sj.forward (jit)':32s} {med_ours:9.3f} {min(ours):7.3f} {flops / med_ours / 1e9:8.1f} "
           f"{1.0:8.2f} {'-':>20s}")
     for impl, (times, diff) in results.items():
         med = statistics.median(times)
-        print(f"{'transformers ' + impl:28s} {med:9.3f} {min(times):7.3f} {flops / med / 1e9:8.1f} "
+        print(f"{'transformers ' + impl:32s} {med:9.3f} {min(times):7.3f} {flops / med / 1e9:8.1f} "
               f"{med / med_ours:8.2f} {diff:20.2e}")
     if tmp is not None:
         tmp.cleanup()

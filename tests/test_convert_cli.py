@@ -145,6 +145,8 @@ def cli(qwen2_vl_ckpts, tmp_path_factory):
                                      seconds=time.time() - t0)
                 del running[name]
         time.sleep(0.05)
+    for name, r in results.items():  # visible with -s
+        print(f"spatial-jax-convert {name:15s} rc={r['rc']} {r['seconds']:.1f}s")
     results["_sources"] = sources
     return results
 
@@ -214,9 +216,3 @@ def test_console_script_is_installed():
     assert any(ep.name == "spatial-jax-convert" and ep.value == "spatial_jax.convert.cli:run" for ep in eps)
     assert os.access(CONSOLE_SCRIPT, os.X_OK)
 
-
-def test_cli_timings(cli):
-    """Not a check: prints how long each subprocess took (visible with -s)."""
-    for name, r in cli.items():
-        if not name.startswith("_"):
-            print(f"{name:15s} rc={r['rc']} {r['seconds']:.1f}s")

