@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
+from spatial_jax.tree_paths import flatten_paths  # noqa: E402
 import spatial_jax as sj  # noqa: E402
 from spatial_jax import parallel  # noqa: E402
 from spatial_jax.models.registry import FAMILIES  # noqa: E402
@@ -56,11 +57,11 @@ def test_sharded_gemma3_forward_and_sweep_equal_single_device(gemma3_ckpts):
     model = sj.load(hf_dir, mesh=mesh)
     pure = nnx.to_pure_dict(model.params)
     assert rules.unmatched(pure, "gemma3") == []
-    for path, x in rules.flatten(pure).items():
+    for path, x in flatten_paths(pure).items():
         want = NamedSharding(mesh, rules.spec_for(path, x.shape, rules.GEMMA3_RULES, mesh))
         assert x.sharding.is_equivalent_to(want, x.ndim), path
-    local = {p: x.addressable_shards[0].data.shape for p, x in rules.flatten(pure).items()}
-    assert local["layers/q/kernel"][-1] * 2 == rules.flatten(pure)["layers/q/kernel"].shape[-1]
+    local = {p: x.addressable_shards[0].data.shape for p, x in flatten_paths(pure).items()}
+    assert local["layers/q/kernel"][-1] * 2 == flatten_paths(pure)["layers/q/kernel"].shape[-1]
     assert local["embed"][0] * 2 == fg.VOCAB  # tied embedding: vocabulary over model
 
     clean, cf = _inputs(0), _inputs(1)

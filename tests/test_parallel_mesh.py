@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 from absl.testing import flagsaver  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from spatial_jax.tree_paths import flatten_paths  # noqa: E402
 from spatial_jax import parallel  # noqa: E402
 from spatial_jax.parallel import rules  # noqa: E402
 
@@ -127,9 +128,9 @@ def test_qwen2_vl_7b_rules_cover_every_param_and_split_heads_and_mlp():
         image_token_id=151655, vision_start_token_id=151652, vision_end_token_id=151653)
     params = nnx.to_pure_dict(nnx.state(abstract_model(FAMILIES["qwen2_vl"], cfg, jnp.bfloat16)))
     assert rules.unmatched(params, "qwen2_vl") == []
-    specs = rules.flatten(rules.param_specs(params, "qwen2_vl", _Mesh(2, 4)))
+    specs = flatten_paths(rules.param_specs(params, "qwen2_vl", _Mesh(2, 4)))
     depth = lambda p: 14 if p.startswith("layers/") else 16 if p.startswith("vision/blocks/") else 1  # noqa: E731
-    count = {p: int(np.prod(x.shape)) * depth(p) for p, x in rules.flatten(params).items()}
+    count = {p: int(np.prod(x.shape)) * depth(p) for p, x in flatten_paths(params).items()}
     total = sum(count.values())
     sharded = sum(n for p, n in count.items() if "model" in str(specs[p]))
     assert 8.2e9 < total < 8.4e9  # the 8.3B model

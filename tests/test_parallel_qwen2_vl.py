@@ -20,6 +20,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 import fixtures_qwen2_vl as fq  # noqa: E402
+from spatial_jax.tree_paths import flatten_paths  # noqa: E402
 import spatial_jax as sj  # noqa: E402
 from spatial_jax import parallel  # noqa: E402
 from spatial_jax.convert.checkpoint import write_converted  # noqa: E402
@@ -55,7 +56,7 @@ def _inputs(seed: int = 0):
 
 
 def _flat_params(model):
-    return rules.flatten(nnx.to_pure_dict(model.params))
+    return flatten_paths(nnx.to_pure_dict(model.params))
 
 
 # ----------------------------------------------------------------------------------------------

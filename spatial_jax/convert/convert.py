@@ -12,6 +12,7 @@ from flax import nnx
 from spatial_jax.convert import key_maps
 from spatial_jax.convert.safetensors_dir import CheckpointError, TensorReader, read_config, shard_of_tensor
 from spatial_jax.models.registry import Family, family_of
+from spatial_jax.tree_paths import flatten_paths, unflatten_paths
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -19,25 +20,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def abstract_model(family: Family, cfg, dtype) -> nnx.Module:
     """The model with ShapeDtypeStruct leaves: shapes and dtypes without allocating weights."""
     return nnx.eval_shape(lambda: family.model_cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-
-
-def flatten_paths(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        out.update(flatten_paths(v, path) if isinstance(v, dict) else {path: v})
-    return out
-
-
-def unflatten_paths(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
 
 
 def _transform(x: np.ndarray, how: str | None) -> np.ndarray:

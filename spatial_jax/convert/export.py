@@ -12,7 +12,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from spatial_jax.convert import key_maps
-from spatial_jax.convert.convert import flatten_paths
+from spatial_jax.tree_paths import flatten_paths
 
 
 def _inverse(x: np.ndarray, how: str | None, cfg) -> np.ndarray:

@@ -101,9 +101,9 @@ def init_params(target: Mapping, shardings: Mapping, seed: int = 0, std: float =
     """Random parameters created directly in their shardings (nothing full-size on any device):
     normal(0, std) for matrices, ones for norm scales, zeros for biases. For benchmarks of
     real-size configs without a checkpoint. target: pure dict of ShapeDtypeStructs."""
-    from spatial_jax.parallel.rules import flatten, _unflatten
+    from spatial_jax.tree_paths import flatten_paths, unflatten_paths
 
-    flat_t, flat_s = flatten(target), flatten(shardings)
+    flat_t, flat_s = flatten_paths(target), flatten_paths(shardings)
     out = {}
     key = jax.random.key(seed)
     for i, (path, sds) in enumerate(sorted(flat_t.items())):
@@ -116,4 +116,4 @@ def init_params(target: Mapping, shardings: Mapping, seed: int = 0, std: float =
         else:
             fn = lambda k: (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)  # noqa: E731
         out[path] = jax.jit(fn, out_shardings=sharding)(jax.random.fold_in(key, i))
-    return _unflatten(out)
+    return unflatten_paths(out)

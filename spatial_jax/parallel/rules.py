@@ -29,6 +29,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from spatial_jax.parallel.mesh import DATA, MODEL, axis_size
+from spatial_jax.tree_paths import flatten_paths, unflatten_paths
 
 Rule = tuple[str, P]
 
@@ -117,26 +118,6 @@ def rules_for(family: str) -> tuple[Rule, ...]:
     return RULES.get(family, GENERIC_RULES)
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {'a/b/c': leaf} (the pure-dict layout of an nnx state)."""
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        out.update(flatten(v, path) if isinstance(v, Mapping) else {path: v})
-    return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
 def match(path: str, rules: Sequence[Rule]) -> tuple[int, P]:
     """(index of the first rule matching `path`, its spec). Every table ends with CATCH_ALL."""
     for i, (pattern, spec) in enumerate(rules):
@@ -177,8 +158,8 @@ def param_specs(params: Mapping, family: str, mesh: Mesh,
                 rules: Optional[Sequence[Rule]] = None) -> dict:
     """A pytree of PartitionSpecs shaped like `params` (a pure dict of arrays or ShapeDtypeStructs)."""
     rules = rules_for(family) if rules is None else rules
-    flat = flatten(params)
-    return _unflatten({p: spec_for(p, tuple(x.shape), rules, mesh) for p, x in flat.items()})
+    flat = flatten_paths(params)
+    return unflatten_paths({p: spec_for(p, tuple(x.shape), rules, mesh) for p, x in flat.items()})
 
 
 def param_shardings(params: Mapping, family: str, mesh: Mesh,
@@ -191,14 +172,14 @@ def param_shardings(params: Mapping, family: str, mesh: Mesh,
 def unmatched(params: Mapping, family: str, rules: Optional[Sequence[Rule]] = None) -> list[str]:
     """Parameter paths that only the catch-all rule matches (a new layer nobody wrote a rule for)."""
     rules = rules_for(family) if rules is None else rules
-    return [p for p in flatten(params) if rules[match(p, rules)[0]][0] == CATCH_ALL]
+    return [p for p in flatten_paths(params) if rules[match(p, rules)[0]][0] == CATCH_ALL]
 
 
 def table(params: Mapping, family: str, mesh: Mesh) -> str:
     """A readable 'path shape -> spec (per-device shape)' listing, for logs and reports."""
     rules = rules_for(family)
     lines = []
-    for p, x in flatten(params).items():
+    for p, x in flatten_paths(params).items():
         spec = spec_for(p, x.shape, rules, mesh)
         local = NamedSharding(mesh, spec).shard_shape(tuple(x.shape))
         lines.append(f"{p:40s} {str(tuple(x.shape)):24s} {str(spec):28s} {tuple(local)}")
@@ -207,4 +188,4 @@ def table(params: Mapping, family: str, mesh: Mesh) -> str:
 
 __all__ = ["DATA", "MODEL", "COLUMN", "COLUMN_BIAS", "ROW", "REPLICATED", "CATCH_ALL", "GENERIC_RULES",
            "QWEN2_VL_RULES", "GEMMA3_RULES", "RULES", "rules_for", "match", "spec_for", "param_specs", "param_shardings",
-           "unmatched", "table", "flatten"]
+           "unmatched", "table"]
