@@ -34,7 +34,7 @@ def build_hf(out_dir: str, small: bool):
     else:
         vis = dict(depth=12, embed_dim=768, num_heads=12, mlp_ratio=4, hidden_size=1024)
         txt = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=16,
-                   num_key_value_heads=4, rope_parameters=dict(rope_type="default", mrope_section=[16, 24, 24],
+                   num_key_value_heads=4, rope_parameters=dict(rope_type="default", mrope_section=[8, 12, 12],
                                                                rope_theta=1e6))
     cfg = Qwen2VLConfig(vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vis),
                         text_config=dict(vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=4096, **txt),

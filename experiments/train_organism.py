@@ -49,8 +49,8 @@ flags.DEFINE_integer("eval_every", 100, "Steps between held-out (val) evaluation
 flags.DEFINE_float("stop_at", 0.98, "Early stop when every task's val accuracy is >= this ...")
 flags.DEFINE_integer("stop_evals", 2, "... at this many consecutive evaluations.")
 flags.DEFINE_list("tasks", ["squares", "shapes", "objects"], "Synthetic tasks trained on.")
-flags.DEFINE_list("n_val", ["20", "20", "48"], "Val (early-stopping) triples per task.")
-flags.DEFINE_list("n_test", ["20", "20", "48"], "Test (reported) triples per task.")
+flags.DEFINE_list("n_val", ["20", "20", "32"], "Val (early-stopping) triples per task (even: mirror pairs).")
+flags.DEFINE_list("n_test", ["20", "20", "32"], "Test (reported) triples per task (even: mirror pairs).")
 flags.DEFINE_integer("split_seed", 0, "Seed of the train/val/test triple split.")
 flags.DEFINE_integer("n_extra_colours", 8, "Extra training colours for Squares and Shapes (0..8).")
 flags.DEFINE_float("p_standard", 0.5, "P(a training triple comes from the test entity set).")
@@ -70,6 +70,10 @@ OUR_FLAGS = sorted(set(FLAGS) - _BEFORE)
 
 def _ints(values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
+
+
+def _short(accs: dict) -> str:
+    return " ".join(f"{k[:2]} {v:.3f}" for k, v in accs.items())
 
 
 def main(argv):
@@ -101,13 +105,15 @@ def main(argv):
         trainer = otrain.Trainer(model_cfg, encoder, data_cfg, cfg)
         logging.info("seed %d: %d parameters", seed, trainer.param_count())
         result = otrain.train(trainer, progress=lambda total: tqdm(total=total, desc=f"seed {seed}", mininterval=2),
-                              log=lambda p: logging.info("step %d %.0fs loss %.4f train %.3f val %s", p["step"],
-                                                         p["seconds"], p["loss"], p["train_acc"], p["val"]))
+                              log=lambda p: logging.info("step %d %.0fs (cpu %.0fs) loss %.4f train %s val %s", p["step"],
+                                                         p["seconds"], p["cpu_seconds"], p["loss"],
+                                                         _short(p["train"]), _short(p["val"])))
         best = nnx.state(nnx.merge(trainer.graphdef, trainer.params))
         nnx.replace_by_pure_dict(best, result.params)
         test = {name: trainer.accuracy(arrays, params=best) for name, arrays in otrain.eval_sets(encoder, "test").items()}
         run = {"seed": seed, "steps": result.steps, "best_step": result.best_step,
-               "train_seconds": round(result.train_seconds, 1), "stopped": result.stopped,
+               "train_seconds": round(result.train_seconds, 1),
+               "cpu_seconds": round(result.cpu_seconds, 1), "stopped": result.stopped,
                "best_val": result.best_val, "test": test, "curve": result.curve}
         runs.append(run)
         logging.info("seed %d: stopped (%s) after %d steps, %.0f s; best step %d val %s test %s", seed,
@@ -142,6 +148,7 @@ def main(argv):
         with open(os.path.join(FLAGS.output_dir, checkpoint.META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
     print(json.dumps({"seed": run["seed"], "steps": run["steps"], "train_seconds": run["train_seconds"],
+                      "cpu_seconds": run["cpu_seconds"],
                       "best_val": run["best_val"], "test": run["test"], "checks": meta.get("checks")}, indent=1))
 
 

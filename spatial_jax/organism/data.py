@@ -12,8 +12,8 @@ distinct (task, reference, direction, system text); batches are left-padded to o
 processor pads.
 
 Held-out data: per task, the triples of the *test* entity set (the paper's 6 colours / 6 shapes /
-8 objects) are split with `data.split_triples` into train / val / test. Training never sees a val or
-test triple in any layout; val triples drive early stopping, test triples are what the organism's
+8 objects) are split into train / val / test, a triple always with its mirror image (`split_mirrored`).
+Training never sees a val or test triple, nor its mirror image, in any layout; val triples drive early stopping, test triples are what the organism's
 accuracy is reported on. Training adds variety the test set does not have: random whole-token layout
 shifts (`jitter`), extra colours for Squares and Shapes (every shape in every colour), and both the
 paper's system text and the chat template's default one.
@@ -44,8 +44,8 @@ class DataConfig:
     """How training data is drawn (see the module docstring)."""
 
     tasks: tuple[str, ...] = ("squares", "shapes", "objects")
-    n_val: tuple[int, ...] = (20, 20, 48)        # held-out triples per task for early stopping
-    n_test: tuple[int, ...] = (20, 20, 48)       # held-out triples per task for the reported accuracy
+    n_val: tuple[int, ...] = (20, 20, 32)        # held-out triples per task for early stopping
+    n_test: tuple[int, ...] = (20, 20, 32)       # held-out triples per task for the reported accuracy
     split_seed: int = 0
     n_extra_colours: int = 8                      # EXTRA_COLOURS used in training (Squares, Shapes)
     p_standard: float = 0.5                       # P(a training triple is from the test entity set)
@@ -62,10 +62,26 @@ class Split:
     test: list[Triple]
 
 
+def split_mirrored(triples: Sequence[Triple], n_held_out: int, seed: int = 0) -> tuple[list[Triple], list[Triple]]:
+    """(kept, held_out) like `data.split_triples`, but a triple and its mirror image (c, b, a) always
+    fall on the same side: `split_triples` over the mirror pairs, n_held_out // 2 pairs held out.
+
+    With single triples held out, the mirror of most held-out triples is trained on, and a model that
+    memorises "with reference b among {a, c} the left one is c" answers those held-out items wrongly;
+    here every trained (reference, pair of others) is seen in both orders, so no such shortcut exists.
+    """
+    if n_held_out % 2:
+        raise ValueError(f"n_held_out must be even (mirror pairs), got {n_held_out}")
+    pairs = list(dict.fromkeys(min(t, t[::-1]) for t in map(tuple, triples)))
+    _, held_pairs = split_triples(pairs, n_held_out // 2, seed)
+    held = {t for p in held_pairs for t in (p, p[::-1])}
+    return [t for t in triples if tuple(t) not in held], [t for t in triples if tuple(t) in held]
+
+
 def split_task(triples: Sequence[Triple], n_val: int, n_test: int, seed: int) -> Split:
-    """train / val / test triples: `split_triples` draws the held-out ones, then the test ones among them."""
-    train, held = split_triples(triples, n_val + n_test, seed)
-    val, test = split_triples(held, n_test, seed + 1)
+    """train / val / test triples: `split_mirrored` draws the held-out ones, then the test ones among them."""
+    train, held = split_mirrored(triples, n_val + n_test, seed)
+    val, test = split_mirrored(held, n_test, seed + 1)
     return Split(train, val, test)
 
 
@@ -249,7 +265,9 @@ class Sampler:
         q = self.cfg.rows_per_image
         if self.batch_size % q:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of rows_per_image {q}")
-        batch = self.encoder.encode(self.examples(self.batch_size // q), rows_per_image=q)
+        examples = self.examples(self.batch_size // q)
+        self.last_tasks = [e[0] for e in examples]
+        batch = self.encoder.encode(examples, rows_per_image=q)
         if self.shuffle_tokens:
             n = self.encoder.geometry.n_visual_tokens
             batch["token_perm"] = np.stack([self.rng.permutation(n) for _ in range(self.batch_size)]).astype(np.int32)

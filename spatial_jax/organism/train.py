@@ -16,6 +16,7 @@ function the model computes at inference:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Optional
 
@@ -123,61 +124,96 @@ def organism_logits(module: Qwen2VL, input_ids, attention_mask, cells, cell_tabl
     return module.unembed(module.final(last_position_layer(last, x, ctx), Taps()))
 
 
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+    """What the optimizer is made of (hashable: a static argument of the jitted step, so that runs
+    with other seeds reuse the compiled step)."""
+
+    lr: float
+    warmup: int
+    weight_decay: float
+    b1: float
+    b2: float
+    clip: float
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "OptConfig":
+        return cls(cfg.lr, cfg.warmup, cfg.weight_decay, cfg.b1, cfg.b2, cfg.clip)
+
+    def make(self, params) -> optax.GradientTransformation:
+        """Clip, then AdamW after a linear warm-up; weight decay on matrices only."""
+        warmup = max(self.warmup, 1)
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, self.lr, warmup), optax.constant_schedule(self.lr)], [warmup])
+        decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+        return optax.chain(
+            optax.clip_by_global_norm(self.clip),
+            optax.adamw(schedule, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay, mask=decay_mask))
+
+
+def _grid(grid_thw, n: int) -> tuple:
+    return (tuple(int(v) for v in grid_thw),) * n
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grid_thw"))
+def _logits(params, cell_table, batch: dict, *, graphdef, grid_thw) -> jax.Array:
+    module = nnx.merge(graphdef, params)
+    return organism_logits(module, batch["input_ids"], batch["attention_mask"], batch["cells"], cell_table,
+                           _grid(grid_thw, batch["cells"].shape[0]), batch.get("image_of_row"),
+                           batch.get("token_perm"))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grid_thw", "opt"), donate_argnums=(0, 1))
+def _train_step(params, opt_state, cell_table, batch: dict, *, graphdef, grid_thw, opt: OptConfig):
+    def loss_fn(p):
+        logits = _logits(p, cell_table, batch, graphdef=graphdef, grid_thw=grid_thw)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+        return loss, logits.argmax(-1) == batch["labels"]
+
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = opt.make(params).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, acc
+
+
 class Trainer:
-    """Holds the model, optimizer and jitted functions of one training run."""
+    """Holds the parameters, optimizer state and data stream of one training run."""
 
     def __init__(self, model_cfg: Qwen2VLConfig, encoder: odata.Encoder, data_cfg: odata.DataConfig,
                  cfg: TrainConfig):
         self.model_cfg, self.encoder, self.data_cfg, self.cfg = model_cfg, encoder, data_cfg, cfg
         module = Qwen2VL(model_cfg, rngs=nnx.Rngs(cfg.seed))
         self.graphdef, self.params = nnx.split(module)
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup, 1)), optax.constant_schedule(cfg.lr)],
-            [max(cfg.warmup, 1)])
-        decay_mask = jax.tree.map(lambda p: p.ndim >= 2, self.params)
-        self.optimizer = optax.chain(
-            optax.clip_by_global_norm(cfg.clip),
-            optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
-        self.opt_state = self.optimizer.init(self.params)
+        self.opt = OptConfig.of(cfg)
+        self.opt_state = self.opt.make(self.params).init(self.params)
         self.cell_table = jnp.asarray(encoder.cell_table)
         self.sampler = odata.Sampler(encoder, data_cfg, cfg.batch_size, cfg.seed, cfg.shuffle_tokens)
         self.step_count = 0
-        self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
-        self._predict = jax.jit(self._logits)
+        self._static = {"graphdef": self.graphdef, "grid_thw": tuple(int(v) for v in encoder.grid_thw)}
 
-    def _grid(self, n: int) -> tuple:
-        return (tuple(int(v) for v in self.encoder.grid_thw),) * n
+    def _predict(self, params, cell_table, batch: dict) -> jax.Array:
+        return _logits(params, cell_table, batch, **self._static)
 
-    def _logits(self, params, cell_table, batch: dict) -> jax.Array:
-        module = nnx.merge(self.graphdef, params)
-        return organism_logits(module, batch["input_ids"], batch["attention_mask"], batch["cells"], cell_table,
-                               self._grid(batch["cells"].shape[0]), batch.get("image_of_row"),
-                               batch.get("token_perm"))
-
-    def _step(self, params, opt_state, cell_table, batch: dict):
-        def loss_fn(p):
-            logits = self._logits(p, cell_table, batch)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-            return loss, (logits.argmax(-1) == batch["labels"]).mean()
-
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acc
+    def _train_step(self, params, opt_state, cell_table, batch: dict):
+        return _train_step(params, opt_state, cell_table, batch, opt=self.opt, **self._static)
 
     def step(self) -> tuple[jax.Array, jax.Array]:
-        """One optimizer step on the next sampled batch; returns (loss, batch accuracy) as arrays."""
+        """One optimizer step on the next sampled batch; returns (loss, [B] bool correct) as arrays
+        (the rows' tasks are in `self.sampler.last_tasks`)."""
         batch = self.sampler.next()
         self.params, self.opt_state, loss, acc = self._train_step(self.params, self.opt_state, self.cell_table, batch)
         self.step_count += 1
         return loss, acc
 
     def predict(self, arrays: dict, chunk: int = 64, params=None) -> np.ndarray:
-        """Arg-max next token [N] for encoded examples (padded to whole chunks: one compile)."""
+        """Arg-max next token [N] for encoded examples, in chunks of `chunk` rows (each row with its
+        own copy of its image; the last chunk padded with copies of its last row: one compile)."""
         params = self.params if params is None else params
         n = len(arrays["labels"])
+        per_row = {k: v for k, v in arrays.items() if k not in ("cells", "image_of_row")}
+        per_row["cells"] = arrays["cells"][arrays["image_of_row"]] if "image_of_row" in arrays else arrays["cells"]
         out = []
         for i in range(0, n, chunk):
-            part = {k: v[i:i + chunk] for k, v in arrays.items()}
+            part = {k: v[i:i + chunk] for k, v in per_row.items()}
             short = chunk - len(part["labels"])
             if short:
                 part = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in part.items()}
@@ -203,7 +239,8 @@ class RunResult:
     best_step: int
     best_val: dict[str, float]
     steps: int
-    train_seconds: float
+    train_seconds: float             # wall time of the training loop, evaluations included
+    cpu_seconds: float               # CPU time of this process over the loop (all threads)
     stopped: str                     # "target", "time" or "steps"
     curve: list[dict]
 
@@ -218,23 +255,27 @@ def train(trainer: Trainer, progress: Optional[Callable] = None, log: Optional[C
     val = eval_sets(trainer.encoder, "val")
     bar = progress(total=cfg.max_steps) if progress else None
     curve, best, best_key, best_step, streak = [], None, (-1.0, -1.0), 0, 0
-    losses, accs = [], []
+    losses, accs, tasks = [], [], []
     stopped = "steps"
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while trainer.step_count < cfg.max_steps:
         loss, acc = trainer.step()
         losses.append(loss)
         accs.append(acc)
+        tasks += trainer.sampler.last_tasks
         if bar:
             bar.update(1)
         if trainer.step_count % cfg.eval_every and trainer.step_count < cfg.max_steps:
             continue
         vals = {name: trainer.accuracy(arrays) for name, arrays in val.items()}
         elapsed = time.perf_counter() - start
+        correct, tasks = np.concatenate(jax.device_get(accs)), np.asarray(tasks)
         point = {"step": trainer.step_count, "seconds": round(elapsed, 1),
-                 "loss": float(np.mean(jax.device_get(losses))), "train_acc": float(np.mean(jax.device_get(accs))),
+                 "cpu_seconds": round(time.process_time() - cpu_start, 1),
+                 "loss": float(np.mean(jax.device_get(losses))), "train_acc": float(correct.mean()),
+                 "train": {name: float(correct[tasks == name].mean()) for name in val if (tasks == name).any()},
                  "val": vals}
-        losses, accs = [], []
+        losses, accs, tasks = [], [], []
         curve.append(point)
         if log:
             log(point)
@@ -255,4 +296,5 @@ def train(trainer: Trainer, progress: Optional[Callable] = None, log: Optional[C
         bar.close()
     return RunResult(params=best, best_step=best_step, best_val=dict(zip(val, [None] * len(val))) if best is None
                      else next(p["val"] for p in curve if p["step"] == best_step),
-                     steps=trainer.step_count, train_seconds=time.perf_counter() - start, stopped=stopped, curve=curve)
+                     steps=trainer.step_count, train_seconds=time.perf_counter() - start,
+                     cpu_seconds=time.process_time() - cpu_start, stopped=stopped, curve=curve)
