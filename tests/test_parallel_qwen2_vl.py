@@ -3,8 +3,6 @@ restore into a mesh never builds a full weight on one device, and sharded forwar
 equal the single-device results (1e-5)."""
 from __future__ import annotations
 
-import collections
-import gc
 import os
 import sys
 
@@ -20,6 +18,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 import fixtures_qwen2_vl as fq  # noqa: E402
+import sharded_restore  # noqa: E402
 from spatial_jax.tree_paths import flatten_paths  # noqa: E402
 import spatial_jax as sj  # noqa: E402
 from spatial_jax import parallel  # noqa: E402
@@ -98,56 +97,7 @@ def test_restore_reads_shard_by_shard(converted, monkeypatch):
     """Orbax puts only shard-sized host buffers on devices, nothing is gathered to the host,
     and no new live array holds a full copy of a model-sharded weight."""
     mesh = parallel.make_mesh("data:2,model:4")
-    puts, gathers = [], []
-    real_put = jax.device_put
-
-    def spy_put(x, *args, **kwargs):
-        puts.append(tuple(np.shape(x)))
-        return real_put(x, *args, **kwargs)
-
-    from jax._src import array as jax_array
-    real_value = jax_array.ArrayImpl._value
-
-    def spy_value(self):
-        if not self.is_fully_replicated:
-            gathers.append(self.shape)
-        return real_value.fget(self)
-
-    def no_gather(*args, **kwargs):
-        raise AssertionError("a full-array host gather during restore")
-
-    from jax.experimental import multihost_utils
-    monkeypatch.setattr(jax, "device_put", spy_put)
-    monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(spy_value))
-    monkeypatch.setattr(jax, "device_get", no_gather)
-    monkeypatch.setattr(multihost_utils, "process_allgather", no_gather)
-    gc.collect()
-    before = {id(a) for a in jax.live_arrays()}
-    model = sj.load(converted, mesh=mesh)
-    monkeypatch.undo()
-    gc.collect()
-
-    flat = _flat_params(model)
-    expected = collections.Counter()
-    sharded_full_shapes = set()
-    for x in flat.values():
-        shard_shape = x.sharding.shard_shape(x.shape)
-        expected[tuple(shard_shape)] += len(x.sharding.device_set)  # one put per device
-        if tuple(shard_shape) != tuple(x.shape):
-            sharded_full_shapes.add(tuple(x.shape))
-    replicated_shapes = {tuple(x.shape) for x in flat.values() if x.sharding.is_fully_replicated}
-    only_sharded = sharded_full_shapes - replicated_shapes  # full shapes no replicated param has
-    assert only_sharded  # so the check below means something
-    # Exactly one shard-sized put per (param, device), and never a full-size sharded weight.
-    assert collections.Counter(puts) == expected
-    assert not only_sharded & set(puts)
-    assert gathers == []
-    # The only arrays the restore left alive are the params themselves, each made of shards.
-    new = [a for a in jax.live_arrays() if id(a) not in before]
-    assert {id(a) for a in new} == {id(x) for x in flat.values()}
-    for a in new:
-        for shard in a.addressable_shards:
-            assert shard.data.shape == a.sharding.shard_shape(a.shape)
+    sharded_restore.load_shard_by_shard(converted, mesh, monkeypatch)
 
 
 def test_dtype_cast_and_hf_dir_keep_the_rule_shardings(converted, tiny_qwen2_vl_dir):
