@@ -57,6 +57,8 @@ flags.DEFINE_float("p_standard", 0.5, "P(a training triple comes from the test e
 flags.DEFINE_integer("jitter", 3, "Largest random layout shift in tokens (0: the paper's fixed layout).")
 flags.DEFINE_float("p_paper_system", 0.5, "P(training prompt has the paper's system text; else the default).")
 flags.DEFINE_integer("rows_per_image", 2, "Questions per training image (2: both directions of its axis).")
+flags.DEFINE_list("warm_tasks", [], "Curriculum: the first --warm_steps steps train on these tasks only.")
+flags.DEFINE_integer("warm_steps", 0, "Steps of the curriculum's first stage.")
 flags.DEFINE_bool("shuffle_tokens", False, "Second organism: visual tokens enter the LM in a random order.")
 flags.DEFINE_integer("vision_depth", 2, "Vision blocks.")
 flags.DEFINE_integer("vision_dim", 64, "Vision width.")
@@ -90,7 +92,8 @@ def main(argv):
     data_cfg = odata.DataConfig(
         tasks=tuple(FLAGS.tasks), n_val=_ints(FLAGS.n_val), n_test=_ints(FLAGS.n_test), split_seed=FLAGS.split_seed,
         n_extra_colours=FLAGS.n_extra_colours, p_standard=FLAGS.p_standard, jitter=FLAGS.jitter,
-        p_paper_system=FLAGS.p_paper_system, rows_per_image=FLAGS.rows_per_image)
+        p_paper_system=FLAGS.p_paper_system, rows_per_image=FLAGS.rows_per_image,
+        warm_tasks=tuple(FLAGS.warm_tasks), warm_steps=FLAGS.warm_steps)
     encoder = odata.build(prep, data_cfg, spec.GEOMETRY)
     logging.info("data ready in %.1f s: %d cell-table rows, prompts padded to %d tokens",
                  time.perf_counter() - t0, len(encoder.cell_table), encoder.seq_len)

@@ -85,3 +85,18 @@ def test_eval_items_are_the_papers(encoder):
     examples = odata.eval_examples(task, task.split.test)
     assert len(examples) == 4 * len(task.split.test)
     assert {e[2] for e in examples} == set(DIRECTIONS) and {e[3] for e in examples} == {(0, 0)}
+
+
+def test_curriculum_draws_warm_tasks_first(encoder):
+    """With warm_tasks/warm_steps, the first warm_steps batches hold only the warm tasks, later
+    batches every task; an unknown warm task is refused."""
+    cfg = odata.DataConfig(warm_tasks=("squares",), warm_steps=3)
+    sampler = odata.Sampler(encoder, cfg, batch_size=32, seed=0)
+    seen = []
+    for _ in range(5):
+        sampler.next()
+        seen.append(set(sampler.last_tasks))
+    assert seen[:3] == [{"squares"}] * 3
+    assert seen[3] | seen[4] == {"squares", "shapes", "objects"}
+    with pytest.raises(ValueError, match="warm_tasks"):
+        odata.Sampler(encoder, odata.DataConfig(warm_tasks=("coco",), warm_steps=3), batch_size=32, seed=0)

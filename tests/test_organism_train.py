@@ -54,13 +54,13 @@ def test_training_forward_equals_model_forward(setup, shuffle):
 
 
 def test_training_is_deterministic(setup):
-    """Two runs of 25 steps from one seed give bit-identical parameters."""
+    """Two runs of 200 steps from one seed give bit-identical parameters (and losses)."""
     cfg, encoder, data_cfg = setup
 
     def run(seed):
-        trainer = otrain.Trainer(cfg, encoder, data_cfg, otrain.TrainConfig(seed=seed, batch_size=16))
+        trainer = otrain.Trainer(cfg, encoder, data_cfg, otrain.TrainConfig(seed=seed, batch_size=8))
         init = jax.device_get(trainer.params)
-        losses = [float(trainer.step()[0]) for _ in range(25)]
+        losses = [float(trainer.step()[0]) for _ in range(200)]
         return init, jax.device_get(trainer.params), losses
 
     (init, a, la), (_, b, lb) = run(0), run(0)
