@@ -72,6 +72,16 @@ def _sources(root: str, base: str, tied: str) -> dict[str, str]:
         t["model.norm.weight"] = t["model.norm.weight"].astype(np.int32)
         return t
 
+    def missing_tensor(t):  # one layer of a stacked weight: every layer's tensor is looked for
+        del t["model.layers.1.mlp.up_proj.weight"]
+        return t
+
+    def extra_tensor(t):
+        t["model.layers.1.mlp.extra_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"].copy()
+        return t
+
+    s["missing_tensor"] = _rewrite(base, os.path.join(root, "missing_tensor"), missing_tensor)
+    s["extra_tensor"] = _rewrite(base, os.path.join(root, "extra_tensor"), extra_tensor)
     s["wrong_shape"] = _rewrite(base, os.path.join(root, "wrong_shape"), wrong_shape)
     s["int_dtype"] = _rewrite(base, os.path.join(root, "int_dtype"), int_dtype)
 
@@ -102,6 +112,8 @@ OK = ("fp32", "bf16", "tied", "sharded", "runtime_names", "bf16_source")
 BAD = {
     "missing_shard": r"missing shard",
     "truncated": r"model\.safetensors: truncated",
+    "missing_tensor": r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight",
+    "extra_tensor": r"not in the qwen2_vl key map.*model\.layers\.1\.mlp\.extra_proj\.weight",
     "wrong_shape": r"model\.layers\.1\.self_attn\.k_proj\.weight has shape",
     "int_dtype": r"model\.norm\.weight has dtype int32",
     "unknown_arch": r"unknown architecture.*FooBarForCausalLM",
