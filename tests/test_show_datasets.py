@@ -66,10 +66,12 @@ def test_each_dataset_has_a_picture_with_its_regions(pictures, dataset):
     rgb = pictures[dataset]
     height, width, _ = rgb.shape
     assert 500 <= width <= 2000 and 400 <= height <= 1000, (width, height)  # figures of 6.5-11 x 4.8-5 in
-    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 100  # a picture, not a blank canvas
+    packed = (rgb.astype(np.uint32) << [16, 8, 0]).sum(-1)  # one int per colour: a fast unique
+    assert len(np.unique(packed)) > 100  # a picture, not a blank canvas
     n_slots = 2 if dataset == "coco" else 3  # COCO's regions are its two boxes
-    for colour in SLOT_RGB[:n_slots]:  # every slot's object outline is drawn
-        assert (rgb == colour).all(-1).sum() > 100, (dataset, colour)
+    for colour in SLOT_RGB[:n_slots]:  # every slot's object outline is drawn (>= 780 px of it
+        # here; the legend's handle alone is ~75 px)
+        assert (rgb == colour).all(-1).sum() > 400, (dataset, colour)
 
 
 def test_datasets_give_different_pictures(pictures):
