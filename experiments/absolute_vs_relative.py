@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, logging
 from tqdm.auto import tqdm
 
-from experiments import common
+from experiments import common, plotting
+from experiments.plotting import plt
 from experiments.probe_vision import slot_labels, train_slot_probes, visual_residuals
 from spatial_jax import probes
 from spatial_jax.data.synthetic import make_task
@@ -88,11 +86,23 @@ def plot(out_dir: str, summary: dict) -> None:
         ax.set_title(dataset)
         ax.legend(fontsize=7)
     fig.suptitle("Shifted layouts: absolute vs relative ordering")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "shifts.png"), dpi=120)
-    plt.close(fig)
+    plotting.save(fig, os.path.join(out_dir, "shifts.png"))
     common.write_csv(os.path.join(out_dir, "shifts.csv"),
                      ["dataset", "shift", "accuracy", "probe_relative", "probe_absolute"], rows)
+
+
+def headline(summary: dict) -> str:
+    """Per dataset, the three measures averaged over the shifts that move the layout (shift != 0)."""
+    out = []
+    for dataset, by_shift in summary.items():
+        moved = [v for s, v in by_shift.items() if int(s) != 0]
+        if not moved:
+            out.append(f"{dataset}: the canvas leaves no room to shift")
+            continue
+        mean = {k: np.mean([v[k] for v in moved]) for k in ("accuracy", "probe_relative", "probe_absolute")}
+        out.append(f"{dataset} over {len(moved)} nonzero shifts: accuracy {mean['accuracy']:.2f}, slot probe "
+                   f"vs relative labels {mean['probe_relative']:.2f}, vs absolute {mean['probe_absolute']:.2f}")
+    return "; ".join(out)
 
 
 def main(argv):

@@ -7,6 +7,8 @@ token at the LM input gets h += alpha * sum_k (h.w_k / |w_k|^2) w_k for alpha in
 probe's class directions or, as the control, fresh random unit directions. Fix rates (fraction of
 failures answered correctly): None (no intervention), Random / Probe at the best single alpha,
 Random* / Probe* at each item's best alpha > 0. alpha = 0 is a replay check: it must fix nothing.
+The figure draws each column against alpha: Random / Probe at that alpha, Random* / Probe* over
+the alphas 1..alpha (so the curve ends at the table's value), None flat at 0.
 
     python -m experiments.amplification --checkpoint checkpoints/organism --dataset squares
 """
@@ -20,7 +22,8 @@ from absl import app, flags, logging
 from tqdm.auto import tqdm
 
 import spatial_jax as sj
-from experiments import common
+from experiments import common, plotting
+from experiments.plotting import plt
 from experiments.probe_vision import visual_residuals
 from spatial_jax import probes
 from spatial_jax.data.synthetic import make_task
@@ -30,6 +33,7 @@ NAME = "amplification"
 AXES = {"horizontal": ("left", "right"), "vertical": ("above", "below")}
 flags.DEFINE_integer("max_alpha", 15, "Amplification strengths 0..max_alpha.")
 COLUMNS = ("None", "Random", "Random*", "Probe", "Probe*")
+MIN_PROBE_ITEMS = 4  # fewer items than this leave no probe to train (an axis's part is then reported without one)
 
 
 def axis_probe(acts: np.ndarray, items, seed: int) -> np.ndarray:
@@ -59,11 +63,16 @@ def fixed_by_alpha(model, failures, directions: np.ndarray, alphas: np.ndarray) 
     return np.concatenate(out, axis=-1)
 
 
+def oracle_curve(fixed: np.ndarray) -> np.ndarray:
+    """fixed [n_alpha, n] -> [n_alpha]: fraction of failures fixed at some alpha in 1..a (0 at a = 0)."""
+    return np.concatenate([[0.0], np.logical_or.accumulate(fixed[1:], axis=0).mean(-1)])
+
+
 def fix_rates(fixed: np.ndarray) -> tuple[float, float, int]:
     """fixed [n_alpha, n] -> (rate at the best single alpha > 0, rate at any alpha > 0, best alpha)."""
     per_alpha = fixed[1:].mean(-1)
     best = int(np.argmax(per_alpha)) + 1
-    return float(per_alpha.max()), float(fixed[1:].any(0).mean()), best
+    return float(per_alpha.max()), float(oracle_curve(fixed)[-1]), best
 
 
 def run() -> dict:
@@ -83,7 +92,7 @@ def run() -> dict:
             golden = [it for it, c in zip(items, correct) if c or not FLAGS.golden]
             failures = [it for it, c in zip(items, correct) if not c]
             value = {"n": len(items), "golden": int(correct.sum()), "failures": len(failures)}
-            if len(golden) >= 4 and failures:
+            if len(golden) >= MIN_PROBE_ITEMS and failures:
                 w_probe = axis_probe(visual_residuals(model, golden), golden, FLAGS.seed)
                 rand = np.asarray(probes.random_directions(jax.random.key(FLAGS.seed), w_probe.shape[0], 2))
                 fixed = fixed_by_alpha(model, failures, np.stack([rand, w_probe]), alphas)
@@ -91,7 +100,7 @@ def run() -> dict:
                 for name, f in (("Random", fixed[0]), ("Probe", fixed[1])):
                     rate, oracle, best = fix_rates(f)
                     value |= {name: rate, name + "*": oracle, name + "_best_alpha": best,
-                              name + "_by_alpha": f.mean(-1).tolist()}
+                              name + "_by_alpha": f.mean(-1).tolist(), name + "*_by_alpha": oracle_curve(f).tolist()}
                 value["None"] = 0.0
             results.put(key, value)
             logging.info("%s: %d failures of %d; %s", key, len(failures), len(items),
@@ -101,7 +110,59 @@ def run() -> dict:
              v.get("Probe_best_alpha", ""), v.get("replay_fixed_at_alpha0", "")] for k, v in summary.items()]
     common.write_csv(os.path.join(results.dir, "fix_rates.csv"),
                      ["dataset", "axis", "items", "failures", *COLUMNS, "probe_best_alpha", "fixed_at_alpha0"], rows)
+    plot(results.dir, summary)
     return summary
+
+
+# (colour, line style, marker) per column: a direction set and its oracle share a colour, the
+# oracle is dotted; markers keep lines that coincide (e.g. all at 0) distinguishable
+STYLES = {"None": ("gray", "-", ""), "Random": ("tab:blue", "--", "s"), "Random*": ("tab:blue", ":", "v"),
+          "Probe": ("tab:red", "-", "o"), "Probe*": ("tab:red", ":", "^")}
+
+
+def plot(out_dir: str, summary: dict) -> None:
+    """Fix rate against alpha: a panel per (dataset, axis), a line per column of Table 2."""
+    datasets = list(dict.fromkeys(k.split("|")[0] for k in summary))
+    # each panel's legend (which holds the table's values) sits to its right, off the curves
+    fig, axes = plt.subplots(len(datasets), len(AXES), figsize=(6.6 * len(AXES), 3.0 * len(datasets)), squeeze=False)
+    for row, dataset in zip(axes, datasets):
+        for ax, axis in zip(row, AXES):
+            v = summary[f"{dataset}|{axis}"]
+            ax.set_title(f"{dataset}, {axis}: {v['failures']} failures of {v['n']}", fontsize=9)
+            if "Probe" not in v:
+                why = "no failures to fix" if not v["failures"] else f"fewer than {MIN_PROBE_ITEMS} items to train a probe on"
+                ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            alphas = np.arange(len(v["Probe_by_alpha"]))
+            for column, (colour, style, marker) in STYLES.items():
+                if column == "None":
+                    curve, label = np.zeros(len(alphas)), "None: 0.00"
+                elif column.endswith("*"):
+                    curve, label = v[column + "_by_alpha"], f"{column}: {v[column]:.2f} (any alpha)"
+                else:
+                    curve = v[column + "_by_alpha"]
+                    label = f"{column}: {v[column]:.2f} at alpha {v[column + '_best_alpha']}"
+                ax.plot(alphas, curve, color=colour, ls=style, marker=marker, ms=4, mfc="none", label=label)
+            ax.set_xticks(alphas)
+            ax.set_xlabel("alpha")
+            ax.set_ylabel("fix rate (fraction of failures)")
+            ax.set_ylim(-0.03, 1.03)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Amplifying the ordering directions at the LM input (paper Table 2)", fontsize=10)
+    plotting.save(fig, os.path.join(out_dir, "fix_rate_by_alpha.png"))
+
+
+def headline(summary: dict) -> str:
+    parts = []
+    for key, v in summary.items():
+        name = key.replace("|", " ")
+        if "Probe" not in v:
+            parts.append(f"{name}: {v['failures']} failures, no probe" if v["failures"] else f"{name}: no failures")
+            continue
+        parts.append(f"{name} ({v['failures']} failures): " + ", ".join(f"{c} {v[c]:.2f}" for c in COLUMNS)
+                     + f" (Probe at alpha {v['Probe_best_alpha']})")
+    return "fix rates " + "; ".join(parts)
 
 
 def main(argv):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import app, logging
 from tqdm.auto import tqdm
 
-from experiments import common
+from experiments import common, criss_cross
 from experiments.ablation import ablation_intervention
 from experiments.criss_cross import golden_criss_cross_pairs, plot, region_swaps, sweep_pairs
 from spatial_jax.data.prompts import DIRECTIONS
@@ -18,10 +18,11 @@ from spatial_jax.data.synthetic import make_task
 
 FLAGS = common.FLAGS
 NAME = "backup"
+REGION_SETS = criss_cross.REGION_SETS[:1]  # object swaps only
 
 
 def object_swaps(model, batch, items):
-    return region_swaps(model, batch, items)[:1]
+    return region_swaps(model, batch, items)[:len(REGION_SETS)]
 
 
 def run() -> dict:
@@ -44,8 +45,12 @@ def run() -> dict:
                          flip[:, 0].argmax())
     summary = dict(results.data["parts"])
     plot(results.dir, summary, "Object swaps under ablation: the backup mechanism (paper Fig. 9)",
-         region_sets=("object",))
+         region_sets=REGION_SETS)
     return summary
+
+
+def headline(summary: dict) -> str:
+    return "under the ablation: " + criss_cross.headline(summary, REGION_SETS)
 
 
 def main(argv):

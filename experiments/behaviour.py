@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, logging
 from tqdm.auto import tqdm
 
-from experiments import common
+from experiments import common, plotting
+from experiments.plotting import plt
 from spatial_jax.data.prompts import DIRECTIONS
 
 FLAGS = common.FLAGS
@@ -48,15 +46,17 @@ def _write(out_dir: str, summary: dict) -> None:
     x = np.arange(len(summary))
     for i, d in enumerate(DIRECTIONS):
         ax.bar(x + i * width, [s["per_direction"].get(d, 0.0) for s in summary.values()], width, label=d)
-    ax.axhline(1 / 3, color="gray", ls="--", lw=1, label="chance (1/3)")
+    plotting.chance_line(ax, "chance (1/3)")
     ax.set_xticks(x + 0.4 - width / 2, list(summary))
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("top-1 accuracy")
     ax.set_title("Behaviour (paper Table 1)")
     ax.legend(fontsize=7, ncol=5, loc="lower center")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "accuracy.png"), dpi=120)
-    plt.close(fig)
+    plotting.save(fig, os.path.join(out_dir, "accuracy.png"))
+
+
+def headline(summary: dict) -> str:
+    return "top-1 accuracy " + ", ".join(f"{d} {s['accuracy']:.2f} (n={s['n']})" for d, s in summary.items())
 
 
 def main(argv):

@@ -171,6 +171,18 @@ def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -
     os.replace(tmp, path)
 
 
+def pair_weighted_mean(parts: Sequence[dict], field: str) -> np.ndarray:
+    """Mean of parts' `field` arrays weighted by their "n_pairs"; parts without pairs (and so
+    without the field) are skipped. At least one part must have pairs."""
+    parts = [p for p in parts if p["n_pairs"]]
+    return sum(np.array(p[field]) * p["n_pairs"] for p in parts) / sum(p["n_pairs"] for p in parts)
+
+
+def slot_text(slot: int) -> str:
+    """A residual slot in words, for log lines and headlines: the LM input, or layer i's output."""
+    return "emb" if slot == 0 else f"layer {slot - 1}"
+
+
 def experiment_dir(name: str) -> str:
     return os.path.join(FLAGS.output_dir, name)
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, logging
 from tqdm.auto import tqdm
 
 import spatial_jax as sj
-from experiments import common
+from experiments import common, plotting
+from experiments.plotting import plt
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.data.prompts import DIRECTIONS
 from spatial_jax.data.synthetic import make_task
@@ -99,25 +97,32 @@ def plot(out_dir: str, summary: dict, title: str, region_sets=REGION_SETS) -> No
         if not parts:
             ax.set_title(f"{dataset}: no golden pairs")
             continue
+        mean = common.pair_weighted_mean(list(parts.values()), "flip")  # [L+1, R]
         for r, name in enumerate(region_sets):
-            total = sum(np.array(v["flip"])[:, r] * v["n_pairs"] for v in parts.values())
-            mean = total / sum(v["n_pairs"] for v in parts.values())
-            line, = ax.plot(mean, marker="o", ms=3, label=f"{name} swap")
+            line, = ax.plot(mean[:, r], marker="o", ms=3, label=f"{name} swap")
             for d, v in parts.items():
                 ax.plot(np.array(v["flip"])[:, r], color=line.get_color(), alpha=0.25, lw=0.8)
                 rows += [[dataset, d, name, s, f"{f:.3f}", v["n_pairs"]] for s, f in enumerate(np.array(v["flip"])[:, r])]
-        n_slots = len(mean)
-        ax.set_xticks(range(n_slots), ["emb"] + [str(i) for i in range(n_slots - 1)], fontsize=7)
-        ax.set_xlabel("slot (LM input, then output of layer i)")
+        plotting.slot_axis(ax, len(mean))
         ax.set_ylabel("flip rate")
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(f"{dataset} ({sum(v['n_pairs'] for v in parts.values())} pairs)")
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "flip_rate.png"), dpi=120)
-    plt.close(fig)
+    plotting.save(fig, os.path.join(out_dir, "flip_rate.png"))
     common.write_csv(os.path.join(out_dir, "flip_rate.csv"), ["dataset", "direction", "regions", "slot", "flip_rate", "n_pairs"], rows)
+
+
+def headline(summary: dict, region_sets=REGION_SETS) -> str:
+    """Per region set, the flip rate at the LM input and its peak over slots, over all pairs."""
+    parts = list(summary.values())
+    n = sum(v["n_pairs"] for v in parts)
+    if not n:
+        return "no golden pairs"
+    flip = common.pair_weighted_mean(parts, "flip")  # [L+1, R]
+    return f"{n} pairs; " + "; ".join(
+        f"{name} swap flips {flip[0, r]:.2f} at emb, peak {flip[:, r].max():.2f} at {common.slot_text(int(flip[:, r].argmax()))}"
+        for r, name in enumerate(region_sets))
 
 
 def main(argv):

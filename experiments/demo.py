@@ -1,4 +1,5 @@
-"""`make demo`: every experiment on the embedded default checkpoint, with a report.
+"""`make demo`: every experiment on the embedded default checkpoint, with a report; prints the
+behaviour table and one headline per experiment.
 
 The default is the model organism shipped in checkpoints/organism (a small Qwen2-VL trained here
 on the synthetic tasks). Where it is missing, a random-weight stand-in of the same architecture
@@ -30,8 +31,9 @@ def main(argv):
         FLAGS.n_pairs = min(FLAGS.n_pairs, 4)
         logging.warning("no organism in %s: running on a RANDOM-weight stand-in (%s); results are chance-level",
                         ORGANISM, FLAGS.checkpoint)
-    path = run_all.run_all()
-    print(f"\nreport: {os.path.abspath(path)}\nfigures: {os.path.abspath(FLAGS.output_dir)}/*/*.png")
+    path, headlines = run_all.run_all()
+    print(f"\n{run_all.headline_text(headlines)}\n\nreport: {os.path.abspath(path)}\n"
+          f"figures: {os.path.abspath(FLAGS.output_dir)}/*/*.png")
 
 
 if __name__ == "__main__":

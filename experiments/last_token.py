@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, logging
 from tqdm.auto import tqdm
 
 import spatial_jax as sj
-from experiments import common
+from experiments import common, plotting
+from experiments.plotting import plt
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.data import scoring
 from spatial_jax.data.prompts import DIRECTIONS
@@ -82,21 +80,29 @@ def plot(out_dir: str, summary: dict) -> None:
             ax.set_title(f"{dataset}: no golden pairs")
             continue
         n = sum(v["n_pairs"] for v in parts)
-        mean = sum(np.array(v["probs"]) * v["n_pairs"] for v in parts) / n  # [L+1, 5]
+        mean = common.pair_weighted_mean(parts, "probs")  # [L+1, 5]
         for k, label in enumerate(CANDIDATES):
             ax.plot(mean[:, k], marker="o", ms=3, label=label)
         rows += [[dataset, s, *(f"{p:.4f}" for p in mean[s]), n] for s in range(len(mean))]
-        ax.set_xticks(range(len(mean)), ["emb"] + [str(i) for i in range(len(mean) - 1)], fontsize=7)
-        ax.set_xlabel("patched slot (LM input, then output of layer i)")
+        plotting.slot_axis(ax, len(mean), "patched " + plotting.SLOT_AXIS_LABEL)
         ax.set_ylabel("probability")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{dataset} ({n} pairs)")
         ax.legend(fontsize=6)
     fig.suptitle("Last-token patching (paper Fig. 3)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "candidate_probs.png"), dpi=120)
-    plt.close(fig)
+    plotting.save(fig, os.path.join(out_dir, "candidate_probs.png"))
     common.write_csv(os.path.join(out_dir, "candidate_probs.csv"), ["dataset", "slot", "c0", "c1", "c2", "c3", "c4", "n_pairs"], rows)
+
+
+def headline(summary: dict) -> str:
+    """The most probable of c0..c4 at each patched slot, over all pairs: c0 (clean answer) early,
+    c2 in the ordering layers and c3 (cf answer) in the attribute layers is the paper's Fig. 3."""
+    parts = list(summary.values())
+    n = sum(v["n_pairs"] for v in parts)
+    if not n:
+        return "no golden pairs"
+    leader = common.pair_weighted_mean(parts, "probs").argmax(-1)  # [L+1]
+    return f"{n} pairs; most probable candidate per patched slot (emb, 0, 1, ...): " + " ".join(f"c{c}" for c in leader)
 
 
 def main(argv):

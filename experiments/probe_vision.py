@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, logging
 from tqdm.auto import tqdm
 
 import spatial_jax as sj
-from experiments import common
+from experiments import common, plotting
+from experiments.plotting import plt
 from spatial_jax import probes
 from spatial_jax.data.synthetic import make_task
 
@@ -116,9 +114,12 @@ def plot_heatmaps(out_dir: str, maps: dict) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("Slot probe on every visual token (R = slot 0, G = slot 1, B = slot 2)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "strip_heatmaps.png"), dpi=130)
-    plt.close(fig)
+    plotting.save(fig, os.path.join(out_dir, "strip_heatmaps.png"), dpi=130)
+
+
+def headline(summary: dict) -> str:
+    return "object-token slot probe test accuracy " + ", ".join(
+        f"{k.replace('|', ' ')} {v['test_accuracy']:.2f}" for k, v in summary.items())
 
 
 def main(argv):

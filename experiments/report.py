@@ -19,7 +19,8 @@ TITLES = {
 MAX_TABLE_ROWS = 40
 
 
-def _markdown_table(path: str) -> str:
+def markdown_table(path: str) -> str:
+    """A CSV as a Markdown table (at most MAX_TABLE_ROWS rows, then a pointer to the file)."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows:
@@ -33,16 +34,21 @@ def _markdown_table(path: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(output_dir: str, experiments: list[str], header: str = "") -> str:
-    """Writes <output_dir>/report.md; returns its path."""
+def write_report(output_dir: str, experiments: list[str], header: str = "",
+                 headlines: dict[str, str] | None = None) -> str:
+    """Writes <output_dir>/report.md: per experiment its headline (if given), tables and figures.
+    Returns its path."""
+    headlines = headlines or {}
     parts = ["# spatial_jax report", header]
     for name in experiments:
         d = os.path.join(output_dir, name)
         if not os.path.isdir(d):
             continue
         parts.append(f"## {TITLES.get(name, name)}")
+        if name in headlines:
+            parts.append(f"**In one line:** {headlines[name]}")
         for table in sorted(glob.glob(os.path.join(d, "*.csv"))):
-            parts.append(_markdown_table(table))
+            parts.append(markdown_table(table))
         for fig in sorted(glob.glob(os.path.join(d, "*.png"))):
             parts.append(f"![{name}]({os.path.relpath(fig, output_dir)})")
     path = os.path.join(output_dir, "report.md")

@@ -13,20 +13,18 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from absl import app, flags
+from matplotlib.patches import Rectangle
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from spatial_jax.data.coco import load_coco_spatial  # noqa: E402
-from spatial_jax.data.geometry import GEOMETRIES, Geometry, get_geometry  # noqa: E402
-from spatial_jax.data.regions import Regions, box_regions  # noqa: E402
-from spatial_jax.data.synthetic import TASKS, generate  # noqa: E402
-from spatial_jax.data.whatsup import whatsup_items  # noqa: E402
+from experiments import plotting
+from experiments.plotting import plt
+from spatial_jax.data.coco import load_coco_spatial
+from spatial_jax.data.geometry import GEOMETRIES, Geometry, get_geometry
+from spatial_jax.data.regions import Regions, box_regions
+from spatial_jax.data.synthetic import TASKS, generate
+from spatial_jax.data.whatsup import whatsup_items
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("geometry", "qwen2_vl", sorted(GEOMETRIES), "Model geometry to lay the datasets out for.")
@@ -68,9 +66,7 @@ def draw_regions(ax: plt.Axes, image: Image.Image, regions: Regions, title: str,
 
 
 def save(figure: plt.Figure, path: Path) -> None:
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plotting.save(figure, str(path), dpi=110)
     print(f"wrote {path}")
 
 

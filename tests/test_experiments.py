@@ -1,16 +1,37 @@
-"""Every experiment binary end to end on a tiny random checkpoint: outputs well-formed, resumable."""
+"""Every experiment binary end to end on a tiny random checkpoint: outputs well-formed, one report
+with every table and figure, resumable after an interruption, headlines printed by `make demo`.
+
+Compiling dominates the time here (XLA:CPU takes seconds per distinct batch shape or sweep
+chunk), so every test runs with the same SETTINGS: one cold run of all nine experiments (the
+module fixture `nine`) pays each compile once, and the other tests reuse the compiled functions.
+"""
+import contextlib
 import csv
 import json
 import os
+import re
+import time
+import types
 
 import numpy as np
 import pytest
 from absl import flags
 
-from experiments import ablation, backup, behaviour, common, criss_cross, last_token, run_all
+import spatial_jax as sj
+from experiments import ablation, amplification, behaviour, common, demo, probe_lm, report, run_all
 from experiments.random_checkpoint import write_random_checkpoint
+from spatial_jax.data.geometry import get_geometry
+from spatial_jax.data.prompts import DIRECTIONS
+from spatial_jax.data.synthetic import make_task
 
 FLAGS = flags.FLAGS
+DATASETS = ("squares", "shapes")
+# Two datasets because behaviour, ablation and absolute_vs_relative have one part per dataset and
+# an interrupted run needs a finished and an unfinished part. Squares and Shapes prompts have the
+# same number of tokens, so the second dataset adds run time but no compiles.
+SETTINGS = (f"--dataset={','.join(DATASETS)}", "--max_items=8", "--n_pairs=2", "--nogolden", "--batch_size=8",
+            "--max_alpha=2")
+N_SLOTS = 2 + 1  # the checkpoint's 2 LM layers + the LM input
 
 
 @pytest.fixture(scope="module")
@@ -18,51 +39,151 @@ def checkpoint(tmp_path_factory):
     return write_random_checkpoint(str(tmp_path_factory.mktemp("random_ckpt")), layers=2)
 
 
+def _set_flags(checkpoint, output_dir, *extra):
+    FLAGS.unparse_flags()
+    FLAGS(["test", f"--checkpoint={checkpoint}", f"--output_dir={output_dir}", *SETTINGS, *extra])
+
+
 @pytest.fixture
 def flag_values(checkpoint, tmp_path):
     def set_flags(*extra):
-        FLAGS.unparse_flags()
-        FLAGS(["test", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path}", "--dataset=squares",
-               "--max_items=8", "--n_pairs=2", "--nogolden", "--batch_size=8", *extra])
+        _set_flags(checkpoint, tmp_path, *extra)
         return tmp_path
     yield set_flags
     FLAGS.unparse_flags()
 
 
+class Interrupted(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def watched(interrupt_after=None):
+    """Records the experiments' work: `images`, the number of images given to model.prepare (every
+    model call of every binary starts there), and `parts`, {(experiment, key): images prepared for
+    that part} in the order Results.put saw them. With interrupt_after=n the (n+1)-th put raises
+    Interrupted instead of saving, as if the run had been killed while on that part."""
+    log = types.SimpleNamespace(images=0, parts={})
+    real_prepare, real_put = sj.Model.prepare, common.Results.put
+
+    def prepare(self, images, prompts, system=None):
+        log.images += len(images)
+        return real_prepare(self, images, prompts, system)
+
+    def put(self, key, value):
+        if len(log.parts) == interrupt_after:
+            raise Interrupted(key)
+        log.parts[(os.path.basename(self.dir), key)] = log.images - sum(log.parts.values())
+        real_put(self, key, value)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sj.Model, "prepare", prepare)
+        mp.setattr(common.Results, "put", put)
+        yield log
+
+
+@pytest.fixture(scope="module")
+def nine(checkpoint, tmp_path_factory):
+    """All nine experiments through run_all, once: output dir, report path, headlines, work per part."""
+    out = tmp_path_factory.mktemp("run_all")
+    _set_flags(checkpoint, out)
+    start = time.perf_counter()
+    with watched() as log:
+        path, headlines = run_all.run_all()
+    print(f"\nrun_all, nine experiments, cold: {time.perf_counter() - start:.0f} s")
+    FLAGS.unparse_flags()
+    return types.SimpleNamespace(out=out, report=path, headlines=headlines, work=log.parts)
+
+
 def _csv(path):
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return list(csv.reader(f))
 
 
-def test_behaviour_writes_table_and_figure(flag_values):
-    out = flag_values()
-    summary = behaviour.run()
-    assert summary["squares"]["n"] == 8 and 0.0 <= summary["squares"]["accuracy"] <= 1.0
-    rows = _csv(out / "behaviour" / "accuracy.csv")
-    assert [r["dataset"] for r in rows] == ["squares"]
-    assert os.path.getsize(out / "behaviour" / "accuracy.png") > 1000
+def _parts(out, name):
+    with open(out / name / "results.json") as f:
+        return json.load(f)["parts"]
 
 
-def test_patching_experiments_have_one_value_per_slot(flag_values):
-    out = flag_values()
-    n_slots = 2 + 1  # 2 LM layers + the LM input
-    for module, csv_name in ((criss_cross, "flip_rate.csv"), (last_token, "candidate_probs.csv"),
-                             (backup, "flip_rate.csv")):
-        summary = module.run()
-        assert set(summary) == {f"squares|{d}" for d in ("left", "right", "above", "below")}
-        for part in summary.values():
-            values = np.array(part.get("flip", part.get("probs")))
-            assert part["n_pairs"] == 2 and values.shape[0] == n_slots
+def test_run_all_report_has_every_table_and_figure(nine):
+    text = open(nine.report).read()
+    assert list(nine.headlines) == list(run_all.EXPERIMENTS)
+    for name in run_all.EXPERIMENTS:
+        section = text.split(f"## {report.TITLES[name]}\n")[1].split("\n## ")[0]
+        assert nine.headlines[name] in section
+        tables = sorted((nine.out / name).glob("*.csv"))
+        assert tables, name
+        for table in tables:
+            header, first, *_ = _csv(table)
+            assert "| " + " | ".join(header) + " |" in section and "| " + " | ".join(first) + " |" in section
+        figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", section)
+        assert {nine.out / f for f in figures} == set((nine.out / name).glob("*.png")) and figures, name
+        assert all(os.path.getsize(nine.out / f) > 5000 for f in figures)
+
+
+def test_demo_prints_the_behaviour_table_and_a_line_per_experiment(nine, checkpoint, monkeypatch, capsys):
+    _set_flags(checkpoint, nine.out)
+    monkeypatch.setattr(demo, "ORGANISM", checkpoint)
+    try:
+        with watched() as log:
+            demo.main([])
+    finally:
+        FLAGS.unparse_flags()
+    assert log.images == 0  # every part came from the finished run's results.json
+    printed = capsys.readouterr().out
+    assert "| dataset | n | accuracy | left | right | above | below |" in printed
+    for dataset in DATASETS:
+        assert re.search(rf"^\| {dataset} \| 8 \| [01]\.\d{{3}} \|", printed, re.M)
+    for name, line in nine.headlines.items():
+        assert f"\n{name}: {line}\n" in printed
+    assert f"report: {nine.report}" in printed
+
+
+@pytest.mark.parametrize("name", list(run_all.EXPERIMENTS))
+def test_resumed_run_reproduces_an_uninterrupted_one(name, nine, flag_values):
+    module = run_all.EXPERIMENTS[name]
+    out = flag_values()  # a fresh output dir, same settings as the uninterrupted run in `nine`
+    full = _parts(nine.out, name)
+    keys = list(full)
+    n_done = len(keys) // 2
+    assert 0 < n_done < len(keys)
+    with watched(interrupt_after=n_done), pytest.raises(Interrupted):
+        module.run()
+    assert list(_parts(out, name)) == keys[:n_done]
+    with watched() as log:
+        resumed = module.run()
+    # only the unfinished parts were computed, and no model work was spent on the finished ones
+    assert [key for _, key in log.parts] == keys[n_done:]
+    assert log.images == sum(nine.work[name, key] for key in keys[n_done:])
+    assert json.loads(json.dumps(resumed, default=lambda x: x.tolist())) == {k: full[k] for k in resumed}
+    assert _parts(out, name) == full
+    for table in (nine.out / name).glob("*.csv"):
+        assert (out / name / table.name).read_text() == table.read_text()
+
+
+def test_behaviour_writes_table_and_figure(nine):
+    for part in _parts(nine.out, "behaviour").values():
+        assert part["n"] == 8 and 0.0 <= part["accuracy"] <= 1.0
+    assert [r[0] for r in _csv(nine.out / "behaviour" / "accuracy.csv")[1:]] == list(DATASETS)
+
+
+def test_patching_experiments_have_one_value_per_slot(nine):
+    for name, field, width in (("criss_cross", "flip", 2), ("last_token", "probs", 5), ("backup", "flip", 1)):
+        parts = _parts(nine.out, name)
+        assert set(parts) == {f"{d}|{direction}" for d in DATASETS for direction in DIRECTIONS}
+        for part in parts.values():
+            values = np.array(part[field])
+            assert part["n_pairs"] == 2 and values.shape == (N_SLOTS, width)
             assert np.all((values >= 0) & (values <= 1))
-        assert _csv(out / module.NAME / csv_name)
-        assert any(name.endswith(".png") for name in os.listdir(out / module.NAME))
 
 
-def test_ablation_erases_position_but_keeps_identity(flag_values, checkpoint):
+def test_ablation_erases_position_but_keeps_identity(flag_values):
     flag_values()
     model, geometry = common.load_model()
-    task = ablation.make_task("squares", geometry)
-    items = [task.item(("red", "green", "blue"), "left"), task.item(("blue", "green", "red"), "left")]
+    task = make_task("squares", geometry)
+    # 8 items as in the other tests' batches (compiled shapes are reused); the first two matter
+    triples = [("red", "green", "blue"), ("blue", "green", "red")] + task.triples()[:6]
+    items = [task.item(t, "left") for t in triples]
     batch = common.prepare(model, items)
     iv = ablation.ablation_intervention(model, task, items, batch)
     at_image = np.asarray(batch.input_ids) == model.config.image_token_id
@@ -74,62 +195,66 @@ def test_ablation_erases_position_but_keeps_identity(flag_values, checkpoint):
     np.testing.assert_allclose(src[0, pos[0, regions.objects[0]]], src[1, pos[1, regions.objects[2]]], atol=1e-6)
     np.testing.assert_allclose(src[0, pos[0, regions.background]], src[1, pos[1, regions.background]], atol=1e-6)
     assert np.abs(src[0, pos[0, regions.objects[0]]] - src[0, pos[0, regions.objects[2]]]).max() > 1e-4
-    summary = ablation.run()
-    assert 0.0 <= summary["squares"]["accuracy"] <= 1.0
 
 
-def test_resumed_run_reproduces_an_uninterrupted_one(flag_values, monkeypatch):
-    out = flag_values("--dataset=squares,shapes")
-    full = behaviour.run()
-    path = out / "behaviour" / "results.json"
-    data = json.loads(path.read_text())
-    del data["parts"]["shapes"]  # as if interrupted after the first dataset
-    path.write_text(json.dumps(data))
-    calls = []
-    real_predict = common.predict
-    monkeypatch.setattr(common, "predict", lambda m, items, bs: calls.append(items[0].task) or real_predict(m, items, bs))
-    resumed = behaviour.run()
-    assert calls == ["shapes"]  # the finished part was not redone
-    assert resumed == full
-
-
-def test_run_all_writes_one_report(flag_values):
-    out = flag_values("--only=behaviour,criss_cross")
-    path = run_all.run_all()
-    text = open(path).read()
-    assert "paper Table 1" in text and "criss_cross/flip_rate.png" in text
-
-
-def test_probe_experiments_write_accuracies_and_heatmaps(flag_values):
-    from experiments import probe_lm, probe_vision
-    out = flag_values("--max_items=12")
-    vision = probe_vision.run()
-    assert set(vision) == {"squares|horizontal", "squares|vertical"}
+def test_probe_experiments_write_accuracies_and_heatmaps(nine):
+    vision = _parts(nine.out, "probe_vision")
+    assert set(vision) == {f"{d}|{o}" for d in DATASETS for o in ("horizontal", "vertical")}
     for part in vision.values():
         assert 0 <= part["test_accuracy"] <= 1
         heat = np.array(part["heatmap"])
         assert heat.shape == (6, 6, 3) and np.allclose(heat.sum(-1), 1, atol=1e-5)
-    lm = probe_lm.run()
-    assert np.array(lm["squares|horizontal"]["test_accuracy"]).shape == (3, 2)  # slots x token groups
-    assert (out / "probe_vision" / "strip_heatmaps.png").exists()
-    assert (out / "probe_lm" / "accuracy_by_layer.png").exists()
+    for part in _parts(nine.out, "probe_lm").values():
+        assert np.array(part["test_accuracy"]).shape == (N_SLOTS, len(probe_lm.GROUPS))
 
 
-def test_amplification_at_alpha_zero_changes_nothing(flag_values):
-    from experiments import amplification
-    flag_values("--max_items=24", "--max_alpha=2")
-    summary = amplification.run()
-    for part in summary.values():
+@pytest.mark.parametrize("direction", ["left", "above"])
+def test_probe_lm_token_groups_partition_the_canvas(direction):
+    """Qwen2-VL canvas (12 x 12 tokens): 2 x 2 objects at columns 1, 5, 9 of rows 5-6 (horizontal;
+    vertical is the transpose) and official strips of 4 columns each."""
+    task = make_task("squares", get_geometry("qwen2_vl"))
+    labels = probe_lm.group_labels([task.item(("red", "green", "blue"), direction)])[:, 0]  # [G, 144]
+    rows, cols = np.divmod(np.arange(144), 12)
+    along, across = (cols, rows) if direction == "left" else (rows, cols)
+    in_line = np.isin(along, [1, 2, 5, 6, 9, 10])
+    group = np.where(in_line & np.isin(across, [5, 6]), 0, np.where(in_line, 1, 2))
+    assert probe_lm.GROUPS == ("object", "strip", "background")
+    assert np.array_equal((labels >= 0).sum(0), np.ones(144))  # each token in exactly one group
+    np.testing.assert_array_equal(np.argmax(labels >= 0, axis=0), group)
+    np.testing.assert_array_equal(labels.max(0), along // 4)  # labelled by the nearest object's slot
+
+
+def test_amplification_at_alpha_zero_changes_nothing(nine):
+    parts = [p for p in _parts(nine.out, "amplification").values() if "Probe" in p]
+    assert parts  # the untrained model fails most items: there is something to fix
+    for part in parts:
         assert part["replay_fixed_at_alpha0"] == 0  # failures stay failures at alpha = 0
-        assert part["Probe_by_alpha"][0] == 0 and part["Random_by_alpha"][0] == 0
-        assert 0 <= part["Probe*"] <= 1
+        for name in ("Random", "Probe"):
+            at_alpha, oracle = np.array(part[name + "_by_alpha"]), np.array(part[name + "*_by_alpha"])
+            assert at_alpha[0] == 0 and oracle[0] == 0
+            assert part[name] == at_alpha[1:].max() and part[name + "*"] == oracle[-1]
+            assert np.all(np.diff(oracle) >= 0) and np.all(oracle >= at_alpha)
 
 
-def test_absolute_vs_relative_covers_every_shift(flag_values):
-    from experiments import absolute_vs_relative
-    flag_values("--max_items=8")
-    summary = absolute_vs_relative.run()
-    assert sorted(summary["squares"], key=int) == ["0", "1"]  # the organism geometry allows shifts 0..1
+def test_amplification_figure_and_headline_cover_parts_without_a_probe(tmp_path):
+    curve = {"Random": 0.25, "Random*": 0.5, "Probe": 0.5, "Probe*": 0.75, "None": 0.0, "Random_best_alpha": 1,
+             "Probe_best_alpha": 2, "Random_by_alpha": [0, 0.25, 0.0], "Random*_by_alpha": [0, 0.25, 0.5],
+             "Probe_by_alpha": [0, 0.25, 0.5], "Probe*_by_alpha": [0, 0.5, 0.75]}
+    summary = {"squares|horizontal": {"n": 8, "golden": 4, "failures": 4, **curve},
+               "squares|vertical": {"n": 8, "golden": 8, "failures": 0},
+               "shapes|horizontal": {"n": 8, "golden": 2, "failures": 6},
+               "shapes|vertical": {"n": 8, "golden": 4, "failures": 4, **curve}}
+    amplification.plot(str(tmp_path), summary)
+    assert os.path.getsize(tmp_path / "fix_rate_by_alpha.png") > 5000
+    line = amplification.headline(summary)
+    assert "squares vertical: no failures" in line and "shapes horizontal: 6 failures, no probe" in line
+    assert "squares horizontal (4 failures): None 0.00, Random 0.25, Random* 0.50, Probe 0.50, Probe* 0.75" in line
+
+
+def test_absolute_vs_relative_covers_every_shift(nine):
+    parts = _parts(nine.out, "absolute_vs_relative")
+    for dataset in DATASETS:
+        assert sorted(parts[dataset], key=int) == ["0", "1"]  # the organism geometry allows shifts 0..1
 
 
 def test_behaviour_on_whatsup_folder(tmp_path, flag_values):
