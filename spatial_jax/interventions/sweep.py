@@ -7,7 +7,8 @@ position per row, and the argmax.
 
 Where the speed comes from (DESIGN.md):
   * the vision tower and the layers below a variant's first patched layer run once, in a clean
-    run; each variant restarts the LM from the clean residual at that layer;
+    run; each variant restarts the LM from the clean residual entering that layer, taken before
+    any of that layer's taps so that `base` interventions there apply exactly once;
   * variants are grouped by start layer and run in fixed-size chunks of one jitted, vmapped
     function, so a new layer, mask or source never recompiles;
   * the final norm and unembedding run only at the read positions.
@@ -25,8 +26,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from spatial_jax import parallel
-from spatial_jax.batch import Batch, last_positions
-from spatial_jax.forward import Model, check_batch, forward
+from spatial_jax.batch import Batch
+from spatial_jax.forward import Model, check_batch
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
 from spatial_jax.interventions.taps import Taps
@@ -83,6 +84,23 @@ def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout,
 _variants_jit = jax.jit(_variants_from, static_argnames=("graphdef",))
 
 
+def _restart_points(graphdef, params, batch: Batch, base) -> tuple[jax.Array, jax.Array]:
+    """The clean run under `base`, as the residual that enters each LM layer before that layer's
+    own taps: embeddings [B, T, D] (layer 0's input) and every layer's output [B, L, T, D] (the
+    input of the next, and for the last layer the input of the final norm).
+
+    The cached lm.resid_pre would not do: it is recorded after the layer's resid_pre
+    interventions, which a restart at that layer runs again (twice for add and amplify)."""
+    module = nnx.merge(graphdef, params)
+    taps = Taps(base, cache=(sites.LM_RESID_POST,))
+    embeddings = module.embed_inputs(batch, taps)
+    run_layers(module.layers, embeddings, module.lm_context(batch), taps)
+    return embeddings, taps.collected[sites.LM_RESID_POST]
+
+
+_restart_points_jit = jax.jit(_restart_points, static_argnames=("graphdef",))
+
+
 def _num_variants(interventions: Sequence[Intervention]) -> tuple[int, ...]:
     shape = np.shape(interventions[0].layer)
     for iv in interventions:
@@ -93,22 +111,30 @@ def _num_variants(interventions: Sequence[Intervention]) -> tuple[int, ...]:
     return shape
 
 
-def _start_layers(interventions: Sequence[Intervention], n: int, num_layers: int) -> np.ndarray:
-    """First LM layer each variant changes ([n] int); the once-site lm.final counts as L."""
+def _start_layers(interventions: Sequence[Intervention], shape: tuple[int, ...], num_layers: int) -> np.ndarray:
+    """First LM layer each variant of a sweep of variant shape S changes ([prod(S)] int); the
+    once-site lm.final counts as L, and a scalar layer is shared by every variant."""
+    n = int(math.prod(shape))
     start = np.full((n,), num_layers, np.int64)
     for iv in interventions:
         if iv.site in sites.PER_LAYER_SITES:
-            start = np.minimum(start, np.asarray(iv.layer).reshape(n))
+            start = np.minimum(start, np.broadcast_to(iv.layer, shape).reshape(n))
     return start
 
 
-def _chunk_size(model: Model, batch: Batch, memory_budget_bytes: float) -> int:
-    """Variants per compiled call, from a rough per-variant activation estimate."""
+def _variant_bytes(model: Model, batch: Batch, variants, n: int) -> int:
+    """Rough bytes one variant of a chunk needs: its activations, plus its own slice of every
+    intervention array (a chunk gathers one slice per variant, shared sources included).
+    variants: the sweep's interventions, every leaf [*S, ...] with prod(S) = n (views are fine)."""
     cfg = model.config
     B, T = np.shape(batch.input_ids)
     width = max(4 * cfg.hidden_size, 2 * cfg.intermediate_size, cfg.num_heads * T)
-    per_variant = 4 * B * T * width * 3
-    return int(max(1, min(256, memory_budget_bytes // per_variant)))
+    return 4 * B * T * width * 3 + sum(a.nbytes for a in jax.tree.leaves(variants)) // n
+
+
+def _chunk_size(model: Model, batch: Batch, variants, n: int, memory_budget_bytes: float) -> int:
+    """Variants per compiled call within the budget (at least 1, at most 256)."""
+    return int(max(1, min(256, memory_budget_bytes // _variant_bytes(model, batch, variants, n))))
 
 
 def _on_mesh(model: Model, mesh: jax.sharding.Mesh) -> Model:
@@ -144,12 +170,15 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     check_batch(model, batch)
     shape = _num_variants(interventions)
     n = int(math.prod(shape))
-    # Scalars (e.g. a shared alpha) are broadcast to every variant.
-    flat = [jax.tree.map(lambda a: np.reshape(np.broadcast_to(a, shape) if np.ndim(a) == 0 else np.asarray(a),
-                                              (n,) + np.shape(a)[len(shape):]), iv)
-            for iv in interventions]
+    # Every leaf as a read-only view [*S, ...] (scalars such as a shared alpha broadcast to S; a
+    # sweep without variant axes is one variant, S = (1,)): each chunk then gathers only its own
+    # variants, so a source broadcast over variants is held once, never copied n times.
+    vshape = shape or (1,)
+    variants = [jax.tree.map(lambda a: np.broadcast_to(a, vshape + np.shape(a)[len(shape):]), iv)
+                for iv in interventions]
     readout = Readout(np.asarray(readout.position, np.int32), np.asarray(readout.tokens, np.int32))
-    chunk = chunk_size or _chunk_size(model, batch, memory_budget_bytes)
+    # Never more than the sweep has: padding a small sweep to a large chunk would run dummies.
+    chunk = chunk_size or min(n, _chunk_size(model, batch, variants, n, memory_budget_bytes))
     if mesh is not None:
         n_data = parallel.axis_size(mesh, parallel.DATA)
         chunk = -(-chunk // n_data) * n_data
@@ -157,14 +186,11 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     base = tuple(base)
     if any(iv.site.startswith("vision.") for iv in interventions):
         starts = np.zeros((n,), np.int64)
-        clean = None
+        embeddings = outputs = None
     else:
-        L = model.config.num_layers
-        starts = _start_layers(interventions, n, L)
-        out = forward(model, batch, cache=(sites.LM_RESID_PRE, sites.LM_RESID_POST), interventions=base,
-                      logits=False)
-        clean = np.concatenate([parallel.to_host(out.cache[sites.LM_RESID_PRE]),
-                                parallel.to_host(out.cache[sites.LM_RESID_POST][:, -1:])], axis=1)  # [B, L+1, T, D]
+        starts = _start_layers(interventions, shape, model.config.num_layers)
+        args = (batch, base) if mesh is None else (parallel.shard_batch(batch, mesh), parallel.put_tree(base, mesh))
+        embeddings, outputs = parallel.to_host(_restart_points_jit(model.graphdef, model.params, *args))
 
     results = [None] * n
     order = np.argsort(starts, kind="stable")
@@ -172,9 +198,10 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     calls = [(g[i:i + chunk]) for g in groups for i in range(0, len(g), chunk)]
     for idx in tqdm(calls, disable=not progress, desc="sweep", unit="chunk"):
         padded = np.concatenate([idx, np.full((chunk - len(idx),), idx[-1])])
-        ivs = tuple(jax.tree.map(lambda a: a[padded], iv) for iv in flat)
+        which = np.unravel_index(padded, vshape)
+        ivs = tuple(jax.tree.map(lambda a: a[which], iv) for iv in variants)
         s = int(starts[idx[0]])
-        x_start = None if clean is None else clean[:, s]
+        x_start = None if embeddings is None else (embeddings if s == 0 else outputs[:, s - 1])
         args = (batch, x_start, np.int32(s), ivs, readout, base)
         if mesh is not None:  # variants over `data`, the rest replicated, all as global arrays
             args = (*parallel.put_tree(args[:3], mesh), parallel.put_tree(ivs, mesh, data_axis=0),
