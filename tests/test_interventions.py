@@ -1,6 +1,8 @@
 """The intervention engine: ops, taps, sweeps, and equality with PyTorch forward hooks on HF."""
 import json
+import tracemalloc
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from transformers import Qwen2VLForConditionalGeneration
 import spatial_jax as sj
 from spatial_jax.convert.export import export_hf
 from spatial_jax.forward import _apply_jit
-from spatial_jax.interventions.sweep import _variants_jit
+from spatial_jax.interventions import sweep as sweep_mod
+from spatial_jax.interventions.sweep import _restart_points_jit, _variants_jit
 from spatial_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
 
 IMG, VS, VE = 60, 61, 62
@@ -196,14 +199,14 @@ def test_sweep_equals_loop_and_never_recompiles(tiny):
     tokens = np.array([[1, 2, 3], [4, 5, 6]])
     readout = sj.Readout(position=sj.last_positions(np.ones((2, T))), tokens=tokens)
 
-    def sweep(layers):
+    def sweep(layers, maps):
         n = len(layers)
         iv = sj.Intervention(site="lm.resid_pre", op="replace", layer=np.broadcast_to(layers[:, None], (n, 2)),
                              index=np.broadcast_to(maps[None], (n,) + maps.shape),
                              source=np.broadcast_to(np.moveaxis(src[:, layers], 1, 0)[:, None], (n, 2) + src[:, 0].shape))
         return sj.patch_sweep(model, clean, [iv], readout, chunk_size=3)
 
-    res = sweep(np.arange(L))
+    res = sweep(np.arange(L), maps)
     assert res.logits.shape == (L, 2, 2, 3) and res.argmax.shape == (L, 2, 2)
     for layer in range(L):
         for r in range(2):
@@ -211,9 +214,10 @@ def test_sweep_equals_loop_and_never_recompiles(tiny):
             logits = np.asarray(sj.forward(model, clean, interventions=[iv]).logits)[:, -1]
             np.testing.assert_allclose(res.logits[layer, r], np.take_along_axis(logits, tokens, -1), atol=1e-5)
             np.testing.assert_array_equal(res.argmax[layer, r], logits.argmax(-1))
-    compiled = _variants_jit._cache_size()
-    sweep(np.array([3, 1, 0, 2]))  # other layers, other order, other chunk split
-    assert _variants_jit._cache_size() == compiled
+    compiled = _variants_jit._cache_size(), _restart_points_jit._cache_size()
+    other_maps = np.stack([np.stack([sj.swap_index(T, [(grid[0], grid[1])])] * 2), maps[0]])
+    sweep(np.array([3, 1, 0, 2]), other_maps)  # other layers, order, chunk split and token maps
+    assert (_variants_jit._cache_size(), _restart_points_jit._cache_size()) == compiled
     # forward: a new layer value or token map reuses the compiled function too
     before = _apply_jit._cache_size()
     for layer in (0, 3):
@@ -222,21 +226,189 @@ def test_sweep_equals_loop_and_never_recompiles(tiny):
     assert _apply_jit._cache_size() == before  # this structure was compiled by the loop above
 
 
-def test_paper_sweeps_shapes_and_slots(tiny):
+def test_paper_sweeps_equal_hand_built_patches_at_every_slot(tiny):
+    """Every slot of both paper sweeps equals sj.forward with the replacement built by hand: slot
+    s < L replaces lm.resid_pre of layer s, slot L lm.resid_post of layer L - 1, with the cf run's
+    values there; region swaps also under interventions on the clean and the cf runs (Fig. 9)."""
     model, _ = tiny
     clean, cf = _batch(0), _batch(1)
-    L = model.config.num_layers
+    L, D = model.config.num_layers, model.config.hidden_size
+    B, T = clean.input_ids.shape
     tokens = np.array([1, 2, 3, 4, 5])
-    res = sj.last_token_sweep(model, clean, cf, tokens)
-    assert res.probs.shape == (L + 1, 2, 5)
-    # slot L patches the last layer's output at the last token: the cf's last-token prediction
-    cf_logits = np.asarray(sj.forward(model, cf).logits)[:, -1]
-    np.testing.assert_allclose(res.logits[L], cf_logits[:, tokens], atol=1e-5)
-    T = clean.input_ids.shape[1]
+    rng = np.random.default_rng(4)
+    # A non-idempotent op on the clean runs (add) at a slot's layer, an ablation on the cf run.
+    clean_ivs = [sj.Intervention(site="lm.resid_pre", op="add", layer=1, alpha=2.0,
+                                 source=rng.standard_normal(D).astype(np.float32),
+                                 index=sj.mask_index(clean.input_ids == IMG))]
+    cf_ivs = [sj.Intervention(site="vision.tokens", op="replace", source=np.zeros((1, 2 * N_TOK, D), np.float32),
+                              index=np.where(np.arange(2 * N_TOK) < 3, np.arange(2 * N_TOK), -1)[None])]
     grid = np.arange(N_TOK).reshape(2, 3) + 3
-    index = np.stack([np.stack([sj.swap_index(T, [(grid[:, 0], grid[:, 2])])] * 2)])
-    swap = sj.region_swap_sweep(model, clean, cf, index, tokens)
-    assert swap.logits.shape == (L + 1, 1, 2, 5)
+    swaps = np.stack([np.stack([sj.swap_index(T, [(grid[:, 0], grid[:, 2])])] * 2),
+                      np.stack([sj.swap_index(T, [(grid[0], grid[1])]), sj.swap_index(T, [(grid[:, 1], grid[:, 2])])])])
+
+    def by_hand(index, source_ivs=(), base=()):
+        """[L+1, B, V] last-token logits of the clean run patched at each slot by hand."""
+        cache = sj.forward(model, cf, cache=("lm.resid_pre", "lm.resid_post"), interventions=source_ivs,
+                           logits=False).cache
+        out = []
+        for s in range(L + 1):
+            site, layer = ("lm.resid_pre", s) if s < L else ("lm.resid_post", L - 1)
+            iv = sj.Intervention(site=site, op="replace", layer=layer, index=index, source=cache[site][:, layer])
+            out.append(np.asarray(sj.forward(model, clean, interventions=[*base, iv]).logits)[:, -1])
+        return np.stack(out)
+
+    last = np.full((B, T), -1)
+    last[:, T - 1] = T - 1
+    res = sj.last_token_sweep(model, clean, cf, tokens)
+    want = by_hand(last)
+    np.testing.assert_allclose(res.logits, want[..., tokens], atol=1e-5)
+    np.testing.assert_array_equal(res.argmax, want.argmax(-1))
+
+    res = sj.region_swap_sweep(model, clean, cf, swaps, tokens, clean_interventions=clean_ivs,
+                               cf_interventions=cf_ivs)
+    assert res.logits.shape == (L + 1, 2, B, 5)
+    for r in range(2):
+        want = by_hand(swaps[r], cf_ivs, clean_ivs)
+        np.testing.assert_allclose(res.logits[:, r], want[..., tokens], atol=1e-5)
+        np.testing.assert_allclose(res.probs[:, r], np.asarray(jax.nn.softmax(want))[..., tokens], atol=1e-6)
+        np.testing.assert_array_equal(res.argmax[:, r], want.argmax(-1))
+
+
+def test_vision_site_sweep_equals_loop_and_new_masks_do_not_recompile(tiny):
+    model, _ = tiny
+    b = _batch(0)
+    n_tok, n_patch, n = 2 * N_TOK, 2 * int(GRID.prod()), 5
+    rng = np.random.default_rng(3)
+    blk_src = rng.standard_normal((1, n_patch, 32)).astype(np.float32)
+    tok_src = rng.standard_normal((1, n_tok, 48)).astype(np.float32)
+    tokens = np.array([7, 8, 9])
+    readout = sj.Readout(sj.last_positions(np.ones(b.input_ids.shape)), tokens)
+
+    def sweep(seed):
+        """n variants: a block_out patch at a random block and mask, and a vision.tokens patch."""
+        r = np.random.default_rng(seed)
+        layers = r.integers(0, 2, n)
+        blk_index = np.asarray(sj.mask_index(r.random((n, 1, n_patch)) < 0.3))
+        tok_index = np.asarray(sj.mask_index(r.random((n, 1, n_tok)) < 0.5))
+        ivs = [sj.Intervention(site="vision.block_out", op="replace", layer=layers, index=blk_index,
+                               source=np.broadcast_to(blk_src, (n,) + blk_src.shape)),
+               sj.Intervention(site="vision.tokens", op="replace", index=tok_index,
+                               source=np.broadcast_to(tok_src, (n,) + tok_src.shape))]
+        return sj.patch_sweep(model, b, ivs, readout, chunk_size=2), layers, blk_index, tok_index
+
+    res, layers, blk_index, tok_index = sweep(0)
+    for i in range(n):
+        ivs = [sj.Intervention(site="vision.block_out", op="replace", layer=int(layers[i]), source=blk_src,
+                               index=blk_index[i]),
+               sj.Intervention(site="vision.tokens", op="replace", source=tok_src, index=tok_index[i])]
+        logits = np.asarray(sj.forward(model, b, interventions=ivs).logits)[:, -1]
+        np.testing.assert_allclose(res.logits[i], logits[:, tokens], atol=1e-5)
+        np.testing.assert_array_equal(res.argmax[i], logits.argmax(-1))
+    compiled = _variants_jit._cache_size()
+    sweep(1)  # other blocks and masks
+    assert _variants_jit._cache_size() == compiled
+
+
+def _family(request, family):
+    """(model, clean batch, cf batch, image-token mask [B, T]) of a tiny model of `family`."""
+    if family == "qwen2_vl":
+        model, _ = request.getfixturevalue("tiny")
+        return model, _batch(0), _batch(1), _batch(0).input_ids == IMG
+    model, _, make_batch, fg = request.getfixturevalue("tiny_gemma")
+    clean = make_batch(0)
+    return model, clean, make_batch(1), np.asarray(clean.input_ids) == fg.IMG
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_sweep_applies_base_interventions_once(request, family):
+    """Non-idempotent bases (add, amplify) at lm.resid_pre of a variant's restart layer, at its
+    later sites and at vision.tokens, with variants at that layer and at every other: the sweep
+    equals the loop of forwards with the bases first (a restart must not re-apply them)."""
+    model, clean, cf, at_img = _family(request, family)
+    L, D = model.config.num_layers, model.config.hidden_size
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal((3, D)).astype(np.float32)
+    W = rng.standard_normal((D, 2)).astype(np.float32)
+    img = sj.mask_index(at_img)
+    base = [sj.Intervention(site="vision.tokens", op="add", source=v[0], alpha=0.5),
+            sj.Intervention(site="lm.resid_pre", op="add", layer=1, source=v[1], alpha=2.0, index=img),
+            sj.Intervention(site="lm.resid_pre", op="amplify", layer=2, directions=W, alpha=3.0, index=img),
+            sj.Intervention(site="lm.attn_out", op="add", layer=1, source=v[2]),
+            sj.Intervention(site="lm.resid_post", op="amplify", layer=2, directions=W, alpha=-0.5)]
+    src = np.asarray(sj.forward(model, cf, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"])
+    half = np.where(at_img & (np.cumsum(at_img, axis=1) % 2 == 0), np.arange(at_img.shape[1]), -1)
+    variants = sj.Intervention(site="lm.resid_pre", op="replace", layer=np.arange(L),
+                               index=np.broadcast_to(half, (L,) + half.shape), source=np.moveaxis(src, 1, 0))
+    tokens = np.array([3, 7, 9])
+    position = sj.last_positions(clean.with_defaults().attention_mask)
+    res = sj.patch_sweep(model, clean, [variants], sj.Readout(position, tokens), base=base, chunk_size=1)
+    for layer in range(L):
+        one = sj.Intervention(site="lm.resid_pre", op="replace", layer=layer, index=half, source=src[:, layer])
+        logits = np.asarray(sj.forward(model, clean, interventions=[*base, one]).logits)
+        logits = logits[np.arange(len(position)), position]
+        np.testing.assert_allclose(res.logits[layer], logits[:, tokens], atol=1e-5, err_msg=f"layer {layer}")
+        np.testing.assert_array_equal(res.argmax[layer], logits.argmax(-1))
+
+
+def test_automatic_chunks_equal_one_variant_per_call(tiny, monkeypatch):
+    """A memory budget of three to four variants' worth splits each start-layer group of five
+    into chunks of three, with the same results as one variant per call."""
+    model, _ = tiny
+    clean, cf = _batch(0), _batch(1)
+    B, T = clean.input_ids.shape
+    src = np.asarray(sj.forward(model, cf, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"])
+    layers, R = np.array([1, 3]), 5
+    at_img = clean.input_ids == IMG
+    masks = np.asarray(sj.mask_index(at_img & (np.random.default_rng(6).random((R, B, T)) < 0.5)))
+    iv = sj.Intervention(site="lm.resid_pre", op="replace", layer=np.broadcast_to(layers[:, None], (2, R)),
+                         index=np.broadcast_to(masks, (2, R, B, T)),
+                         source=np.broadcast_to(np.moveaxis(src[:, layers], 1, 0)[:, None], (2, R, B, T, src.shape[-1])))
+    readout = sj.Readout(sj.last_positions(np.ones((B, T))), np.array([[1, 2, 3], [4, 5, 6]]))
+    budget = 3.5 * sweep_mod._variant_bytes(model, clean, [jax.tree.map(np.asarray, iv)], 2 * R)
+    sizes = []
+
+    def spy(graphdef, params, batch, x_start, start, ivs, *rest):
+        sizes.append(len(ivs[0].layer))
+        return _variants_jit(graphdef, params, batch, x_start, start, ivs, *rest)
+
+    monkeypatch.setattr(sweep_mod, "_variants_jit", spy)
+    auto = sj.patch_sweep(model, clean, [iv], readout, memory_budget_bytes=budget)
+    assert sizes == [3] * 4  # per layer: 3 + 2 (padded)
+    one = sj.patch_sweep(model, clean, [iv], readout, chunk_size=1)
+    np.testing.assert_allclose(auto.logits, one.logits, atol=1e-6)
+    np.testing.assert_allclose(auto.probs, one.probs, atol=1e-6)
+    np.testing.assert_array_equal(auto.argmax, one.argmax)
+
+
+def test_sweep_holds_a_shared_source_once(tiny):
+    """Sources [4, B, S, D] broadcast over 8 index maps (a 4 x 8 sweep, as the paper sweeps lay
+    out layers x regions) are gathered per chunk, never materialised as 32 copies: the sweep's host
+    memory peak stays within a few chunks, and the results equal those of materialised sources."""
+    model, _ = tiny
+    clean = _batch(0)
+    B, T = clean.input_ids.shape
+    shape, chunk, S = (4, 8), 4, 4096
+    rng = np.random.default_rng(7)
+    sources = rng.standard_normal((shape[0], B, S, model.config.hidden_size)).astype(np.float32)
+    shared = np.broadcast_to(sources[:, None], shape + sources.shape[1:])
+    index = np.broadcast_to(rng.integers(-1, S, (shape[1], B, T)), shape + (B, T))
+    readout = sj.Readout(sj.last_positions(np.ones((B, T))), np.array([1, 2]))
+
+    def sweep(source):
+        iv = sj.Intervention(site="lm.resid_pre", op="replace", layer=np.full(shape, 2), source=source, index=index)
+        return sj.patch_sweep(model, clean, [iv], readout, chunk_size=chunk)
+
+    want = sweep(np.array(shared))  # also compiles, outside the measurement
+    tracemalloc.start()
+    try:
+        got = sweep(shared)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    one = sources[0].nbytes
+    assert peak < 3 * chunk * one, f"host peak {peak / 2**20:.1f} MiB; one source {one / 2**20:.1f} MiB"
+    np.testing.assert_array_equal(got.logits, want.logits)
+    np.testing.assert_array_equal(got.argmax, want.argmax)
 
 
 # ----------------------------------------------------------------------------------------------
