@@ -65,12 +65,6 @@ _VISION_DEFAULTS = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
     image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True,
 )
-_ACTIVATIONS = {
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-}
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
@@ -189,8 +183,8 @@ class Gemma3Config:
             raise ValueError("vision_config.vision_use_head=true: Gemma 3 uses no SigLIP pooling head")
         for key, act in (("text_config.hidden_activation", text["hidden_activation"]),
                          ("vision_config.hidden_act", vis["hidden_act"])):
-            if act not in _ACTIVATIONS:
-                raise ValueError(f"unsupported {key} {act!r}; supported: {sorted(_ACTIVATIONS)}")
+            if act not in L.ACTIVATIONS:
+                raise ValueError(f"unsupported {key} {act!r}; supported: {sorted(L.ACTIVATIONS)}")
 
         n_layers = text["num_hidden_layers"]
         layer_types = text.get("layer_types")
@@ -249,14 +243,6 @@ class Gemma3Config:
 # Vision tower (SigLIP) and projector
 
 
-def patchify(pixel_values: jax.Array, patch: int) -> jax.Array:
-    """[n, C, H, W] -> [n, (H/p)*(W/p), C*p*p]: patches row-major over the grid, each flattened as
-    (C, p, p), the order of the flattened Conv2d kernel."""
-    n, c, h, w = pixel_values.shape
-    x = pixel_values.reshape(n, c, h // patch, patch, w // patch, patch)
-    return x.transpose(0, 2, 4, 1, 3, 5).reshape(n, (h // patch) * (w // patch), c * patch * patch)
-
-
 class VisionLayer(nnx.Module):
     def __init__(self, cfg: Gemma3Config, *, dtype, rngs: nnx.Rngs):
         d = cfg.vision_dim
@@ -280,7 +266,7 @@ class VisionLayer(nnx.Module):
         k = self.k(h).reshape(n, N, self.heads, hd)
         v = self.v(h).reshape(n, N, self.heads, hd)
         x = x + self.o(L.attention(q, k, v, None, hd**-0.5).reshape(n, N, D))
-        return x + self.fc2(_ACTIVATIONS[self.act](self.fc1(self.norm2(x))))
+        return x + self.fc2(L.ACTIVATIONS[self.act](self.fc1(self.norm2(x))))
 
 
 class VisionTower(nnx.Module):
@@ -300,7 +286,7 @@ class VisionTower(nnx.Module):
         """pixel_values [n, C, S, S] -> visual tokens [n, mm_tokens_per_image, D]."""
         cfg = self.cfg
         dtype = self.patch_embed.kernel.dtype
-        x = self.patch_embed(patchify(pixel_values.astype(dtype), cfg.patch_size)) + self.pos_embed[...]
+        x = self.patch_embed(L.patchify(pixel_values.astype(dtype), cfg.patch_size)) + self.pos_embed[...]
 
         def step(layer, x, idx, _):
             t = taps.for_step(_VISION_STEP_SITES)
@@ -321,22 +307,6 @@ class VisionTower(nnx.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Language model
-
-
-def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """[B, T] -> position ids [B, T]: cumsum(mask) - 1 on real tokens, 0 on padding."""
-    m = attention_mask.astype(jnp.int32)
-    return jnp.where(m > 0, jnp.cumsum(m, axis=1) - 1, 0)
-
-
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, factor: float = 1.0):
-    """positions [B, T] -> cos, sin [B, T, head_dim] float32 (HF default / linear RoPE)."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    if factor != 1.0:
-        inv_freq = inv_freq / factor
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
 
 
 def image_block_ids(token_type_ids: jax.Array) -> jax.Array:
@@ -401,7 +371,7 @@ class DecoderLayer(nnx.Module):
         a = self.o(L.attention(q, k, v, allowed, self.scale).reshape(B, T, -1))
         x = x + taps.at(sites.LM_ATTN_OUT, self.post_attn_norm(a), layer)
         h = self.pre_ff_norm(x)
-        m = self.down(_ACTIVATIONS[self.act](self.gate(h)) * self.up(h))
+        m = self.down(L.ACTIVATIONS[self.act](self.gate(h)) * self.up(h))
         x = x + taps.at(sites.LM_MLP_OUT, self.post_ff_norm(m), layer)
         return taps.at(sites.LM_RESID_POST, x, layer)
 
@@ -434,9 +404,7 @@ class Gemma3(nnx.Module):
         if batch.pixel_values is None:
             return x
         vis = self.vision(batch.pixel_values, taps)
-        vis = vis.reshape(-1, vis.shape[-1])
-        slot = jnp.clip(jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1, 0, vis.shape[0] - 1)
-        return jnp.where(is_img[..., None], vis[slot].astype(x.dtype), x)
+        return L.scatter_rows(x, is_img, vis.reshape(-1, vis.shape[-1]))
 
     @staticmethod
     def check_batch(cfg: Gemma3Config, batch) -> None:
@@ -464,9 +432,9 @@ class Gemma3(nnx.Module):
         """What every decoder layer needs besides the residual: both RoPE tables, the global mask,
         the sliding window, and the per-layer pattern `is_sliding` [L]."""
         cfg = self.cfg
-        pos = positions_from_mask(batch.attention_mask)
-        cos_l, sin_l = rope_cos_sin(pos, cfg.head_dim, cfg.rope_local_theta, cfg.rope_local_factor)
-        cos_g, sin_g = rope_cos_sin(pos, cfg.head_dim, cfg.rope_global_theta, cfg.rope_global_factor)
+        pos = L.positions_from_mask(batch.attention_mask)
+        cos_l, sin_l = L.rope_cos_sin(pos, cfg.head_dim, cfg.rope_local_theta, cfg.rope_local_factor)
+        cos_g, sin_g = L.rope_cos_sin(pos, cfg.head_dim, cfg.rope_global_theta, cfg.rope_global_factor)
         allowed, window = attention_masks(batch.attention_mask, batch.token_type_ids, cfg.sliding_window)
         return {"cos_local": cos_l, "sin_local": sin_l, "cos_global": cos_g, "sin_global": sin_g,
                 "allowed": allowed, "window": window, "is_sliding": jnp.asarray(cfg.is_sliding)}
@@ -476,5 +444,4 @@ class Gemma3(nnx.Module):
 
     def unembed(self, h: jax.Array) -> jax.Array:
         """h [..., D] -> logits [..., V] float32 (no softcapping: HF's ConditionalGeneration has none)."""
-        w = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return jnp.matmul(h, w, precision=L.PRECISION).astype(jnp.float32)
+        return L.unembed(h, self.embed[...], self.lm_head)

@@ -70,6 +70,24 @@ class RMSNorm(nnx.Module):
         return self.scale[...] * normed.astype(x.dtype)
 
 
+# HF activation names (ACT2FN) of the MLPs and projectors the families use.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+def patchify(pixel_values: jax.Array, patch: int) -> jax.Array:
+    """[n, C, H, W] -> [n, (H/p)*(W/p), C*p*p]: patches row-major over the grid, each flattened as
+    (C, p, p), the order of the flattened Conv2d kernel."""
+    n, c, h, w = pixel_values.shape
+    x = pixel_values.reshape(n, c, h // patch, patch, w // patch, patch)
+    return x.transpose(0, 2, 4, 1, 3, 5).reshape(n, (h // patch) * (w // patch), c * patch * patch)
+
+
 def rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -95,6 +113,115 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | Non
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=PRECISION)
     return out.reshape(B, T, Hq, v.shape[-1])
+
+
+def equal_size_runs(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive equal sizes as (first element, n items, size), items laid end to end.
+
+    The images of a vision batch are concatenated and attend only within themselves; batching
+    each run of equal-size images as [n, size] avoids an [N, N] mask over all patches of the
+    batch (quadratic in the number of images).
+    """
+    runs, start = [], 0
+    for size in sizes:
+        if runs and runs[-1][2] == size:
+            first, n, _ = runs[-1]
+            runs[-1] = (first, n + 1, size)
+        else:
+            runs.append((start, 1, size))
+        start += size
+    return runs
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, runs, scale: float) -> jax.Array:
+    """Attention of concatenated images, each attending only to itself (block-diagonal).
+
+    q/k/v [N, H, hd] with the images laid end to end; runs: `equal_size_runs` of their sizes.
+    Returns [N, H * hd].
+    """
+    N, H, hd = q.shape
+    parts = []
+    for first, n, size in runs:
+        q_g, k_g, v_g = (t[first:first + n * size].reshape(n, size, H, hd) for t in (q, k, v))
+        parts.append(attention(q_g, k_g, v_g, None, scale).reshape(n * size, H * hd))
+    return jnp.concatenate(parts)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] -> position ids [B, T]: cumsum(mask) - 1 on real tokens, 0 on padding."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.where(m > 0, jnp.cumsum(m, axis=1) - 1, 0)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, factor: float = 1.0):
+    """positions [B, T] -> cos, sin [B, T, head_dim] float32 (HF default / linear RoPE)."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if factor != 1.0:
+        inv_freq = inv_freq / factor
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def causal_mask(attention_mask: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """[B, T] padding mask -> allowed [B, T, T]: keys at or before the query (and, with a window
+    W, after q - W, as HF's sliding_window_overlay), never padding keys."""
+    T = attention_mask.shape[1]
+    q, kv = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    allowed = kv <= q
+    if sliding_window is not None:
+        allowed = allowed & (kv > q - sliding_window)
+    return allowed[None] & attention_mask.astype(bool)[:, None, :]
+
+
+class DecoderLayer(nnx.Module):
+    """The pre-norm decoder layer of the Llama lineage (Qwen2, Mistral): RMSNorm, GQA attention
+    with RoPE, residual, RMSNorm, gated MLP, residual; taps at the four per-layer LM sites."""
+
+    def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, *, eps: float,
+                 qkv_bias: bool, act: str = "silu", dtype, rngs: nnx.Rngs):
+        hd = head_dim
+        self.input_norm = RMSNorm(d, eps=eps, dtype=dtype)
+        self.q = Dense(d, heads * hd, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.k = Dense(d, kv_heads * hd, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.v = Dense(d, kv_heads * hd, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.o = Dense(heads * hd, d, bias=False, dtype=dtype, rngs=rngs)
+        self.post_norm = RMSNorm(d, eps=eps, dtype=dtype)
+        self.gate = Dense(d, intermediate, bias=False, dtype=dtype, rngs=rngs)
+        self.up = Dense(d, intermediate, bias=False, dtype=dtype, rngs=rngs)
+        self.down = Dense(intermediate, d, bias=False, dtype=dtype, rngs=rngs)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hd
+        self.act = act
+
+    def __call__(self, x, ctx: dict, taps: Taps, layer):
+        """x [B, T, D] (resid_pre) -> resid_post. ctx: cos/sin [B, T, hd], allowed [B, T, T]."""
+        B, T, _ = x.shape
+        x = taps.at(sites.LM_RESID_PRE, x, layer)
+        h = self.input_norm(x)
+        cos, sin = ctx["cos"][:, :, None].astype(x.dtype), ctx["sin"][:, :, None].astype(x.dtype)
+        q = apply_rope(self.q(h).reshape(B, T, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k(h).reshape(B, T, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v(h).reshape(B, T, self.kv_heads, self.head_dim)
+        a = self.o(attention(q, k, v, ctx["allowed"], self.head_dim**-0.5).reshape(B, T, -1))
+        x = x + taps.at(sites.LM_ATTN_OUT, a, layer)
+        h = self.post_norm(x)
+        m = self.down(ACTIVATIONS[self.act](self.gate(h)) * self.up(h))
+        x = x + taps.at(sites.LM_MLP_OUT, m, layer)
+        return taps.at(sites.LM_RESID_POST, x, layer)
+
+
+def scatter_rows(x: jax.Array, at: jax.Array, rows: jax.Array) -> jax.Array:
+    """x [B, T, D] with rows [N, D] written in order over the positions where `at` [B, T] is True,
+    counted row-major over the batch (torch's masked_scatter of the visual tokens)."""
+    slot = jnp.clip(jnp.cumsum(at.reshape(-1)).reshape(at.shape) - 1, 0, rows.shape[0] - 1)
+    return jnp.where(at[..., None], rows[slot].astype(x.dtype), x)
+
+
+def unembed(h: jax.Array, embed: jax.Array, lm_head: Dense | None) -> jax.Array:
+    """h [..., D] -> logits [..., V] float32, against the embedding table [V, D] when tied
+    (lm_head None)."""
+    w = embed.T if lm_head is None else lm_head.kernel[...]
+    return jnp.matmul(h, w, precision=PRECISION).astype(jnp.float32)
 
 
 def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:

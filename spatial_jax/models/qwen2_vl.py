@@ -18,6 +18,7 @@ from flax import nnx
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.models import layers as L
+from spatial_jax.models.layers import DecoderLayer
 
 _VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
 
@@ -144,20 +145,8 @@ def vision_patch_layout(grid_thw: tuple[tuple[int, int, int], ...], merge: int) 
 
 
 def image_groups(grid_thw: tuple[tuple[int, int, int], ...]) -> list[tuple[int, int, int]]:
-    """Runs of consecutive equal-size images as (first patch, n images, patches per image).
-
-    Attention stays inside each image; batching a run as [n, Np] avoids an [N, N] mask over all
-    patches of the batch (quadratic in the number of images).
-    """
-    groups, start = [], 0
-    for _, h, w in grid_thw:
-        if groups and groups[-1][2] == h * w:
-            first, n, size = groups[-1]
-            groups[-1] = (first, n + 1, size)
-        else:
-            groups.append((start, 1, h * w))
-        start += h * w
-    return groups
+    """Runs of consecutive equal-size images as (first patch, n images, patches per image)."""
+    return L.equal_size_runs([h * w for _, h, w in grid_thw])
 
 
 class VisionBlock(nnx.Module):
@@ -179,12 +168,7 @@ class VisionBlock(nnx.Module):
         # HF rotates the vision q/k in float32 whatever the model dtype.
         q = L.apply_rope(qkv[:, 0].astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
         k = L.apply_rope(qkv[:, 1].astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
-        v = qkv[:, 2]
-        parts = []
-        for first, n, size in groups:
-            q_g, k_g, v_g = (t[first:first + n * size].reshape(n, size, self.heads, hd) for t in (q, k, v))
-            parts.append(L.attention(q_g, k_g, v_g, None, hd**-0.5).reshape(n * size, D))
-        a = jnp.concatenate(parts)[None]
+        a = L.blockwise_attention(q, k, qkv[:, 2], groups, hd**-0.5)[None]
         x = x + self.proj(a)
         h = self.fc1(self.norm2(x))
         return x + self.fc2(h * jax.nn.sigmoid(1.702 * h))  # quick_gelu
@@ -271,37 +255,6 @@ def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, section: tu
     return jnp.cos(emb), jnp.sin(emb)
 
 
-class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen2VLConfig, *, dtype, rngs: nnx.Rngs):
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.input_norm = L.RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.q = L.Dense(d, cfg.num_heads * hd, bias=True, dtype=dtype, rngs=rngs)
-        self.k = L.Dense(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, rngs=rngs)
-        self.v = L.Dense(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, rngs=rngs)
-        self.o = L.Dense(cfg.num_heads * hd, d, bias=False, dtype=dtype, rngs=rngs)
-        self.post_norm = L.RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.gate = L.Dense(d, cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
-        self.up = L.Dense(d, cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
-        self.down = L.Dense(cfg.intermediate_size, d, bias=False, dtype=dtype, rngs=rngs)
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-
-    def __call__(self, x, ctx: dict, taps: Taps, layer):
-        """x [B, T, D] (resid_pre) -> resid_post. ctx: cos/sin [B, T, hd], allowed [B, T, T]."""
-        B, T, _ = x.shape
-        x = taps.at(sites.LM_RESID_PRE, x, layer)
-        h = self.input_norm(x)
-        cos, sin = ctx["cos"][:, :, None].astype(x.dtype), ctx["sin"][:, :, None].astype(x.dtype)
-        q = L.apply_rope(self.q(h).reshape(B, T, self.heads, self.head_dim), cos, sin)
-        k = L.apply_rope(self.k(h).reshape(B, T, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v(h).reshape(B, T, self.kv_heads, self.head_dim)
-        a = self.o(L.attention(q, k, v, ctx["allowed"], self.head_dim**-0.5).reshape(B, T, -1))
-        x = x + taps.at(sites.LM_ATTN_OUT, a, layer)
-        h = self.post_norm(x)
-        m = self.down(jax.nn.silu(self.gate(h)) * self.up(h))
-        x = x + taps.at(sites.LM_MLP_OUT, m, layer)
-        return taps.at(sites.LM_RESID_POST, x, layer)
-
-
 class Qwen2VL(nnx.Module):
     """Qwen2VLForConditionalGeneration, as the pieces every family exposes to the runner in
     forward.py: embed_inputs -> lm_context -> layers (stacked) -> final -> unembed."""
@@ -310,7 +263,10 @@ class Qwen2VL(nnx.Module):
         self.cfg = cfg
         self.vision = VisionTower(cfg, dtype=dtype, rngs=rngs)
         self.embed = nnx.Param(L.init_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
-        self.layers = L.stack_modules([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = L.stack_modules([
+            DecoderLayer(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                         eps=cfg.rms_norm_eps, qkv_bias=True, dtype=dtype, rngs=rngs)
+            for _ in range(cfg.num_layers)])
         self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else L.Dense(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
@@ -321,9 +277,7 @@ class Qwen2VL(nnx.Module):
         if batch.pixel_values is None:
             return x
         vis = self.vision(batch.pixel_values, batch.image_grid_thw, taps)[0]
-        is_img = batch.input_ids == self.cfg.image_token_id
-        slot = jnp.clip(jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1, 0, vis.shape[0] - 1)
-        return jnp.where(is_img[..., None], vis[slot].astype(x.dtype), x)
+        return L.scatter_rows(x, batch.input_ids == self.cfg.image_token_id, vis)
 
     @staticmethod
     def check_batch(cfg: Qwen2VLConfig, batch) -> None:
@@ -363,18 +317,14 @@ class Qwen2VL(nnx.Module):
     def lm_context(self, batch) -> dict:
         """What every decoder layer needs besides the residual: M-RoPE cos/sin and the mask."""
         cfg = self.cfg
-        T = batch.input_ids.shape[1]
         pos = mrope_positions(batch.input_ids, batch.attention_mask, batch.image_grid_thw,
                               cfg.image_token_id, cfg.merge_size)
         cos, sin = mrope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-        causal = jnp.tril(jnp.ones((T, T), bool))
-        allowed = causal[None] & batch.attention_mask.astype(bool)[:, None, :]
-        return {"cos": cos, "sin": sin, "allowed": allowed}
+        return {"cos": cos, "sin": sin, "allowed": L.causal_mask(batch.attention_mask)}
 
     def final(self, x: jax.Array, taps: Taps) -> jax.Array:
         return taps.at(sites.LM_FINAL, self.norm(x))
 
     def unembed(self, h: jax.Array) -> jax.Array:
         """h [..., D] -> logits [..., V] float32."""
-        w = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return jnp.matmul(h, w, precision=L.PRECISION).astype(jnp.float32)
+        return L.unembed(h, self.embed[...], self.lm_head)

@@ -31,8 +31,8 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from spatial_jax.processing.qwen2_vl import (
-    PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, TOKENIZER_CONFIG, TOKENIZER_FILE, ImageEntry, _as_image_list,
-    _read_json, load_chat_template, to_rgb,
+    PROCESSOR_CONFIG, TOKENIZER_CONFIG, TOKENIZER_FILE, ImageEntry, _as_image_list, _read_json, load_chat_template,
+    read_image_processor_config, rescale_and_normalize, to_rgb,
 )
 
 BOI = "<start_of_image>"
@@ -80,18 +80,8 @@ class ImageConfig:
 
     @classmethod
     def from_dir(cls, path: Union[str, os.PathLike]) -> "ImageConfig":
-        """As transformers 5.23 loads it: processor_config.json's nested "image_processor" first
-        (what save_pretrained writes), then preprocessor_config.json (the hub layout)."""
-        processor_file = os.path.join(path, PROCESSOR_CONFIG)
-        if os.path.isfile(processor_file):
-            nested = _read_json(processor_file).get("image_processor")
-            if isinstance(nested, dict):
-                return cls.from_dict(nested, source=processor_file)
-        preprocessor_file = os.path.join(path, PREPROCESSOR_CONFIG)
-        if not os.path.isfile(preprocessor_file):
-            raise FileNotFoundError(
-                f"{path}: missing {PREPROCESSOR_CONFIG} (nor does {PROCESSOR_CONFIG} hold an 'image_processor')")
-        return cls.from_dict(_read_json(preprocessor_file), source=preprocessor_file)
+        """As transformers 5.23 loads it (see `read_image_processor_config`)."""
+        return cls.from_dict(*read_image_processor_config(path))
 
 
 def preprocess_image(image: Image.Image, config: ImageConfig) -> np.ndarray:
@@ -99,14 +89,7 @@ def preprocess_image(image: Image.Image, config: ImageConfig) -> np.ndarray:
     rgb = to_rgb(image)
     if config.do_resize:
         rgb = rgb.resize((config.width, config.height), resample=Image.Resampling(config.resample))
-    chw = np.asarray(rgb).transpose(2, 0, 1)
-    pixels = (chw.astype(np.float64) * config.rescale_factor).astype(np.float32) if config.do_rescale \
-        else chw.astype(np.float32)
-    if config.do_normalize:
-        mean = np.asarray(config.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(config.image_std, dtype=np.float32)[:, None, None]
-        pixels = (pixels - mean) / std
-    return pixels
+    return rescale_and_normalize(np.asarray(rgb).transpose(2, 0, 1), config)
 
 
 def _image_seq_length(path: str) -> int:

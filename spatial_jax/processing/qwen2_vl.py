@@ -141,24 +141,43 @@ class ImageConfig:
 
     @classmethod
     def from_dir(cls, path: Union[str, os.PathLike]) -> "ImageConfig":
-        """Loads the config as transformers 5.23 does: processor_config.json's nested "image_processor" first,
-        then preprocessor_config.json."""
-        processor_file = os.path.join(path, PROCESSOR_CONFIG)
-        if os.path.isfile(processor_file):
-            nested = _read_json(processor_file).get("image_processor")
-            if isinstance(nested, dict):
-                return cls.from_dict(nested, source=processor_file)
-        preprocessor_file = os.path.join(path, PREPROCESSOR_CONFIG)
-        if not os.path.isfile(preprocessor_file):
-            raise FileNotFoundError(
-                f"{path}: missing {PREPROCESSOR_CONFIG} (nor does {PROCESSOR_CONFIG} hold an 'image_processor')"
-            )
-        return cls.from_dict(_read_json(preprocessor_file), source=preprocessor_file)
+        """As transformers 5.23 loads it (see `read_image_processor_config`)."""
+        return cls.from_dict(*read_image_processor_config(path))
 
 
 def _read_json(path: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_image_processor_config(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], str]:
+    """(the image processor's settings, the file they came from) of a checkpoint dir, as transformers
+    5.23 loads them: processor_config.json's nested "image_processor" first (what save_pretrained
+    writes), then preprocessor_config.json (the hub layout). FileNotFoundError if neither has them."""
+    processor_file = os.path.join(path, PROCESSOR_CONFIG)
+    if os.path.isfile(processor_file):
+        nested = _read_json(processor_file).get("image_processor")
+        if isinstance(nested, dict):
+            return nested, processor_file
+    preprocessor_file = os.path.join(path, PREPROCESSOR_CONFIG)
+    if not os.path.isfile(preprocessor_file):
+        raise FileNotFoundError(
+            f"{path}: missing {PREPROCESSOR_CONFIG} (nor does {PROCESSOR_CONFIG} hold an 'image_processor')"
+        )
+    return _read_json(preprocessor_file), preprocessor_file
+
+
+def rescale_and_normalize(chw: np.ndarray, config) -> np.ndarray:
+    """uint8 [3, H, W] -> float32 pixels with the dtypes of HF's PIL backend: rescaled in float64 then
+    cast, normalised in float32. config: an image config with do_rescale, rescale_factor,
+    do_normalize, image_mean and image_std."""
+    pixels = (chw.astype(np.float64) * config.rescale_factor).astype(np.float32) if config.do_rescale \
+        else chw.astype(np.float32)
+    if config.do_normalize:
+        mean = np.asarray(config.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(config.image_std, dtype=np.float32)[:, None, None]
+        pixels = (pixels - mean) / std
+    return pixels
 
 
 def smart_resize(
@@ -220,14 +239,7 @@ def preprocess_image(image: Image.Image, config: ImageConfig) -> tuple[np.ndarra
     rgb = to_rgb(image)
     height, width = smart_resize(rgb.height, rgb.width, config.factor, config.min_pixels, config.max_pixels)
     resized = np.asarray(rgb.resize((width, height), resample=Image.Resampling(config.resample)))
-    chw = resized.transpose(2, 0, 1)  # [3, H, W] uint8
-    # Same dtypes as HF: the rescale is done in float64 then cast, the normalisation in float32.
-    pixels = (chw.astype(np.float64) * config.rescale_factor).astype(np.float32) if config.do_rescale \
-        else chw.astype(np.float32)
-    if config.do_normalize:
-        mean = np.asarray(config.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(config.image_std, dtype=np.float32)[:, None, None]
-        pixels = (pixels - mean) / std
+    pixels = rescale_and_normalize(resized.transpose(2, 0, 1), config)
     p, m, t = config.patch_size, config.merge_size, config.temporal_patch_size
     gh, gw = height // p, width // p
     blocks = pixels.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
