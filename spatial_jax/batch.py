@@ -15,10 +15,15 @@ class Batch:
 
     input_ids:      [B, T] int
     attention_mask: [B, T] int, 1 = real token, 0 = padding (None: all real)
-    pixel_values:   Qwen2-VL [N_patches, C*tp*p*p] (all images concatenated); Gemma 3 [n_img, 3, H, W]
+    pixel_values:   Qwen2-VL [N_patches, C*tp*p*p] (all images concatenated); Gemma 3 [n_img, 3, H, W];
+                    Pixtral [n_img, 3, H_max, W_max] (zero-padded at the bottom and right)
     image_grid_thw: Qwen2-VL [n_img, 3] int (t, h, w in patches)
     token_type_ids: Gemma 3 [B, T] int, 1 at image soft tokens
-    image_sizes:    Pixtral [n_img, 2] int
+    image_sizes:    Pixtral [n_img, 2] int (height, width in pixels of each image inside the padded
+                    pixel_values)
+
+    image_grid_thw and image_sizes fix every vision shape (like an array shape does), so they are
+    static pytree metadata, held as tuples of int tuples: a jitted forward specializes on them.
     """
 
     input_ids: jax.Array | np.ndarray
@@ -27,12 +32,15 @@ class Batch:
     image_grid_thw: Optional[tuple[tuple[int, int, int], ...]] = dataclasses.field(
         default=None, metadata=dict(static=True))
     token_type_ids: Optional[jax.Array | np.ndarray] = None
-    image_sizes: Optional[jax.Array | np.ndarray] = None
+    image_sizes: Optional[tuple[tuple[int, int], ...]] = dataclasses.field(
+        default=None, metadata=dict(static=True))
 
     def __post_init__(self):
-        if self.image_grid_thw is not None:
-            grid = tuple(tuple(int(v) for v in row) for row in np.asarray(self.image_grid_thw).reshape(-1, 3))
-            object.__setattr__(self, "image_grid_thw", grid)
+        for name, width in (("image_grid_thw", 3), ("image_sizes", 2)):
+            value = getattr(self, name)
+            if value is not None:
+                rows = tuple(tuple(int(v) for v in row) for row in np.asarray(value).reshape(-1, width))
+                object.__setattr__(self, name, rows)
 
     def with_defaults(self) -> "Batch":
         """Fills attention_mask with ones when absent, so jitted code sees one structure."""

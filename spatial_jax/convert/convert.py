@@ -77,7 +77,8 @@ def convert_hf(hf_dir: str, dtype: str = "float32"):
         raise CheckpointError(f"{hf_dir}: no key-map entry fills {missing[0]} ({len(missing)} params)")
     unused = sorted(set(reader.names()) - used)
     if unused:
-        tied = cfg.tie_word_embeddings and unused == ["lm_head.weight"]
+        head = next(hf for path, hf, _ in table if path == "lm_head/kernel")
+        tied = cfg.tie_word_embeddings and unused == [head]
         if not tied:
             raise CheckpointError(f"{hf_dir}: {len(unused)} tensors not in the {family.name} key map, "
                                   f"e.g. {unused[0]}")

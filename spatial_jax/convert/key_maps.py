@@ -126,7 +126,47 @@ GEMMA3_ALIASES = (
     ("language_model.lm_head.", "lm_head."),
 )
 
+_PIXTRAL_VISION_BLOCK = (
+    ("norm1/scale", "attention_norm.weight", None),
+    ("q/kernel", "attention.q_proj.weight", "T"),
+    ("k/kernel", "attention.k_proj.weight", "T"),
+    ("v/kernel", "attention.v_proj.weight", "T"),
+    ("o/kernel", "attention.o_proj.weight", "T"),
+    ("norm2/scale", "ffn_norm.weight", None),
+    ("gate/kernel", "feed_forward.gate_proj.weight", "T"),
+    ("up/kernel", "feed_forward.up_proj.weight", "T"),
+    ("down/kernel", "feed_forward.down_proj.weight", "T"),
+)
+
+# Mistral's decoder layer is Qwen2's without the q/k/v biases (the same module, layers.DecoderLayer).
+_MISTRAL_DECODER_LAYER = tuple(entry for entry in _QWEN_DECODER_LAYER if not entry[0].endswith("/bias"))
+
+# Hub names (mistral-community/pixtral-12b), which transformers 5.23's save_pretrained writes too.
+# Projector biases are read only when the config has multimodal_projector_bias (the default).
+PIXTRAL: KeyMap = (
+    ("vision/patch_embed/kernel", "vision_tower.patch_conv.weight", "flat_T"),
+    ("vision/ln_pre/scale", "vision_tower.ln_pre.weight", None),
+    *((f"vision/blocks/{ours}", f"vision_tower.transformer.layers.{{i}}.{hf}", t) for ours, hf, t in _PIXTRAL_VISION_BLOCK),
+    ("vision/projector_fc1/kernel", "multi_modal_projector.linear_1.weight", "T"),
+    ("vision/projector_fc1/bias", "multi_modal_projector.linear_1.bias", None),
+    ("vision/projector_fc2/kernel", "multi_modal_projector.linear_2.weight", "T"),
+    ("vision/projector_fc2/bias", "multi_modal_projector.linear_2.bias", None),
+    ("embed", "language_model.model.embed_tokens.weight", None),
+    *((f"layers/{ours}", f"language_model.model.layers.{{i}}.{hf}", t) for ours, hf, t in _MISTRAL_DECODER_LAYER),
+    ("norm/scale", "language_model.model.norm.weight", None),
+    ("lm_head/kernel", "language_model.lm_head.weight", "T"),
+)
+
+# transformers' runtime module names (a 5.x state_dict) -> the hub names above.
+PIXTRAL_ALIASES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
 TABLES: dict[str, tuple[KeyMap, tuple[tuple[str, str], ...]]] = {
     "qwen2_vl": (QWEN2_VL, QWEN2_VL_ALIASES),
     "gemma3": (GEMMA3, GEMMA3_ALIASES),
+    "pixtral": (PIXTRAL, PIXTRAL_ALIASES),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from spatial_jax.models import gemma3, qwen2_vl
+from spatial_jax.models import gemma3, pixtral, qwen2_vl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +21,9 @@ FAMILIES: dict[str, Family] = {
                        ("Qwen2VLForConditionalGeneration",), ("qwen2_vl",)),
     "gemma3": Family("gemma3", gemma3.Gemma3Config, gemma3.Gemma3,
                      ("Gemma3ForConditionalGeneration",), ("gemma3",)),
+    # Any Llava checkpoint lands here; PixtralConfig.from_hf refuses the non-Pixtral ones.
+    "pixtral": Family("pixtral", pixtral.PixtralConfig, pixtral.Pixtral,
+                      ("LlavaForConditionalGeneration",), ("llava",)),
 }
 
 

@@ -107,10 +107,34 @@ GEMMA3_RULES: tuple[Rule, ...] = (
     (CATCH_ALL, REPLICATED),
 )
 
+PIXTRAL_RULES: tuple[Rule, ...] = (
+    # language model (Mistral): [L, ...] stacked decoder layers, no biases
+    (r"^layers/(input_norm|post_norm)/scale$", REPLICATED),
+    (r"^layers/(q|k|v)/kernel$", COLUMN),      # [L, D, H*hd]
+    (r"^layers/o/kernel$", ROW),               # [L, H*hd, D]
+    (r"^layers/(gate|up)/kernel$", COLUMN),    # [L, D, I]
+    (r"^layers/down/kernel$", ROW),            # [L, I, D]
+    (r"^embed$", P(MODEL, None)),              # [V, D]
+    (r"^lm_head/kernel$", P(None, MODEL)),     # [D, V]
+    (r"^norm/scale$", REPLICATED),
+    # vision tower: [Lv, ...] stacked blocks with separate q/k/v (head-aligned column splits)
+    (r"^vision/blocks/(norm1|norm2)/scale$", REPLICATED),
+    (r"^vision/blocks/(q|k|v|gate|up)/kernel$", COLUMN),
+    (r"^vision/blocks/(o|down)/kernel$", ROW),
+    (r"^vision/(patch_embed/kernel|ln_pre/scale)$", REPLICATED),  # [C*p*p, Dv], [Dv]: small
+    # projector: linear -> GELU -> linear, split like an MLP
+    (r"^vision/projector_fc1/kernel$", COLUMN),   # [Dv, D]
+    (r"^vision/projector_fc1/bias$", COLUMN_BIAS),
+    (r"^vision/projector_fc2/kernel$", ROW),      # [D, D]
+    (r"^vision/projector_fc2/bias$", REPLICATED),
+    (CATCH_ALL, REPLICATED),
+)
+
 # Families without a table of their own use GENERIC_RULES (see `rules_for`).
 RULES: dict[str, tuple[Rule, ...]] = {
     "qwen2_vl": QWEN2_VL_RULES,
     "gemma3": GEMMA3_RULES,
+    "pixtral": PIXTRAL_RULES,
 }
 
 
@@ -187,5 +211,5 @@ def table(params: Mapping, family: str, mesh: Mesh) -> str:
 
 
 __all__ = ["DATA", "MODEL", "COLUMN", "COLUMN_BIAS", "ROW", "REPLICATED", "CATCH_ALL", "GENERIC_RULES",
-           "QWEN2_VL_RULES", "GEMMA3_RULES", "RULES", "rules_for", "match", "spec_for", "param_specs", "param_shardings",
+           "QWEN2_VL_RULES", "GEMMA3_RULES", "PIXTRAL_RULES", "RULES", "rules_for", "match", "spec_for", "param_specs", "param_shardings",
            "unmatched", "table"]

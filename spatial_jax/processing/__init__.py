@@ -9,4 +9,7 @@ def for_family(family: str):
     if family == "gemma3":
         from spatial_jax.processing.gemma3 import Gemma3Prep
         return Gemma3Prep
+    if family == "pixtral":
+        from spatial_jax.processing.pixtral import PixtralPrep
+        return PixtralPrep
     raise ValueError(f"no processor for model family {family!r}")
