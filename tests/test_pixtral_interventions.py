@@ -1,0 +1,102 @@
+"""The intervention engine on Pixtral, with no family-specific code: patches done by our engine
+equal the same patches done with PyTorch forward hooks on transformers' model (as the paper's code
+patches), and a batched sweep equals one forward per variant."""
+from __future__ import annotations
+
+import numpy as np
+
+import fixtures_pixtral as fp
+from fixtures_pixtral import pixtral_ckpts  # noqa: F401  (session fixture)
+import spatial_jax as sj
+
+TOL = 1e-4
+W = list(range(16, 16 + len(fp.WORDS)))
+# Two left-padded rows, one 2 x 3-patch image each, at different offsets.
+PROMPTS = [[W[:1], (32, 48), W[1:3]], [W[3:6], (32, 48), W[6:7]]]
+
+
+def _inputs(seed: int):
+    return fp.make_inputs(PROMPTS, seed=seed)
+
+
+def _columns(ids: np.ndarray):
+    """Per row: sequence positions of the image's left and right patch columns."""
+    out = []
+    for row in ids:
+        grid = np.flatnonzero(row == fp.IMG).reshape(2, 3)
+        out.append((grid[:, 0], grid[:, 2]))
+    return out
+
+
+def test_criss_cross_and_amplify_match_hf_hooks(pixtral_ckpts):
+    """Left <-> right image columns swapped in lm.resid_pre of layer 2 with the counterfactual's
+    activations, after amplifying the visual tokens at lm.resid_pre of layer 0."""
+    import torch
+
+    model, hf = pixtral_ckpts.model(), pixtral_ckpts.hf_model()
+    clean, cf = _inputs(0), _inputs(1)
+    layer = 2
+    src = np.asarray(sj.forward(model, fp.to_batch(cf), cache=("lm.resid_pre",)).cache["lm.resid_pre"][:, layer])
+    T = clean["input_ids"].shape[1]
+    index = np.stack([sj.swap_index(T, [cols]) for cols in _columns(clean["input_ids"])])
+    W_dir = np.random.default_rng(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
+    at = clean["input_ids"] == fp.IMG
+    ivs = [sj.Intervention(site="lm.resid_pre", op="amplify", layer=0, directions=W_dir, alpha=4.0,
+                           index=sj.mask_index(at)),
+           sj.Intervention(site="lm.resid_pre", op="replace", layer=layer, source=src, index=index)]
+    ours = np.asarray(sj.forward(model, fp.to_batch(clean), interventions=ivs).logits)
+
+    Wt, sel = torch.tensor(W_dir), torch.tensor(at)
+
+    def amplify(h):  # the official coco_amplification hook
+        coeff = (h @ Wt) / ((Wt * Wt).sum(0) + 1e-8)
+        return torch.where(sel[..., None], h + 4.0 * coeff @ Wt.T, h)
+
+    layers = hf.model.language_model.layers
+    ref = fp.hf_run(hf, clean, hooks=[(layers[0], "pre", amplify),
+                                      (layers[layer], "pre", fp.torch_replace(index, src))])["logits"]
+    clean_logits = fp.hf_run(hf, clean)["logits"]
+    assert np.abs(ref - clean_logits).max() > 0.1  # the patches change the output
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+
+
+def test_vision_block_and_token_patches_match_hf_hooks(pixtral_ckpts):
+    """vision.block_out of block 0 (patch index) and vision.tokens (token index) replaced with
+    given values on some positions; HF hooks on the first Pixtral layer and on the projector."""
+    model, hf = pixtral_ckpts.model(), pixtral_ckpts.hf_model()
+    clean = _inputs(0)
+    n = 2 * 6  # two 2 x 3-patch images: one token per patch
+    rng = np.random.default_rng(2)
+    blk_src = rng.standard_normal((1, n, model.config.vision_dim)).astype(np.float32)
+    tok_src = rng.standard_normal((1, n, model.config.hidden_size)).astype(np.float32)
+    blk_index = np.where(np.arange(n) < 5, np.arange(n), -1)[None]
+    tok_index = np.where(np.arange(n) % 3 == 1, (np.arange(n) + 4) % n, -1)[None]
+    ivs = [sj.Intervention(site="vision.block_out", op="replace", layer=0, source=blk_src, index=blk_index),
+           sj.Intervention(site="vision.tokens", op="replace", source=tok_src, index=tok_index)]
+    out = sj.forward(model, fp.to_batch(clean), interventions=ivs, cache=("vision.tokens",))
+    ref = fp.hf_run(hf, clean, hooks=[(hf.model.vision_tower.transformer.layers[0], "post",
+                                       fp.torch_replace(blk_index, blk_src)),
+                                      (hf.model.multi_modal_projector, "post", fp.torch_replace(tok_index, tok_src))])
+    np.testing.assert_allclose(np.asarray(out.cache["vision.tokens"]), ref["vision.tokens"], rtol=0, atol=TOL)
+    np.testing.assert_allclose(np.asarray(out.logits), ref["logits"], rtol=0, atol=TOL)
+
+
+def test_sweep_equals_one_forward_per_layer(pixtral_ckpts):
+    """A criss-cross sweep over every layer (one vmapped call per chunk, restarting the LM at the
+    patched layer) equals a full forward per layer."""
+    model = pixtral_ckpts.model()
+    clean, cf = fp.to_batch(_inputs(0)), fp.to_batch(_inputs(1))
+    site, L = "lm.resid_pre", model.config.num_layers
+    src = np.asarray(sj.forward(model, cf, cache=(site,)).cache[site])  # [B, L, T, D]
+    T = clean.input_ids.shape[1]
+    index = np.stack([sj.swap_index(T, [cols]) for cols in _columns(np.asarray(clean.input_ids))])
+    tokens = np.array([fp.vocab_id("left"), fp.vocab_id("right"), fp.vocab_id("above")])
+    readout = sj.Readout(position=sj.last_positions(clean.attention_mask), tokens=tokens)
+    iv = sj.Intervention(site=site, op="replace", layer=np.arange(L), index=np.broadcast_to(index, (L,) + index.shape),
+                         source=np.moveaxis(src, 1, 0))
+    res = sj.patch_sweep(model, clean, [iv], readout, chunk_size=2)
+    for layer in range(L):
+        one = sj.Intervention(site=site, op="replace", layer=layer, index=index, source=src[:, layer])
+        logits = np.asarray(sj.forward(model, clean, interventions=[one]).logits)[:, -1]
+        np.testing.assert_allclose(res.logits[layer], logits[:, tokens], atol=1e-5)
+        np.testing.assert_array_equal(res.argmax[layer], logits.argmax(-1))
