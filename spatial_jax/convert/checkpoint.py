@@ -56,17 +56,26 @@ def _save_params(path: str, params: dict) -> None:
         path, args=ocp.args.PyTreeSave(params))
 
 
+def partial_dir(out_dir: str) -> str:
+    """A new empty dir beside `out_dir` to write into before renaming it to `out_dir`.
+
+    os.mkdir, not tempfile.mkdtemp: the renamed dir keeps the user's umask, not mkdtemp's 0o700.
+    """
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
+    os.mkdir(tmp)
+    return tmp
+
+
 def write_converted(out_dir: str, hf_dir: str, family: str, dtype: str, params: dict) -> None:
     """Writes a converted checkpoint atomically: into a temp dir beside `out_dir`, then renamed.
 
     `out_dir` must not exist or be empty; on any failure nothing is left at `out_dir`.
     """
     out_dir = check_output_dir(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # os.mkdir, not tempfile.mkdtemp: the renamed dir keeps the user's umask, not mkdtemp's 0o700.
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
-    os.mkdir(tmp)
+    tmp = partial_dir(out_dir)
     try:
         _save_params(os.path.join(tmp, PARAMS_DIR), params)
         for pattern in SIDE_FILES:

@@ -38,6 +38,12 @@ def export_hf(out_dir: str, family: str, cfg, params: dict) -> None:
                 tensors[hf_name.format(i=i)] = np.ascontiguousarray(_inverse(x[i], how, cfg))
         else:
             tensors[hf_name] = np.ascontiguousarray(_inverse(x, how, cfg))
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    weights = os.path.join(out_dir, "model.safetensors")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    # safetensors writes 0o600 whatever the umask; a shared checkpoint must be readable as the
+    # other files are.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 import spatial_jax as sj
+from spatial_jax.convert.checkpoint import partial_dir
 from spatial_jax.convert.export import export_hf
 from spatial_jax.data import scoring
 from spatial_jax.data.geometry import get_geometry
@@ -30,9 +30,7 @@ META_FILE = "organism.json"
 
 def save(out_dir: str, cfg, params: dict, words: Sequence[str], meta: dict[str, Any]) -> None:
     """Writes the checkpoint to a sibling temp dir and moves it into place (no half-written dir)."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".organism-", dir=parent)
+    tmp = partial_dir(out_dir)
     try:
         export_hf(tmp, "qwen2_vl", cfg, params)
         write_word_level_qwen2vl_processor(tmp, words)
