@@ -15,6 +15,7 @@ the alphas 1..alpha (so the curve ends at the table's value), None flat at 0.
 from __future__ import annotations
 
 import os
+import textwrap
 
 import jax
 import numpy as np
@@ -120,35 +121,43 @@ STYLES = {"None": ("gray", "-", ""), "Random": ("tab:blue", "--", "s"), "Random*
           "Probe": ("tab:red", "-", "o"), "Probe*": ("tab:red", ":", "^")}
 
 
+def _why_no_probe(v: dict) -> str:
+    if not v["failures"]:
+        return "no failures"
+    return f"{v['failures']} failures, but fewer than {MIN_PROBE_ITEMS} items to train a probe on"
+
+
 def plot(out_dir: str, summary: dict) -> None:
-    """Fix rate against alpha: a panel per (dataset, axis), a line per column of Table 2."""
-    datasets = list(dict.fromkeys(k.split("|")[0] for k in summary))
-    # each panel's legend (which holds the table's values) sits to its right, off the curves
-    fig, axes = plt.subplots(len(datasets), len(AXES), figsize=(6.6 * len(AXES), 3.0 * len(datasets)), squeeze=False)
-    for row, dataset in zip(axes, datasets):
-        for ax, axis in zip(row, AXES):
-            v = summary[f"{dataset}|{axis}"]
-            ax.set_title(f"{dataset}, {axis}: {v['failures']} failures of {v['n']}", fontsize=9)
-            if "Probe" not in v:
-                why = "no failures to fix" if not v["failures"] else f"fewer than {MIN_PROBE_ITEMS} items to train a probe on"
-                ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
-                ax.set_axis_off()
-                continue
-            alphas = np.arange(len(v["Probe_by_alpha"]))
-            for column, (colour, style, marker) in STYLES.items():
-                if column == "None":
-                    curve, label = np.zeros(len(alphas)), "None: 0.00"
-                elif column.endswith("*"):
-                    curve, label = v[column + "_by_alpha"], f"{column}: {v[column]:.2f} (any alpha)"
-                else:
-                    curve = v[column + "_by_alpha"]
-                    label = f"{column}: {v[column]:.2f} at alpha {v[column + '_best_alpha']}"
-                ax.plot(alphas, curve, color=colour, ls=style, marker=marker, ms=4, mfc="none", label=label)
-            ax.set_xticks(alphas)
-            ax.set_xlabel("alpha")
-            ax.set_ylabel("fix rate (fraction of failures)")
-            ax.set_ylim(-0.03, 1.03)
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    """Fix rate against alpha: a panel per (dataset, axis) part with a probe, a line per column of
+    Table 2; the parts without one are listed under the panels (a trained model may have none)."""
+    drawn = {k: v for k, v in summary.items() if "Probe" in v}
+    cols = min(max(len(drawn), 1), len(AXES))
+    rows = -(-len(drawn) // cols)
+    # each panel's legend (which holds the table's values) sits to its right, off the curves;
+    # without panels the figure is only the line saying why
+    fig, axes = plt.subplots(max(rows, 1), cols, figsize=(6.6 * cols, 3.0 * rows + (0.9 if rows else 1.6)), squeeze=False)
+    for ax in axes.flat[len(drawn):]:
+        ax.set_axis_off()
+    for ax, (key, v) in zip(axes.flat, drawn.items()):
+        alphas = np.arange(len(v["Probe_by_alpha"]))
+        for column, (colour, style, marker) in STYLES.items():
+            if column == "None":
+                curve, label = np.zeros(len(alphas)), "None: 0.00"
+            elif column.endswith("*"):
+                curve, label = v[column + "_by_alpha"], f"{column}: {v[column]:.2f} (any alpha)"
+            else:
+                curve = v[column + "_by_alpha"]
+                label = f"{column}: {v[column]:.2f} at alpha {v[column + '_best_alpha']}"
+            ax.plot(alphas, curve, color=colour, ls=style, marker=marker, ms=4, mfc="none", label=label)
+        ax.set_title(f"{key.replace('|', ', ')}: {v['failures']} failures of {v['n']}", fontsize=9)
+        ax.set_xticks(alphas)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("fix rate (fraction of failures)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    skipped = [f"{k.replace('|', ' ')}: {_why_no_probe(v)}" for k, v in summary.items() if "Probe" not in v]
+    if skipped:
+        fig.supxlabel(textwrap.fill("Not amplified (" + "; ".join(skipped) + ")", 110), fontsize=8)
     fig.suptitle("Amplifying the ordering directions at the LM input (paper Table 2)", fontsize=10)
     plotting.save(fig, os.path.join(out_dir, "fix_rate_by_alpha.png"))
 
@@ -158,7 +167,7 @@ def headline(summary: dict) -> str:
     for key, v in summary.items():
         name = key.replace("|", " ")
         if "Probe" not in v:
-            parts.append(f"{name}: {v['failures']} failures, no probe" if v["failures"] else f"{name}: no failures")
+            parts.append(f"{name}: {_why_no_probe(v)}")
             continue
         parts.append(f"{name} ({v['failures']} failures): " + ", ".join(f"{c} {v[c]:.2f}" for c in COLUMNS)
                      + f" (Probe at alpha {v['Probe_best_alpha']})")
