@@ -57,8 +57,8 @@ flags.DEFINE_float("p_standard", 0.5, "P(a training triple comes from the test e
 flags.DEFINE_integer("jitter", 3, "Largest random layout shift in tokens (0: the paper's fixed layout).")
 flags.DEFINE_float("p_paper_system", 0.5, "P(training prompt has the paper's system text; else the default).")
 flags.DEFINE_integer("rows_per_image", 2, "Questions per training image (2: both directions of its axis).")
-flags.DEFINE_list("warm_tasks", ["squares"], "Curriculum: the first --warm_steps steps train on these tasks only.")
-flags.DEFINE_integer("warm_steps", 400, "Steps of the curriculum's first stage (0: no curriculum).")
+flags.DEFINE_list("warm_tasks", ["squares"], "Curriculum: train on these tasks only until ... (empty: none)")
+flags.DEFINE_float("warm_until", 0.9, "... each has this val accuracy, then on every task.")
 flags.DEFINE_bool("shuffle_tokens", False, "Second organism: visual tokens enter the LM in a random order.")
 flags.DEFINE_integer("vision_depth", 2, "Vision blocks.")
 flags.DEFINE_integer("vision_dim", 64, "Vision width.")
@@ -78,6 +78,12 @@ def _short(accs: dict) -> str:
     return " ".join(f"{k[:2]} {v:.3f}" for k, v in accs.items())
 
 
+def _log_point(p: dict) -> None:
+    logging.info("step %d %.0fs (cpu %.0fs) loss %.4f train %s val %s%s", p["step"], p["seconds"], p["cpu_seconds"],
+                 p["loss"], _short(p["train"]), _short(p["val"]),
+                 " (curriculum: every task from now on)" if p.get("warm_ended") else "")
+
+
 def main(argv):
     del argv
     t0 = time.perf_counter()
@@ -93,7 +99,7 @@ def main(argv):
         tasks=tuple(FLAGS.tasks), n_val=_ints(FLAGS.n_val), n_test=_ints(FLAGS.n_test), split_seed=FLAGS.split_seed,
         n_extra_colours=FLAGS.n_extra_colours, p_standard=FLAGS.p_standard, jitter=FLAGS.jitter,
         p_paper_system=FLAGS.p_paper_system, rows_per_image=FLAGS.rows_per_image,
-        warm_tasks=tuple(FLAGS.warm_tasks), warm_steps=FLAGS.warm_steps)
+        warm_tasks=tuple(FLAGS.warm_tasks), warm_until=FLAGS.warm_until)
     encoder = odata.build(prep, data_cfg, spec.GEOMETRY)
     logging.info("data ready in %.1f s: %d cell-table rows, prompts padded to %d tokens",
                  time.perf_counter() - t0, len(encoder.cell_table), encoder.seq_len)
@@ -108,9 +114,7 @@ def main(argv):
         trainer = otrain.Trainer(model_cfg, encoder, data_cfg, cfg)
         logging.info("seed %d: %d parameters", seed, trainer.param_count())
         result = otrain.train(trainer, progress=lambda total: tqdm(total=total, desc=f"seed {seed}", mininterval=2),
-                              log=lambda p: logging.info("step %d %.0fs (cpu %.0fs) loss %.4f train %s val %s", p["step"],
-                                                         p["seconds"], p["cpu_seconds"], p["loss"],
-                                                         _short(p["train"]), _short(p["val"])))
+                              log=_log_point)
         best = nnx.state(nnx.merge(trainer.graphdef, trainer.params))
         nnx.replace_by_pure_dict(best, result.params)
         test = {name: trainer.accuracy(arrays, params=best) for name, arrays in otrain.eval_sets(encoder, "test").items()}

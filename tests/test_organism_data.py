@@ -88,15 +88,16 @@ def test_eval_items_are_the_papers(encoder):
 
 
 def test_curriculum_draws_warm_tasks_first(encoder):
-    """With warm_tasks/warm_steps, the first warm_steps batches hold only the warm tasks, later
-    batches every task; an unknown warm task is refused."""
-    cfg = odata.DataConfig(warm_tasks=("squares",), warm_steps=3)
-    sampler = odata.Sampler(encoder, cfg, batch_size=32, seed=0)
+    """While the sampler is warm, batches hold only the warm tasks; after, every task; an unknown
+    warm task is refused."""
+    sampler = odata.Sampler(encoder, odata.DataConfig(warm_tasks=("squares",)), batch_size=32, seed=0)
     seen = []
     for _ in range(5):
+        if len(seen) == 3:
+            sampler.warm = False
         sampler.next()
         seen.append(set(sampler.last_tasks))
     assert seen[:3] == [{"squares"}] * 3
     assert seen[3] | seen[4] == {"squares", "shapes", "objects"}
     with pytest.raises(ValueError, match="warm_tasks"):
-        odata.Sampler(encoder, odata.DataConfig(warm_tasks=("coco",), warm_steps=3), batch_size=32, seed=0)
+        odata.Sampler(encoder, odata.DataConfig(warm_tasks=("coco",)), batch_size=32, seed=0)

@@ -86,3 +86,23 @@ def test_chunked_prediction_equals_model(setup):
     ref = np.asarray(ref.logits[:, -1]).argmax(-1)
     assert len(set(ref.tolist())) > 1  # the perturbed model does not answer one token everywhere
     np.testing.assert_array_equal(got, ref)
+
+
+def test_curriculum_ends_at_the_evaluation_that_meets_warm_until(setup):
+    """`train` keeps the sampler on the warm task until an evaluation finds it at warm_until, then
+    trains on every task; the curve marks that evaluation."""
+    cfg, encoder, _ = setup
+    data_cfg = odata.DataConfig(warm_tasks=("squares",), warm_until=0.0)
+    trainer = otrain.Trainer(cfg, encoder, data_cfg, otrain.TrainConfig(batch_size=8, max_steps=4, eval_every=2))
+    trained = []
+    step = trainer.step
+
+    def logged_step():
+        out = step()
+        trained.append(set(trainer.sampler.last_tasks))
+        return out
+
+    trainer.step = logged_step
+    result = otrain.train(trainer)
+    assert trained[:2] == [{"squares"}] * 2 and set().union(*trained[2:]) > {"squares"}
+    assert [p.get("warm_ended", False) for p in result.curve] == [True, False]

@@ -53,8 +53,8 @@ class DataConfig:
     p_paper_system: float = 0.5                   # P(the paper's system text), else the default one
     rows_per_image: int = 2                       # questions asked of each training image: both
                                                   # directions of its axis (1: one random direction)
-    warm_tasks: tuple[str, ...] = ()              # curriculum: the first warm_steps batches draw only
-    warm_steps: int = 0                           # from these tasks (see Sampler)
+    warm_tasks: tuple[str, ...] = ()              # curriculum: batches draw only from these tasks ...
+    warm_until: float = 0.9                       # ... until each has this val accuracy (train.train)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,15 +249,14 @@ class Sampler:
         unknown = set(cfg.warm_tasks) - set(self.task_names)
         if unknown:
             raise ValueError(f"warm_tasks {sorted(unknown)} are not among the trained tasks {self.task_names}")
-        self.batches = 0
+        self.warm = bool(cfg.warm_tasks)  # the curriculum's first stage; train.train ends it
 
     def examples(self, n_images: int) -> list[tuple]:
         """rows_per_image examples for each of n_images fresh images."""
         rng, out, q = self.rng, [], self.cfg.rows_per_image
         # A curriculum: reading the layout is learnt much sooner on one task than on all of them
         # at once (BUILD_NOTES, organism); the other tasks then only add entities to recognise.
-        names = list(self.cfg.warm_tasks) if self.batches < self.cfg.warm_steps and self.cfg.warm_tasks \
-            else self.task_names
+        names = list(self.cfg.warm_tasks) if self.warm else self.task_names
         for _ in range(n_images):
             name = names[rng.integers(len(names))]
             triple = self.encoder.tasks[name].sample_train(rng, self.cfg.p_standard)
@@ -276,7 +275,6 @@ class Sampler:
         if self.batch_size % q:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of rows_per_image {q}")
         examples = self.examples(self.batch_size // q)
-        self.batches += 1
         self.last_tasks = [e[0] for e in examples]
         batch = self.encoder.encode(examples, rows_per_image=q)
         if self.shuffle_tokens:

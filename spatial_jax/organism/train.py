@@ -248,6 +248,8 @@ class RunResult:
 def train(trainer: Trainer, progress: Optional[Callable] = None, log: Optional[Callable[[dict], None]] = None) -> RunResult:
     """Trains until every task's val accuracy is >= stop_at at `stop_evals` consecutive evaluations,
     or the step / time budget runs out; returns the best parameters by (min, mean) val accuracy.
+    With a curriculum (DataConfig.warm_tasks), the evaluation at which every warm task reaches
+    `warm_until` ends its first stage (the curve point gets "warm_ended").
 
     progress: a tqdm-like factory (total=...) -> bar with update() and set_postfix(); None: silent.
     """
@@ -277,6 +279,10 @@ def train(trainer: Trainer, progress: Optional[Callable] = None, log: Optional[C
                  "val": vals}
         losses, accs, tasks = [], [], []
         curve.append(point)
+        data_cfg = trainer.data_cfg
+        if trainer.sampler.warm and all(vals[t] >= data_cfg.warm_until for t in data_cfg.warm_tasks):
+            trainer.sampler.warm = False
+            point["warm_ended"] = True
         if log:
             log(point)
         if bar:
