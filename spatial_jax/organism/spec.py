@@ -57,7 +57,7 @@ class ModelSize:
     num_kv_heads: int = 2
     intermediate_size: int = 256
     # The LM's M-RoPE gives the h and w axes its lowest frequencies; at theta 1e4 they turn by
-    # 1e-3 rad per token or less, so a 6-token grid has no usable RoPE layout signal and training
+    # 3e-3 rad per token or less, so a 6-token grid has no usable RoPE layout signal and training
     # sits for thousands of steps at "one of the two end entities" (50%). At 10 the w axis turns
     # 0.12-0.24 rad per token and Squares is learnt in ~250 steps (BUILD_NOTES, organism).
     rope_theta: float = 10.0
