@@ -28,11 +28,14 @@ from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from spatial_jax.processing.chat import (
+    ImageEntry, checked_dir, images_per_prompt, load_tokenizer, render_user_turn, token_id,
+    tokenize_chat_texts,
+)
 from spatial_jax.processing.qwen2_vl import (
-    PROCESSOR_CONFIG, TOKENIZER_CONFIG, TOKENIZER_FILE, ImageEntry, _as_image_list, _read_json, load_chat_template,
-    read_image_processor_config, rescale_and_normalize, to_rgb,
+    PROCESSOR_CONFIG, _read_json, load_chat_template, read_image_processor_config, rescale_and_normalize, to_rgb,
 )
 
 BOI = "<start_of_image>"
@@ -122,13 +125,8 @@ class Gemma3Prep:
         self.chat_template = chat_template
         self.image_config = image_config
         self.image_seq_length = image_seq_length
-        ids = {}
-        for token in (BOI, EOI, IMAGE_SOFT_TOKEN):
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
-                raise ValueError(f"the tokenizer has no {token} token; it is not a Gemma 3 tokenizer")
-            ids[token] = int(token_id)
-        self.boi_token_id, self.eoi_token_id, self.image_token_id = ids[BOI], ids[EOI], ids[IMAGE_SOFT_TOKEN]
+        self.boi_token_id, self.eoi_token_id, self.image_token_id = (
+            token_id(tokenizer, token, "Gemma 3") for token in (BOI, EOI, IMAGE_SOFT_TOKEN))
         self.full_image_sequence = f"\n\n{BOI}{IMAGE_SOFT_TOKEN * image_seq_length}{EOI}\n\n"
 
     @classmethod
@@ -138,14 +136,9 @@ class Gemma3Prep:
         Raises FileNotFoundError naming the first missing file among the image processor config,
         tokenizer.json, tokenizer_config.json and the chat template.
         """
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: not a directory")
+        path = checked_dir(path)
         image_config = ImageConfig.from_dir(path)
-        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG):
-            if not os.path.isfile(os.path.join(path, name)):
-                raise FileNotFoundError(f"{path}: missing {name}")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         return cls(tokenizer, load_chat_template(path, tokenizer), image_config, _image_seq_length(path))
 
     @property
@@ -156,13 +149,8 @@ class Gemma3Prep:
         """One user turn through the chat template, images before the text, with the generation
         prompt. Each image is a single `<start_of_image>`, not yet expanded. Gemma's template has
         no default system turn; a system text goes in front of the first user turn."""
-        content: list[dict[str, str]] = [{"type": "image"} for _ in range(num_images)]
-        content.append({"type": "text", "text": prompt})
-        messages: list[dict[str, Any]] = [] if system is None else [
-            {"role": "system", "content": [{"type": "text", "text": system}]}]
-        messages.append({"role": "user", "content": content})
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False)
+        return render_user_turn(self.tokenizer, self.chat_template, {"type": "text", "text": prompt}, num_images,
+                                None if system is None else [{"type": "text", "text": system}])
 
     def __call__(self, images: Optional[Sequence[ImageEntry]], prompts: Sequence[str],
                  system: Optional[str] = None) -> dict[str, Optional[np.ndarray]]:
@@ -183,14 +171,7 @@ class Gemma3Prep:
             pixel_values : float32 [n_img, 3, H, W] (prompt order, then order within a prompt), or None
             token_type_ids : int32 [B, T], 1 at `<image_soft_token>`
         """
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not a string")
-        if images is None:
-            images = [None] * len(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image entries; pass one entry "
-                             "(an image, a list of images or None) per prompt")
-        per_prompt = [_as_image_list(entry, i) for i, entry in enumerate(images)]
+        per_prompt = images_per_prompt(images, prompts)
         flat = [image for entry in per_prompt for image in entry]
         pixel_values = np.stack([preprocess_image(im, self.image_config) for im in flat]) if flat else None
 
@@ -208,11 +189,7 @@ class Gemma3Prep:
                     f"{BOI} or {IMAGE_SOFT_TOKEN} (the template inserts one {BOI} per image)")
             texts.append(text.replace(BOI, self.full_image_sequence))
 
-        # HF's apply_chat_template(tokenize=True) drops the tokenizer's own special tokens when the
-        # rendered text already starts with <bos>; otherwise it lets the tokenizer add them.
-        bos = self.tokenizer.bos_token
-        add_special = not (bos is not None and texts and texts[0].startswith(bos))
-        encoded = self.tokenizer(texts, padding=True, add_special_tokens=add_special, return_tensors="np")
+        encoded = tokenize_chat_texts(self.tokenizer, texts)
         input_ids = np.asarray(encoded["input_ids"], dtype=np.int32)
         token_type_ids = (input_ids == self.image_token_id).astype(np.int32)
         expected = [len(entry) * self.image_seq_length for entry in per_prompt]

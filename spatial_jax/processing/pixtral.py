@@ -32,11 +32,15 @@ from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from spatial_jax.processing.chat import (
+    ImageEntry, check_image_tokens, checked_dir, expand_placeholders, images_per_prompt, load_tokenizer,
+    render_user_turn, token_id, tokenize_chat_texts,
+)
 from spatial_jax.processing.qwen2_vl import (
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROCESSOR_CONFIG, TOKENIZER_CONFIG, TOKENIZER_FILE, ImageEntry,
-    _as_image_list, _read_json, load_chat_template, read_image_processor_config, rescale_and_normalize, to_rgb,
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROCESSOR_CONFIG, _read_json, load_chat_template, read_image_processor_config,
+    rescale_and_normalize, to_rgb,
 )
 
 
@@ -147,11 +151,9 @@ class PixtralPrep:
         self.chat_template = chat_template
         self.image_config = image_config
         self.tokens = tokens
-        for token in (tokens.image, tokens.image_break, tokens.image_end):
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
-                raise ValueError(f"the tokenizer has no {token} token; it is not a Pixtral tokenizer")
-        self.image_token_id = int(tokenizer.convert_tokens_to_ids(tokens.image))
+        self.image_token_id = token_id(tokenizer, tokens.image, "Pixtral")
+        for token in (tokens.image_break, tokens.image_end):  # written as text by the expansion: must exist
+            token_id(tokenizer, token, "Pixtral")
 
     @classmethod
     def from_dir(cls, path: Union[str, os.PathLike]) -> "PixtralPrep":
@@ -160,9 +162,7 @@ class PixtralPrep:
         Raises FileNotFoundError naming the first missing file among the image processor config,
         tokenizer.json, tokenizer_config.json and the chat template.
         """
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: not a directory")
+        path = checked_dir(path)
         processor_file = os.path.join(path, PROCESSOR_CONFIG)
         proc = _read_json(processor_file) if os.path.isfile(processor_file) else {}
         if proc.get("spatial_merge_size", 1) != 1:
@@ -172,10 +172,7 @@ class PixtralPrep:
         defaults = ImageTokens()
         tokens = ImageTokens(proc.get("image_token", defaults.image), proc.get("image_break_token", defaults.image_break),
                              proc.get("image_end_token", defaults.image_end))
-        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG):
-            if not os.path.isfile(os.path.join(path, name)):
-                raise FileNotFoundError(f"{path}: missing {name}")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         return cls(tokenizer, load_chat_template(path, tokenizer), image_config, tokens)
 
     @property
@@ -187,12 +184,8 @@ class PixtralPrep:
         `[IMG]`, not yet expanded. Pixtral's template has no generation prompt (the user turn ends
         with [/INST]) and writes a system text at the start of the last user turn."""
         # The original Pixtral template reads a text chunk's "content", later ones "text" too.
-        content: list[dict[str, str]] = [{"type": "image"} for _ in range(num_images)]
-        content.append({"type": "text", "text": prompt, "content": prompt})
-        messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": content})
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False)
+        return render_user_turn(self.tokenizer, self.chat_template,
+                                {"type": "text", "text": prompt, "content": prompt}, num_images, system)
 
     def __call__(self, images: Optional[Sequence[ImageEntry]], prompts: Sequence[str],
                  system: Optional[str] = None) -> dict[str, Optional[np.ndarray]]:
@@ -213,14 +206,7 @@ class PixtralPrep:
             pixel_values : float32 [n_img, 3, H_max, W_max] (prompt order, then order within a prompt), or None
             image_sizes : int32 [n_img, 2], (height, width) of each image inside pixel_values, or None
         """
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not a string")
-        if images is None:
-            images = [None] * len(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image entries; pass one entry "
-                             "(an image, a list of images or None) per prompt")
-        per_prompt = [_as_image_list(entry, i) for i, entry in enumerate(images)]
+        per_prompt = images_per_prompt(images, prompts)
         flat = [preprocess_image(image, self.image_config) for entry in per_prompt for image in entry]
         pixel_values, image_sizes = pad_images(flat) if flat else (None, None)
         p = self.image_config.patch_size
@@ -234,22 +220,15 @@ class PixtralPrep:
             text = self.chat_text(prompt, len(entry), system)
             # The template writes one [IMG] per image; any other (or a break / end token) comes from
             # the user's text and would silently take the place of an image's tokens.
-            pieces = text.split(t.image)
-            if len(pieces) - 1 != len(entry) or t.image_break in text or t.image_end in text:
+            if text.count(t.image) != len(entry) or t.image_break in text or t.image_end in text:
                 raise ValueError(
-                    f"prompt {i}: the chat text holds {len(pieces) - 1} {t.image} for {len(entry)} image(s); "
+                    f"prompt {i}: the chat text holds {text.count(t.image)} {t.image} for {len(entry)} image(s); "
                     f"prompt and system texts must not contain {t.image}, {t.image_break} or {t.image_end}")
-            texts.append(pieces[0] + "".join(next(expansions) + piece for piece in pieces[1:]))
+            texts.append(expand_placeholders(text, t.image, expansions))
 
-        bos = self.tokenizer.bos_token
-        add_special = not (bos is not None and texts and texts[0].startswith(bos))
-        encoded = self.tokenizer(texts, padding=True, add_special_tokens=add_special, return_tensors="np")
+        encoded = tokenize_chat_texts(self.tokenizer, texts)
         input_ids = np.asarray(encoded["input_ids"], dtype=np.int32)
-        expected = [text.count(t.image) for text in texts]
-        found = (input_ids == self.image_token_id).sum(axis=1).tolist()
-        if found != expected:
-            raise ValueError(f"the tokenizer split {t.image}: {found} image tokens where the text has {expected}; "
-                             f"it must be an added token in {TOKENIZER_FILE}")
+        check_image_tokens(input_ids, texts, t.image, self.image_token_id)
         return {
             "input_ids": input_ids,
             "attention_mask": np.asarray(encoded["attention_mask"], dtype=np.int32),

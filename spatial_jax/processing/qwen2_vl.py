@@ -29,7 +29,12 @@ from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+
+from spatial_jax.processing.chat import (
+    TOKENIZER_CONFIG, ImageEntry, check_image_tokens, checked_dir, expand_placeholders,
+    images_per_prompt, load_tokenizer, render_user_turn, token_id,
+)
 
 # Qwen2-VL's special tokens, in their hub id order (151643, 151644, 151645, 151652..151656).
 ENDOFTEXT = "<|endoftext|>"
@@ -47,8 +52,6 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 CHAT_TEMPLATE_JSON = "chat_template.json"
 
@@ -57,7 +60,6 @@ CHAT_TEMPLATE_JSON = "chat_template.json"
 # not composited by HF's alpha test, and "HSV"/"LAB" cannot be converted to RGB by PIL.
 SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
-ImageEntry = Union[Image.Image, Sequence[Image.Image], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +77,7 @@ class SpecialTokenIds:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialTokenIds":
-        ids = {}
-        for field, token in zip((f.name for f in dataclasses.fields(cls)), SPECIAL_TOKENS):
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            # An absent token maps to the unknown id (or None), whose string is not the token.
-            if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
-                raise ValueError(f"the tokenizer has no {token} token; it is not a Qwen2-VL tokenizer")
-            ids[field] = int(token_id)
-        return cls(**ids)
+        return cls(*(token_id(tokenizer, token, "Qwen2-VL") for token in SPECIAL_TOKENS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,14 +304,9 @@ class Qwen2VLPrep:
         Raises FileNotFoundError naming the first missing file among preprocessor_config.json,
         tokenizer.json, tokenizer_config.json and the chat template.
         """
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: not a directory")
+        path = checked_dir(path)
         image_config = ImageConfig.from_dir(path)
-        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG):
-            if not os.path.isfile(os.path.join(path, name)):
-                raise FileNotFoundError(f"{path}: missing {name}")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         return cls(tokenizer, load_chat_template(path, tokenizer), image_config)
 
     @property
@@ -337,13 +327,8 @@ class Qwen2VLPrep:
         With system=None the template inserts its default system turn. Each image appears as a single
         `<|vision_start|><|image_pad|><|vision_end|>`, not yet expanded.
         """
-        content: list[dict[str, str]] = [{"type": "image"} for _ in range(num_images)]
-        content.append({"type": "text", "text": prompt})
-        messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": content})
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
-        )
+        return render_user_turn(self.tokenizer, self.chat_template, {"type": "text", "text": prompt}, num_images,
+                                system)
 
     def __call__(
         self, images: Optional[Sequence[ImageEntry]], prompts: Sequence[str], system: Optional[str] = None
@@ -365,14 +350,7 @@ class Qwen2VLPrep:
             pixel_values : float32 [N, 3*T*p*p] (N = sum of gh*gw over all images, prompt order), or None
             image_grid_thw : int32 [n_images, 3], or None
         """
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not a string")
-        if images is None:
-            images = [None] * len(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image entries; pass one entry "
-                             "(an image, a list of images or None) per prompt")
-        per_prompt = [_as_image_list(entry, i) for i, entry in enumerate(images)]
+        per_prompt = images_per_prompt(images, prompts)
         flat = [image for entry in per_prompt for image in entry]
         pixel_values, grid_thw = preprocess_images(flat, self.image_config) if flat else (None, None)
         expansions = iter([] if grid_thw is None else [IMAGE_PAD * self.num_image_tokens(g) for g in grid_thw])
@@ -384,23 +362,17 @@ class Qwen2VLPrep:
             text = self.chat_text(prompt, len(entry), system)
             # The template writes one IMAGE_PAD per image; any other comes from the user's own text and
             # would silently take the place of an image's tokens.
-            pieces = text.split(IMAGE_PAD)
-            if len(pieces) - 1 != len(entry) or VIDEO_PAD in text:
+            if text.count(IMAGE_PAD) != len(entry) or VIDEO_PAD in text:
                 raise ValueError(
-                    f"prompt {i}: the chat text holds {len(pieces) - 1} {IMAGE_PAD} and {text.count(VIDEO_PAD)} "
+                    f"prompt {i}: the chat text holds {text.count(IMAGE_PAD)} {IMAGE_PAD} and {text.count(VIDEO_PAD)} "
                     f"{VIDEO_PAD} for {len(entry)} image(s); prompt and system texts must not contain "
                     f"{IMAGE_PAD} or {VIDEO_PAD} (the template inserts one {IMAGE_PAD} per image)"
                 )
-            texts.append(pieces[0] + "".join(next(expansions) + piece for piece in pieces[1:]))
+            texts.append(expand_placeholders(text, IMAGE_PAD, expansions))
 
         encoded = self.tokenizer(texts, padding=True, return_tensors="np")
         input_ids = np.asarray(encoded["input_ids"], dtype=np.int32)
-        # A tokenizer that does not keep IMAGE_PAD whole would misplace the image features.
-        expected = [text.count(IMAGE_PAD) for text in texts]
-        found = (input_ids == self.image_token_id).sum(axis=1).tolist()
-        if found != expected:
-            raise ValueError(f"the tokenizer split {IMAGE_PAD}: {found} image tokens where the text has "
-                             f"{expected}; it must be an added token in {TOKENIZER_FILE}")
+        check_image_tokens(input_ids, texts, IMAGE_PAD, self.image_token_id)
         return {
             "input_ids": input_ids,
             "attention_mask": np.asarray(encoded["attention_mask"], dtype=np.int32),
@@ -408,14 +380,3 @@ class Qwen2VLPrep:
             "image_grid_thw": grid_thw,
         }
 
-
-def _as_image_list(entry: ImageEntry, index: int) -> list[Image.Image]:
-    """One prompt's images entry as a list, checking each is a PIL image."""
-    if entry is None:
-        return []
-    items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
-    for j, item in enumerate(items):
-        if not isinstance(item, Image.Image):
-            raise TypeError(f"images[{index}]" + (f"[{j}]" if isinstance(entry, (list, tuple)) else "")
-                            + f" is a {type(item).__name__}, not a PIL.Image.Image")
-    return items

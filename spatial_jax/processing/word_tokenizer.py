@@ -27,9 +27,10 @@ from typing import Union
 from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 
+from spatial_jax.processing.chat import TOKENIZER_CONFIG, TOKENIZER_FILE
 from spatial_jax.processing.qwen2_vl import (
     CHAT_TEMPLATE_JINJA, ENDOFTEXT, IM_END, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESSOR_CONFIG,
-    SPECIAL_TOKENS, TOKENIZER_CONFIG, TOKENIZER_FILE, SpecialTokenIds,
+    SPECIAL_TOKENS, SpecialTokenIds,
 )
 
 # Qwen2-VL-7B-Instruct's chat template (hub chat_template.json): a default system turn when the chat
