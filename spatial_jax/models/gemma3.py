@@ -376,18 +376,16 @@ class DecoderLayer(nnx.Module):
         return taps.at(sites.LM_RESID_POST, x, layer)
 
 
-class Gemma3(nnx.Module):
+class Gemma3(L.LanguageModel):
     """Gemma3ForConditionalGeneration, as the pieces every family exposes to the runner in
-    forward.py: embed_inputs -> lm_context -> layers (stacked) -> final -> unembed."""
+    forward.py: embed_inputs -> lm_context -> layers (stacked) -> final -> unembed. The logits are
+    not softcapped: HF's ConditionalGeneration has no final softcapping."""
 
     def __init__(self, cfg: Gemma3Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.vision = VisionTower(cfg, dtype=dtype, rngs=rngs)
-        self.embed = nnx.Param(L.init_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
-        self.layers = L.stack_modules([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, offset=1.0)
-        self.lm_head = None if cfg.tie_word_embeddings else L.Dense(
-            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        self.init_language_model(cfg, lambda: DecoderLayer(cfg, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs,
+                                 norm_offset=1.0)
 
     def embed_inputs(self, batch, taps: Taps) -> jax.Array:
         """LM input [B, T, D]: sqrt(D)-scaled token embeddings, visual tokens (unscaled) over the
@@ -412,11 +410,9 @@ class Gemma3(nnx.Module):
         if batch.token_type_ids is not None and np.shape(batch.token_type_ids) != np.shape(batch.input_ids):
             raise ValueError(f"token_type_ids shape {np.shape(batch.token_type_ids)} != input_ids "
                              f"{np.shape(batch.input_ids)}")
-        ids = None if isinstance(batch.input_ids, jax.core.Tracer) else np.asarray(batch.input_ids)
+        ids = L.host_input_ids(batch)
         if batch.pixel_values is None:
-            if ids is not None and (ids == cfg.image_token_id).any():
-                raise ValueError(f"the prompts have {int((ids == cfg.image_token_id).sum())} <image_soft_token> "
-                                 "slots but no pixel_values were given")
+            L.check_no_image_slots(ids, cfg.image_token_id, "<image_soft_token>")
             return
         shape = np.shape(batch.pixel_values)
         want = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -438,10 +434,3 @@ class Gemma3(nnx.Module):
         allowed, window = attention_masks(batch.attention_mask, batch.token_type_ids, cfg.sliding_window)
         return {"cos_local": cos_l, "sin_local": sin_l, "cos_global": cos_g, "sin_global": sin_g,
                 "allowed": allowed, "window": window, "is_sliding": jnp.asarray(cfg.is_sliding)}
-
-    def final(self, x: jax.Array, taps: Taps) -> jax.Array:
-        return taps.at(sites.LM_FINAL, self.norm(x))
-
-    def unembed(self, h: jax.Array) -> jax.Array:
-        """h [..., D] -> logits [..., V] float32 (no softcapping: HF's ConditionalGeneration has none)."""
-        return L.unembed(h, self.embed[...], self.lm_head)

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from spatial_jax.interventions import sites
@@ -222,6 +223,39 @@ def unembed(h: jax.Array, embed: jax.Array, lm_head: Dense | None) -> jax.Array:
     (lm_head None)."""
     w = embed.T if lm_head is None else lm_head.kernel[...]
     return jnp.matmul(h, w, precision=PRECISION).astype(jnp.float32)
+
+
+class LanguageModel(nnx.Module):
+    """The decoder ends every family shares, under the attribute names the key maps and sharding
+    rules address: `embed` [V, D], stacked `layers`, the final `norm`, `lm_head` (None when tied)."""
+
+    def init_language_model(self, cfg, make_layer: Callable[[], nnx.Module], *, dtype, rngs: nnx.Rngs,
+                            norm_offset: float = 0.0) -> None:
+        # Built in this order so that a model initialised from a seed draws the same weights as before.
+        self.embed = nnx.Param(init_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.layers = stack_modules([make_layer() for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, offset=norm_offset)
+        self.lm_head = None if cfg.tie_word_embeddings else Dense(
+            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+
+    def final(self, x: jax.Array, taps: Taps) -> jax.Array:
+        return taps.at(sites.LM_FINAL, self.norm(x))
+
+    def unembed(self, h: jax.Array) -> jax.Array:
+        """h [..., D] -> logits [..., V] float32."""
+        return unembed(h, self.embed[...], self.lm_head)
+
+
+def host_input_ids(batch) -> np.ndarray | None:
+    """The batch's input_ids on the host, or None under tracing (where values cannot be checked)."""
+    return None if isinstance(batch.input_ids, jax.core.Tracer) else np.asarray(batch.input_ids)
+
+
+def check_no_image_slots(ids: np.ndarray | None, image_token_id: int, slot_name: str) -> None:
+    """For a batch without pixel_values: no prompt may hold an image slot."""
+    if ids is not None and (ids == image_token_id).any():
+        raise ValueError(f"the prompts have {int((ids == image_token_id).sum())} {slot_name} slots but no "
+                         "pixel_values were given")
 
 
 def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:

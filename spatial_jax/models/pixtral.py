@@ -297,7 +297,7 @@ def image_sizes_of(batch) -> tuple[tuple[int, int], ...]:
     return ((height, width),) * n
 
 
-class Pixtral(nnx.Module):
+class Pixtral(L.LanguageModel):
     """LlavaForConditionalGeneration (Pixtral tower, Mistral decoder), as the pieces every family
     exposes to the runner in forward.py: embed_inputs -> lm_context -> layers (stacked) -> final
     -> unembed."""
@@ -305,14 +305,9 @@ class Pixtral(nnx.Module):
     def __init__(self, cfg: PixtralConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.vision = VisionTower(cfg, dtype=dtype, rngs=rngs)
-        self.embed = nnx.Param(L.init_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
-        self.layers = L.stack_modules([
-            L.DecoderLayer(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                           eps=cfg.rms_norm_eps, qkv_bias=False, act=cfg.hidden_act, dtype=dtype, rngs=rngs)
-            for _ in range(cfg.num_layers)])
-        self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else L.Dense(
-            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        self.init_language_model(cfg, lambda: L.DecoderLayer(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            eps=cfg.rms_norm_eps, qkv_bias=False, act=cfg.hidden_act, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
 
     def embed_inputs(self, batch, taps: Taps) -> jax.Array:
         """LM input [B, T, D]: token embeddings with the visual tokens over the `[IMG]` slots."""
@@ -325,11 +320,9 @@ class Pixtral(nnx.Module):
     @staticmethod
     def check_batch(cfg: PixtralConfig, batch) -> None:
         """Host-side input checks, raising ValueError with what is wrong."""
-        ids = None if isinstance(batch.input_ids, jax.core.Tracer) else np.asarray(batch.input_ids)
+        ids = L.host_input_ids(batch)
         if batch.pixel_values is None:
-            if ids is not None and (ids == cfg.image_token_id).any():
-                raise ValueError(f"the prompts have {int((ids == cfg.image_token_id).sum())} [IMG] slots but no "
-                                 "pixel_values were given")
+            L.check_no_image_slots(ids, cfg.image_token_id, "[IMG]")
             return
         shape = np.shape(batch.pixel_values)
         if len(shape) != 4 or shape[1] != cfg.in_channels:
@@ -353,10 +346,3 @@ class Pixtral(nnx.Module):
         cfg = self.cfg
         cos, sin = L.rope_cos_sin(L.positions_from_mask(batch.attention_mask), cfg.head_dim, cfg.rope_theta)
         return {"cos": cos, "sin": sin, "allowed": L.causal_mask(batch.attention_mask, cfg.sliding_window)}
-
-    def final(self, x: jax.Array, taps: Taps) -> jax.Array:
-        return taps.at(sites.LM_FINAL, self.norm(x))
-
-    def unembed(self, h: jax.Array) -> jax.Array:
-        """h [..., D] -> logits [..., V] float32."""
-        return L.unembed(h, self.embed[...], self.lm_head)

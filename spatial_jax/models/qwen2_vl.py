@@ -255,21 +255,16 @@ def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, section: tu
     return jnp.cos(emb), jnp.sin(emb)
 
 
-class Qwen2VL(nnx.Module):
+class Qwen2VL(L.LanguageModel):
     """Qwen2VLForConditionalGeneration, as the pieces every family exposes to the runner in
     forward.py: embed_inputs -> lm_context -> layers (stacked) -> final -> unembed."""
 
     def __init__(self, cfg: Qwen2VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.vision = VisionTower(cfg, dtype=dtype, rngs=rngs)
-        self.embed = nnx.Param(L.init_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
-        self.layers = L.stack_modules([
-            DecoderLayer(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                         eps=cfg.rms_norm_eps, qkv_bias=True, dtype=dtype, rngs=rngs)
-            for _ in range(cfg.num_layers)])
-        self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else L.Dense(
-            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        self.init_language_model(cfg, lambda: DecoderLayer(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            eps=cfg.rms_norm_eps, qkv_bias=True, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
 
     def embed_inputs(self, batch, taps: Taps) -> jax.Array:
         """LM input [B, T, D]: token embeddings with the visual tokens over the `<|image_pad|>` slots."""
@@ -282,11 +277,9 @@ class Qwen2VL(nnx.Module):
     @staticmethod
     def check_batch(cfg: Qwen2VLConfig, batch) -> None:
         """Host-side input checks, raising ValueError with what is wrong."""
-        ids = None if isinstance(batch.input_ids, jax.core.Tracer) else np.asarray(batch.input_ids)
+        ids = L.host_input_ids(batch)
         if batch.pixel_values is None:
-            if ids is not None and (ids == cfg.image_token_id).any():
-                raise ValueError(f"the prompts have {int((ids == cfg.image_token_id).sum())} <|image_pad|> "
-                                 "slots but no pixel_values were given")
+            L.check_no_image_slots(ids, cfg.image_token_id, "<|image_pad|>")
             return
         if batch.image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
@@ -321,10 +314,3 @@ class Qwen2VL(nnx.Module):
                               cfg.image_token_id, cfg.merge_size)
         cos, sin = mrope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         return {"cos": cos, "sin": sin, "allowed": L.causal_mask(batch.attention_mask)}
-
-    def final(self, x: jax.Array, taps: Taps) -> jax.Array:
-        return taps.at(sites.LM_FINAL, self.norm(x))
-
-    def unembed(self, h: jax.Array) -> jax.Array:
-        """h [..., D] -> logits [..., V] float32."""
-        return L.unembed(h, self.embed[...], self.lm_head)
