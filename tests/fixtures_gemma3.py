@@ -28,11 +28,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from typing import Any, Sequence
 
 import numpy as np
 import pytest
+
+import hf_reference as hr
 
 VOCAB = 128
 # Token ids shared by the tokenizer and the model config.
@@ -43,12 +44,13 @@ NL, NLNL = 10, 11  # "\n", "\n\n" (ordinary tokens, as 107 / 108 in Gemma's voca
 WORDS = ("user", "model", "system", "You", "are", "a", "helpful", "assistant", "What", "is", "left", "right",
          "of", "the", "red", "blue", "green", "square", "circle", "above", "below", "Answer", "in", "one",
          "word", "?", ".", ",", "Is", "to")
-
+TOKENS = (*SPECIAL_TOKENS, "\n", "\n\n", *WORDS)  # the test tokenizer's vocabulary, in id order
+assert TOKENS.index("\n") == NL and TOKENS.index("\n\n") == NLNL and len(TOKENS) <= VOCAB
 
 
 def vocab_id(token: str) -> int:
-    """The id of a token of the test tokenizer (special tokens, "\n", "\n\n", then WORDS)."""
-    return (*SPECIAL_TOKENS, "\n", "\n\n", *WORDS).index(token)
+    """The id of a token of the test tokenizer."""
+    return TOKENS.index(token)
 
 
 MM_TOKENS = 9
@@ -127,31 +129,18 @@ def tiny_hf_config(**text_overrides):
                         image_token_index=IMG)
 
 
-def randomize_(model, seed: int = 0) -> None:
-    """Every parameter random, in place (tied weights stay tied): Linear/Conv weights
-    N(0, 1/fan_in), the projector [in, out] N(0, 1/in), embeddings N(0, 0.5^2) (the token table is
-    then scaled by sqrt(64) = 8), biases N(0, 0.1^2), LayerNorm weights 1 + N(0, 0.2^2), Gemma
-    (1 + w) RMSNorm weights N(0, 0.2^2)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith("bias"):
-                new = 0.1 * noise
-            elif p.ndim == 1:
-                gemma_norm = "layer_norm" not in name and "post_layernorm" not in name
-                new = 0.2 * noise if gemma_norm else 1.0 + 0.2 * noise
-            elif "mm_input_projection_weight" in name:
-                new = noise / math.sqrt(p.shape[0])
-            elif "embed_tokens" in name:
-                new = 0.5 * noise
-            elif "position_embedding" in name:
-                new = 0.5 * noise
-            else:
-                new = noise / math.sqrt(p[0].numel())
-            p.copy_(new.to(p.dtype))
+def _init(name: str, p, noise):
+    """hr.default_init but for Gemma's parts: the projector [in, out] N(0, 1/in), position
+    embeddings N(0, 0.5^2) like the token table (which the model then scales by sqrt(64) = 8), and
+    Gemma's (1 + w) RMSNorm weights N(0, 0.2^2), not 1 + N(0, 0.2^2) as SigLIP's LayerNorms; HF
+    initializes those norms and the projector to 0."""
+    if p.ndim == 1 and not name.endswith("bias") and "layer_norm" not in name and "post_layernorm" not in name:
+        return 0.2 * noise
+    if "mm_input_projection_weight" in name:
+        return noise / math.sqrt(p.shape[0])
+    if "position_embedding" in name:
+        return 0.5 * noise
+    return hr.default_init(name, p, noise)
 
 
 def build_tiny_gemma3(out_dir: str, seed: int = 0, processor: bool = True, **text_overrides) -> str:
@@ -162,7 +151,7 @@ def build_tiny_gemma3(out_dir: str, seed: int = 0, processor: bool = True, **tex
 
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(tiny_hf_config(**text_overrides)).eval()
-    randomize_(model, seed)
+    hr.randomize_(model, seed, _init)
     model.save_pretrained(out_dir)
     if processor:
         write_processor_dir(out_dir)
@@ -175,18 +164,6 @@ def load_hf(path: str, attn_implementation: str = "eager", dtype=None):
 
     return Gemma3ForConditionalGeneration.from_pretrained(
         path, attn_implementation=attn_implementation, dtype=dtype or torch.float32).eval()
-
-
-def rename_checkpoint(src_dir: str, dst_dir: str, rename) -> list[str]:
-    """Copies a checkpoint dir, renaming every tensor with `rename(name) -> name`. Returns the names."""
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(src_dir, dst_dir)
-    path = os.path.join(dst_dir, "model.safetensors")
-    tensors = load_file(path)
-    renamed = {rename(k): v for k, v in tensors.items()}
-    save_file(renamed, path, metadata={"format": "pt"})
-    return sorted(renamed)
 
 
 def to_hub_layout(name: str) -> str:
@@ -203,40 +180,14 @@ def to_runtime_layout(name: str) -> str:
     return name
 
 
-class Gemma3Checkpoints:
-    """Tiny HF Gemma 3 checkpoints, built once per session on first use.
+class Gemma3Checkpoints(hr.Checkpoints):
+    """Tiny HF Gemma 3 checkpoints (see hr.Checkpoints): "base", or "softcap" with
+    attn_logit_softcapping."""
 
-    hf_dir(variant): the save_pretrained dir ("base", or "softcap" with attn_logit_softcapping);
-    hf_model(variant): transformers' model loaded from it (eager, float32);
-    model(variant, dtype): `sj.load` of it.
-    """
-
+    PREFIX = "gemma3"
     VARIANTS = {"base": {}, "softcap": {"attn_logit_softcapping": 2.0}}
-
-    def __init__(self, root):
-        self._root = root
-        self._dirs: dict = {}
-        self._hf: dict = {}
-        self._sj: dict = {}
-
-    def hf_dir(self, variant: str = "base") -> str:
-        if variant not in self._dirs:
-            path = str(self._root / f"gemma3_{variant}")
-            self._dirs[variant] = build_tiny_gemma3(path, seed=len(variant), **self.VARIANTS[variant])
-        return self._dirs[variant]
-
-    def hf_model(self, variant: str = "base"):
-        if variant not in self._hf:
-            self._hf[variant] = load_hf(self.hf_dir(variant))
-        return self._hf[variant]
-
-    def model(self, variant: str = "base", dtype: str = "float32"):
-        key = (variant, dtype)
-        if key not in self._sj:
-            import spatial_jax as sj
-
-            self._sj[key] = sj.load(self.hf_dir(variant), dtype=dtype)
-        return self._sj[key]
+    build = staticmethod(build_tiny_gemma3)
+    load_hf = staticmethod(load_hf)
 
 
 @pytest.fixture(scope="session")
@@ -249,20 +200,8 @@ def gemma3_ckpts(tmp_path_factory) -> Gemma3Checkpoints:
 
 
 def build_tokenizer():
-    """The `tokenizers` object: WordLevel over SPECIAL_TOKENS, "\\n", "\\n\\n", WORDS (ids in that
-    order); a regex pre-tokenizer ("\\n\\n", "\\n", words, single punctuation; spaces separate);
-    a post-processor that prepends <bos> as Gemma's does."""
-    from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-
-    vocab = {t: i for i, t in enumerate((*SPECIAL_TOKENS, "\n", "\n\n", *WORDS))}
-    assert vocab["\n"] == NL and vocab["\n\n"] == NLNL and len(vocab) <= VOCAB
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n\n|\n|\w+|[^\w\s]"), behavior="removed", invert=True)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                                       special_tokens=[("<bos>", BOS)])
-    return tok
+    """The word-level test tokenizer over TOKENS; it prepends <bos>, as Gemma's does."""
+    return hr.word_level_tokenizer(TOKENS, SPECIAL_TOKENS, "<bos>")
 
 
 TOKENIZER_CONFIG = {
@@ -312,16 +251,9 @@ def write_processor_dir(out_dir: str, layout: str = "hub", padding_side: str = "
         raise ValueError(f"unknown layout {layout!r}")
     from transformers import AutoProcessor
 
-    staging = out_dir.rstrip("/") + ".staging"
-    write_processor_dir(staging, "hub", padding_side, image_size, image_seq_length)
-    proc = AutoProcessor.from_pretrained(staging)
-    for name in ("preprocessor_config.json", "processor_config.json", "chat_template.json",
-                 "tokenizer.json", "tokenizer_config.json"):
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-    proc.save_pretrained(out_dir)
-    shutil.rmtree(staging)
-    return out_dir
+    return hr.resave_processor_dir(
+        out_dir, lambda d: write_processor_dir(d, "hub", padding_side, image_size, image_seq_length),
+        AutoProcessor.from_pretrained)
 
 
 def hf_processor_inputs(proc_dir: str, images: Sequence[Any], prompts: Sequence[str], system=None):
@@ -329,17 +261,8 @@ def hf_processor_inputs(proc_dir: str, images: Sequence[Any], prompts: Sequence[
     with the images inline in each user turn (before the text). numpy arrays."""
     from transformers import AutoProcessor
 
-    proc = AutoProcessor.from_pretrained(proc_dir)
-    conversations = []
-    for entry, prompt in zip(images, prompts):
-        entry = [] if entry is None else (list(entry) if isinstance(entry, (list, tuple)) else [entry])
-        conv = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
-        conv.append({"role": "user", "content": [*({"type": "image", "image": im} for im in entry),
-                                                 {"type": "text", "text": prompt}]})
-        conversations.append(conv)
-    out = proc.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                   return_tensors="np", processor_kwargs={"padding": True})
-    return {k: np.asarray(v) for k, v in out.items()}
+    return hr.hf_chat_inputs(AutoProcessor.from_pretrained(proc_dir), images, prompts,
+                             None if system is None else [{"type": "text", "text": system}])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,13 +296,8 @@ def make_inputs(prompts: Sequence[Sequence[Any]], seed: int = 0, token_types: bo
             else:
                 ids += list(part)
         rows.append(ids)
-    T = max(map(len, rows))
-    input_ids = np.full((len(rows), T), PAD, np.int64)
-    mask = np.zeros((len(rows), T), np.int64)
-    for b, ids in enumerate(rows):
-        input_ids[b, T - len(ids):], mask[b, T - len(ids):] = ids, 1
-    out = {"input_ids": input_ids, "attention_mask": mask,
-           "position_ids": np.where(mask > 0, np.cumsum(mask, 1) - 1, 0)}
+    input_ids, mask = hr.pad_rows(rows, PAD)
+    out = {"input_ids": input_ids, "attention_mask": mask, "position_ids": hr.hf_position_ids(mask)}
     if token_types:
         out["token_type_ids"] = (input_ids == IMG).astype(np.int64)
     if n_img:
@@ -396,49 +314,8 @@ def to_batch(inputs: dict[str, np.ndarray]):
 
 
 def hf_run(hf, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Runs the HF model with forward hooks; float32 numpy arrays in our site layout:
-    "logits" [B, T, V], "hidden_states" [L+1, B, T, D], lm.resid_pre/attn_out/mlp_out/resid_post
-    [B, L, T, D] (attn_out / mlp_out are the post-attention / post-feedforward norm outputs, what
-    is added to the residual), lm.final [B, T, D], and with images vision.block_out
+    """hr.hf_run with Gemma's sites: lm.attn_out / lm.mlp_out are the post-attention /
+    post-feedforward norm outputs, what is added to the residual; with images vision.block_out is
     [n_img, Lv, n_patches, Dv] and vision.tokens [n_img, mm_tokens, D]."""
-    import torch
-
-    lm = hf.model.language_model
-    got: dict[str, list] = {k: [] for k in ("pre", "attn", "mlp", "post", "final", "block", "tokens")}
-
-    def keep(key):
-        def hook(_module, _args, out):
-            got[key].append((out[0] if isinstance(out, tuple) else out).detach().float().numpy().copy())
-        return hook
-
-    def keep_input(key):
-        def hook(_module, args):
-            got[key].append(args[0].detach().float().numpy().copy())
-        return hook
-
-    handles = [lm.norm.register_forward_hook(keep("final"))]
-    for layer in lm.layers:
-        handles += [layer.register_forward_pre_hook(keep_input("pre")),
-                    layer.post_attention_layernorm.register_forward_hook(keep("attn")),
-                    layer.post_feedforward_layernorm.register_forward_hook(keep("mlp")),
-                    layer.register_forward_hook(keep("post"))]
-    for layer in hf.model.vision_tower.encoder.layers:
-        handles.append(layer.register_forward_hook(keep("block")))
-    handles.append(hf.model.multi_modal_projector.register_forward_hook(keep("tokens")))
-    kw = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-    if "pixel_values" in kw:
-        kw["pixel_values"] = kw["pixel_values"].to(hf.dtype)
-    try:
-        with torch.no_grad():
-            out = hf(**kw, output_hidden_states=True, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    res = {"logits": out.logits.float().numpy(), "hidden_states": np.stack([h.float().numpy() for h in out.hidden_states]),
-           "lm.resid_pre": np.stack(got["pre"], 1), "lm.attn_out": np.stack(got["attn"], 1),
-           "lm.mlp_out": np.stack(got["mlp"], 1), "lm.resid_post": np.stack(got["post"], 1),
-           "lm.final": got["final"][0]}
-    if got["block"]:
-        res["vision.block_out"] = np.stack(got["block"], 1)
-        res["vision.tokens"] = got["tokens"][0]
-    return res
+    return hr.hf_run(hf, inputs, lambda layer: layer.post_attention_layernorm,
+                     lambda layer: layer.post_feedforward_layernorm, hf.model.vision_tower.encoder.layers)

@@ -29,15 +29,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import math
 import os
-import shutil
 import sys
 import types
 from typing import Any, Sequence
 
 import numpy as np
 import pytest
+
+import hf_reference as hr
 
 VOCAB = 128
 # Pixtral's special tokens at their real ids (0..13).
@@ -50,11 +50,13 @@ WORDS = ("You", "are", "a", "helpful", "assistant", "What", "is", "left", "right
          "green", "square", "circle", "above", "below", "Answer", "in", "one", "word", "?", ".", ",", "Is", "to")
 PATCH = 16
 LONGEST_EDGE = 96  # the processor's size limit in the tiny dir (hub: 1024)
+TOKENS = (*SPECIAL_TOKENS, "\n", "\n\n", *WORDS)  # the test tokenizer's vocabulary, in id order
+assert TOKENS.index("\n") == NL and TOKENS.index("\n\n") == NLNL and len(TOKENS) <= VOCAB
 
 
 def vocab_id(token: str) -> int:
-    """The id of a token of the test tokenizer (special tokens, "\\n", "\\n\\n", then WORDS)."""
-    return (*SPECIAL_TOKENS, "\n", "\n\n", *WORDS).index(token)
+    """The id of a token of the test tokenizer."""
+    return TOKENS.index(token)
 
 
 TEXT_CONFIG = dict(
@@ -82,26 +84,6 @@ def tiny_hf_config(vision_feature_layer=-1, **text_overrides):
                        vision_feature_select_strategy="full", multimodal_projector_bias=True)
 
 
-def randomize_(model, seed: int = 0) -> None:
-    """Every parameter random, in place: Linear/Conv weights N(0, 1/fan_in), embeddings N(0, 0.5^2),
-    biases N(0, 0.1^2), RMSNorm weights 1 + N(0, 0.2^2)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith("bias"):
-                new = 0.1 * noise
-            elif p.ndim == 1:
-                new = 1.0 + 0.2 * noise
-            elif "embed_tokens" in name:
-                new = 0.5 * noise
-            else:
-                new = noise / math.sqrt(p[0].numel())
-            p.copy_(new.to(p.dtype))
-
-
 def build_tiny_pixtral(out_dir: str, seed: int = 0, processor: bool = True, vision_feature_layer=-1,
                        **text_overrides) -> str:
     """Saves a tiny random LlavaForConditionalGeneration (Pixtral tower, Mistral decoder; float32) with
@@ -111,7 +93,7 @@ def build_tiny_pixtral(out_dir: str, seed: int = 0, processor: bool = True, visi
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(tiny_hf_config(vision_feature_layer, **text_overrides)).eval()
-    randomize_(model, seed)
+    hr.randomize_(model, seed)
     model.save_pretrained(out_dir)
     if processor:
         write_processor_dir(out_dir)
@@ -126,17 +108,6 @@ def load_hf(path: str, dtype=None):
                                                          dtype=dtype or torch.float32).eval()
 
 
-def rename_checkpoint(src_dir: str, dst_dir: str, rename) -> list[str]:
-    """Copies a checkpoint dir, renaming every tensor with `rename(name) -> name`. Returns the names."""
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(src_dir, dst_dir)
-    path = os.path.join(dst_dir, "model.safetensors")
-    renamed = {rename(k): v for k, v in load_file(path).items()}
-    save_file(renamed, path, metadata={"format": "pt"})
-    return sorted(renamed)
-
-
 def to_runtime_layout(name: str) -> str:
     """save_pretrained (= hub) name -> the 5.x module (state_dict) name."""
     for old, new in (("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model."),
@@ -146,40 +117,14 @@ def to_runtime_layout(name: str) -> str:
     return name
 
 
-class PixtralCheckpoints:
-    """Tiny HF Pixtral checkpoints, built once per session on first use.
+class PixtralCheckpoints(hr.Checkpoints):
+    """Tiny HF Pixtral checkpoints (see hr.Checkpoints). Variants: "base"; "window" (sliding_window
+    4); "features" (vision_feature_layer [0, -2])."""
 
-    hf_dir(variant): the save_pretrained dir; hf_model(variant): transformers' model loaded from it
-    (eager, float32); model(variant, dtype): `sj.load` of it. Variants: "base"; "window"
-    (sliding_window 4); "features" (vision_feature_layer [0, -2]).
-    """
-
+    PREFIX = "pixtral"
     VARIANTS = {"base": {}, "window": {"sliding_window": 4}, "features": {"vision_feature_layer": [0, -2]}}
-
-    def __init__(self, root):
-        self._root = root
-        self._dirs: dict = {}
-        self._hf: dict = {}
-        self._sj: dict = {}
-
-    def hf_dir(self, variant: str = "base") -> str:
-        if variant not in self._dirs:
-            path = str(self._root / f"pixtral_{variant}")
-            self._dirs[variant] = build_tiny_pixtral(path, seed=len(variant), **self.VARIANTS[variant])
-        return self._dirs[variant]
-
-    def hf_model(self, variant: str = "base"):
-        if variant not in self._hf:
-            self._hf[variant] = load_hf(self.hf_dir(variant))
-        return self._hf[variant]
-
-    def model(self, variant: str = "base", dtype: str = "float32"):
-        key = (variant, dtype)
-        if key not in self._sj:
-            import spatial_jax as sj
-
-            self._sj[key] = sj.load(self.hf_dir(variant), dtype=dtype)
-        return self._sj[key]
+    build = staticmethod(build_tiny_pixtral)
+    load_hf = staticmethod(load_hf)
 
 
 @pytest.fixture(scope="session")
@@ -214,20 +159,8 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer():
-    """The `tokenizers` object: WordLevel over SPECIAL_TOKENS, "\\n", "\\n\\n", WORDS (ids in that
-    order); a regex pre-tokenizer ("\\n\\n", "\\n", words, single punctuation; spaces separate); a
-    post-processor that prepends <s>."""
-    from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-
-    vocab = {t: i for i, t in enumerate((*SPECIAL_TOKENS, "\n", "\n\n", *WORDS))}
-    assert vocab["\n"] == NL and vocab["\n\n"] == NLNL and len(vocab) <= VOCAB
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n\n|\n|\w+|[^\w\s]"), behavior="removed", invert=True)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", BOS)])
-    return tok
+    """The word-level test tokenizer over TOKENS; it prepends <s>, as Pixtral's does."""
+    return hr.word_level_tokenizer(TOKENS, SPECIAL_TOKENS, "<s>")
 
 
 TOKENIZER_CONFIG = {
@@ -268,16 +201,8 @@ def write_processor_dir(out_dir: str, layout: str = "hub", padding_side: str = "
         return out_dir
     if layout != "saved":
         raise ValueError(f"unknown layout {layout!r}")
-    staging = out_dir.rstrip("/") + ".staging"
-    write_processor_dir(staging, "hub", padding_side, longest_edge)
-    proc = hf_processor(staging)
-    for name in ("preprocessor_config.json", "processor_config.json", "chat_template.json", "tokenizer.json",
-                 "tokenizer_config.json"):
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-    proc.save_pretrained(out_dir)
-    shutil.rmtree(staging)
-    return out_dir
+    return hr.resave_processor_dir(out_dir, lambda d: write_processor_dir(d, "hub", padding_side, longest_edge),
+                                   hf_processor)
 
 
 @contextlib.contextmanager
@@ -308,17 +233,7 @@ def hf_processor(path: str):
 def hf_processor_inputs(proc_dir: str, images: Sequence[Any], prompts: Sequence[str], system=None):
     """HF's reference: `PixtralProcessor.apply_chat_template(conversations, tokenize=True, padding=True)`
     with the images inline in each user turn (before the text). numpy arrays."""
-    proc = hf_processor(proc_dir)
-    conversations = []
-    for entry, prompt in zip(images, prompts):
-        entry = [] if entry is None else (list(entry) if isinstance(entry, (list, tuple)) else [entry])
-        conv = [] if system is None else [{"role": "system", "content": system}]
-        conv.append({"role": "user", "content": [*({"type": "image", "image": im} for im in entry),
-                                                 {"type": "text", "text": prompt}]})
-        conversations.append(conv)
-    out = proc.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                   return_tensors="np", processor_kwargs={"padding": True})
-    return {k: np.asarray(v) for k, v in out.items()}
+    return hr.hf_chat_inputs(hf_processor(proc_dir), images, prompts, system)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,13 +266,8 @@ def make_inputs(prompts: Sequence[Sequence[Any]], seed: int = 0) -> dict[str, np
             else:
                 ids += list(part)
         rows.append(ids + [INST_END])
-    T = max(map(len, rows))
-    input_ids = np.full((len(rows), T), PAD, np.int64)
-    mask = np.zeros((len(rows), T), np.int64)
-    for b, ids in enumerate(rows):
-        input_ids[b, T - len(ids):], mask[b, T - len(ids):] = ids, 1
-    out = {"input_ids": input_ids, "attention_mask": mask,
-           "position_ids": np.where(mask > 0, np.cumsum(mask, 1) - 1, 0)}
+    input_ids, mask = hr.pad_rows(rows, PAD)
+    out = {"input_ids": input_ids, "attention_mask": mask, "position_ids": hr.hf_position_ids(mask)}
     if sizes:
         h_max, w_max = max(h for h, _ in sizes), max(w for _, w in sizes)
         pixels = np.zeros((len(sizes), 3, h_max, w_max), np.float32)
@@ -376,68 +286,10 @@ def to_batch(inputs: dict[str, np.ndarray]):
 
 
 def hf_run(hf, inputs: dict[str, np.ndarray], hooks=()) -> dict[str, np.ndarray]:
-    """Runs the HF model with forward hooks; float32 numpy arrays in our site layout:
-    "logits" [B, T, V], "hidden_states" [L+1, B, T, D], lm.resid_pre/attn_out/mlp_out/resid_post
-    [B, L, T, D], lm.final [B, T, D], and with images vision.block_out [1, Lv, N_patches, Dv] and
-    vision.tokens [1, N_patches, D]. hooks: (module, "pre" | "post", fn) that patch the module's
-    input / output hidden states with fn(tensor) -> tensor, as the paper's code patches; installed
-    first, so the recorded sites see what they change."""
-    import torch
-
-    lm = hf.model.language_model
-    got: dict[str, list] = {k: [] for k in ("pre", "attn", "mlp", "post", "final", "block", "tokens")}
-
-    def keep(key):
-        def hook(_module, _args, out):
-            got[key].append((out[0] if isinstance(out, tuple) else out).detach().float().numpy().copy())
-        return hook
-
-    def keep_input(key):
-        def hook(_module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            got[key].append(h.detach().float().numpy().copy())
-        return hook
-
-    def patch_input(fn):
-        def hook(_module, args, kwargs):
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-        return hook
-
-    def patch_output(fn):
-        def hook(_module, _args, out):
-            return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
-        return hook
-
-    handles = [module.register_forward_pre_hook(patch_input(fn), with_kwargs=True) if kind == "pre"
-               else module.register_forward_hook(patch_output(fn)) for module, kind, fn in hooks]
-    handles.append(lm.norm.register_forward_hook(keep("final")))
-    for layer in lm.layers:
-        handles += [layer.register_forward_pre_hook(keep_input("pre"), with_kwargs=True),
-                    layer.self_attn.register_forward_hook(keep("attn")),
-                    layer.mlp.register_forward_hook(keep("mlp")),
-                    layer.register_forward_hook(keep("post"))]
-    for layer in hf.model.vision_tower.transformer.layers:
-        handles.append(layer.register_forward_hook(keep("block")))
-    handles.append(hf.model.multi_modal_projector.register_forward_hook(keep("tokens")))
-    kw = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-    if "pixel_values" in kw:
-        kw["pixel_values"] = kw["pixel_values"].to(hf.dtype)
-    try:
-        with torch.no_grad():
-            out = hf(**kw, output_hidden_states=True, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    res = {"logits": out.logits.float().numpy(), "hidden_states": np.stack([h.float().numpy() for h in out.hidden_states]),
-           "lm.resid_pre": np.stack(got["pre"], 1), "lm.attn_out": np.stack(got["attn"], 1),
-           "lm.mlp_out": np.stack(got["mlp"], 1), "lm.resid_post": np.stack(got["post"], 1),
-           "lm.final": got["final"][0]}
-    if got["block"]:
-        res["vision.block_out"] = np.stack(got["block"], 1)
-        res["vision.tokens"] = got["tokens"][0]
-    return res
+    """hr.hf_run with Pixtral's sites: lm.attn_out / lm.mlp_out are the self_attn / mlp outputs;
+    with images vision.block_out is [1, Lv, N_patches, Dv] and vision.tokens [1, N_patches, D]."""
+    return hr.hf_run(hf, inputs, lambda layer: layer.self_attn, lambda layer: layer.mlp,
+                     hf.model.vision_tower.transformer.layers, hooks)
 
 
 def torch_replace(index: np.ndarray, source: np.ndarray):

@@ -14,11 +14,12 @@ shows up as a large logit difference.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Sequence
 
 import numpy as np
+
+import hf_reference as hr
 
 VOCAB = 128
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 98, 99, 100, 101
@@ -53,26 +54,6 @@ def tiny_hf_config(tie_word_embeddings: bool = False, special_ids: tuple[int, in
         vision_end_token_id=end, tie_word_embeddings=tie_word_embeddings)
 
 
-def randomize_(model, seed: int = 0) -> None:
-    """Every parameter random (in place, so tied weights stay tied): linear/conv weights
-    N(0, 1/fan_in), embeddings N(0, 0.5^2), biases N(0, 0.1^2), norm weights 1 + N(0, 0.2^2)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # a tied parameter is listed once
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith("bias"):
-                new = 0.1 * noise
-            elif p.ndim == 1:
-                new = 1.0 + 0.2 * noise
-            elif "embed_tokens" in name:
-                new = 0.5 * noise
-            else:
-                new = noise / math.sqrt(p[0].numel())
-            p.copy_(new.to(p.dtype))
-
-
 # Words of the word-level tokenizer written by `build_tiny_qwen2_vl(..., processor=True)`.
 PROCESSOR_WORDS = tuple(
     "Is the red blue green yellow square circle triangle cube sphere to left right of above below on "
@@ -102,7 +83,7 @@ def build_tiny_qwen2_vl(out_dir: str, tie_word_embeddings: bool = False, seed: i
         special_ids = (ids.vision_start, ids.vision_end, ids.image_pad, ids.video_pad)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(tiny_hf_config(tie_word_embeddings, special_ids)).eval()
-    randomize_(model, seed)
+    hr.randomize_(model, seed)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out_dir, **kwargs)
     return out_dir
@@ -144,12 +125,7 @@ def make_inputs(prompts: Sequence[Sequence[Any]], seed: int = 0, pad_left: bool 
             else:
                 ids += list(part) if isinstance(part, (list, tuple, range)) else [int(part)]
         rows.append(ids)
-    T = max(map(len, rows))
-    input_ids = np.full((len(rows), T), PAD_ID, np.int64)
-    mask = np.zeros((len(rows), T), np.int64)
-    for b, ids in enumerate(rows):
-        sl = slice(T - len(ids), T) if pad_left else slice(0, len(ids))
-        input_ids[b, sl], mask[b, sl] = ids, 1
+    input_ids, mask = hr.pad_rows(rows, PAD_ID, pad_left)
     out = {"input_ids": input_ids, "attention_mask": mask,
            "mm_token_type_ids": ((input_ids == IMAGE_PAD) & (mask == 1)).astype(np.int64)}
     if grids:

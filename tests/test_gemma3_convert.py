@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import fixtures_gemma3 as fg
+import hf_reference as hr
 from fixtures_gemma3 import gemma3_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 from spatial_jax.convert.convert import convert_hf, flatten_paths
@@ -35,7 +36,6 @@ HUB_4B_CONFIG = {
 
 
 def test_hub_4b_config_reads_as_transformers_does():
-    import torch
     from transformers import Gemma3Config as HFConfig, Gemma3ForConditionalGeneration
 
     ours = Gemma3Config.from_hf(HUB_4B_CONFIG)
@@ -57,10 +57,7 @@ def test_hub_4b_config_reads_as_transformers_does():
                                                   v.intermediate_size, v.image_size, v.patch_size, v.layer_norm_eps)
     assert (ours.image_token_id, ours.mm_tokens_per_image, ours.tie_word_embeddings) == (262144, 256, True)
     # the whole parameter tree: 4.300 B, as the model card and HF's own module count
-    abstract = nnx.eval_shape(lambda: Gemma3(ours, dtype=jax.numpy.bfloat16, rngs=nnx.Rngs(0)))
-    n_ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
-    with torch.device("meta"):
-        n_hf = sum(p.numel() for p in Gemma3ForConditionalGeneration(hf).parameters())
+    n_ours, n_hf = hr.param_counts(Gemma3, ours, Gemma3ForConditionalGeneration, hf)
     assert n_ours == n_hf == 4_300_079_472
 
 
@@ -100,7 +97,7 @@ def test_convert_from_every_layout(gemma3_ckpts, tmp_path, layout):
     src = saved
     if layout != "saved":
         src = str(tmp_path / layout)
-        names = fg.rename_checkpoint(saved, src, fg.to_hub_layout if layout == "hub" else fg.to_runtime_layout)
+        names = hr.rename_checkpoint(saved, src, fg.to_hub_layout if layout == "hub" else fg.to_runtime_layout)
         prefix = {"hub": "vision_tower.vision_model.", "runtime": "model.vision_tower."}[layout]
         assert any(n.startswith(prefix) for n in names)
     out = str(tmp_path / f"converted_{layout}")
@@ -122,7 +119,7 @@ def test_hub_layout_is_what_transformers_loads(gemma3_ckpts, tmp_path):
     from transformers import Gemma3ForConditionalGeneration
 
     hub = str(tmp_path / "hub")
-    fg.rename_checkpoint(gemma3_ckpts.hf_dir(), hub, fg.to_hub_layout)
+    hr.rename_checkpoint(gemma3_ckpts.hf_dir(), hub, fg.to_hub_layout)
     hf_hub, info = Gemma3ForConditionalGeneration.from_pretrained(hub, attn_implementation="eager",
                                                                   output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

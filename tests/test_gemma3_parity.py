@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import fixtures_gemma3 as fg
+import hf_reference as hr
 from fixtures_gemma3 import gemma3_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 
@@ -32,8 +33,7 @@ CASES = {
     # left-padded: 2 images / 1 image / text only
     "padded_batch": [[W[:2], fg.IMAGE, W[2:4], fg.IMAGE, W[4:7]], [W[10:12], fg.IMAGE, W[12:13]], [W[:8]]],
 }
-LM_SITES = ("lm.resid_pre", "lm.attn_out", "lm.mlp_out", "lm.resid_post", "lm.final")
-VISION_SITES = ("vision.block_out", "vision.tokens")
+LM_SITES, VISION_SITES = hr.LM_SITES, hr.VISION_SITES
 
 _runs: dict = {}
 
@@ -43,9 +43,7 @@ def _run(ckpts, case: str, variant: str = "base", token_types: bool = True):
     key = (case, variant, token_types)
     if key not in _runs:
         inputs = fg.make_inputs(CASES[case], seed=len(case), token_types=token_types)
-        cache = LM_SITES + (VISION_SITES if "pixel_values" in inputs else ())
-        out = sj.forward(ckpts.model(variant), fg.to_batch(inputs), cache=cache)
-        ours = {"logits": np.asarray(out.logits), **{k: np.asarray(v) for k, v in out.cache.items()}}
+        ours = hr.forward_sites(ckpts.model(variant), fg.to_batch(inputs), "pixel_values" in inputs)
         _runs[key] = (inputs, ours, fg.hf_run(ckpts.hf_model(variant), inputs))
     return _runs[key]
 
@@ -90,12 +88,8 @@ def test_attention_softcapping_is_ignored_like_hf(gemma3_ckpts):
 
 def test_hf_default_positions(gemma3_ckpts):
     """HF's forward without position_ids (arange over the pads) agrees with ours at real tokens."""
-    import torch
-
     inputs, ours, _ = _run(gemma3_ckpts, "padded_batch")
-    kw = {k: torch.from_numpy(v) for k, v in inputs.items() if k != "position_ids"}
-    with torch.no_grad():
-        ref = gemma3_ckpts.hf_model()(**kw, use_cache=False).logits.numpy()
+    ref = hr.hf_logits(gemma3_ckpts.hf_model(), {k: v for k, v in inputs.items() if k != "position_ids"})
     real = inputs["attention_mask"].astype(bool)
     np.testing.assert_allclose(ours["logits"][real], ref[real], rtol=0, atol=TOL)
 

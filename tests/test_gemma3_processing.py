@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import fixtures_gemma3 as fg
+import hf_reference as hr
 from fixtures_gemma3 import gemma3_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 from spatial_jax.processing import for_family
@@ -18,16 +18,10 @@ PROMPTS = ["What is left of the red square?", "  Is the blue circle above the gr
 SYSTEM = "You are a helpful assistant."
 
 
-def _image(h: int, w: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    a = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
-    return Image.fromarray(a[..., 0] if channels == 1 else a, mode)
-
-
 def _images():
     """Per prompt: two images (non-square; RGBA), none, one (grayscale, already 84 x 84)."""
-    return [[_image(50, 70, seed=1), _image(100, 30, "RGBA", seed=2)], None, _image(84, 84, "L", seed=3)]
+    return [[hr.random_image(50, 70, seed=1), hr.random_image(100, 30, "RGBA", seed=2)], None,
+            hr.random_image(84, 84, "L", seed=3)]
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +99,13 @@ def test_prepare_then_forward_matches_hf(gemma3_ckpts):
     """The model dir carries the processor files: model.prepare + sj.forward equals HF's processor +
     HF's model on the same images and prompts (token ids, the soft-token slots and the image
     mask all line up end to end)."""
-    import torch
-
     model = gemma3_ckpts.model()
-    images, prompts = [_image(60, 90, seed=5), None], ["What is left of the red square?", "Answer in one word."]
+    images = [hr.random_image(60, 90, seed=5), None]
+    prompts = ["What is left of the red square?", "Answer in one word."]
     batch = model.prepare(images=images, prompts=prompts, system=SYSTEM)
     ref_inputs = fg.hf_processor_inputs(gemma3_ckpts.hf_dir(), images, prompts, system=SYSTEM)
     np.testing.assert_array_equal(np.asarray(batch.input_ids), ref_inputs["input_ids"])
     got = np.asarray(sj.forward(model, batch).logits)
-    mask = ref_inputs["attention_mask"]
-    kw = {k: torch.from_numpy(v) for k, v in ref_inputs.items()}
-    kw["position_ids"] = torch.from_numpy(np.where(mask > 0, np.cumsum(mask, 1) - 1, 0))
-    with torch.no_grad():
-        want = gemma3_ckpts.hf_model()(**kw, use_cache=False).logits.numpy()
+    want = hr.hf_logits(gemma3_ckpts.hf_model(),
+                        {**ref_inputs, "position_ids": hr.hf_position_ids(ref_inputs["attention_mask"])})
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)

@@ -8,12 +8,12 @@ cannot read layout from token positions, so it reads it from the vision tower's 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
 import pytest
 
+import hf_reference as hr
 import spatial_jax as sj
 from spatial_jax.data.prompts import SYSTEM_TEXT
 from spatial_jax.organism import checkpoint
@@ -23,24 +23,6 @@ ORGANISM = os.path.join(ROOT, "organism")
 SHUFFLED = os.path.join(ROOT, "organism_shuffled")
 TOL = 1e-4
 PER_TASK = 48  # held-out (test-split) items per task checked here
-
-
-@contextlib.contextmanager
-def _without_video_processor():
-    """transformers 5.23 needs torchvision to build Qwen2-VL's video processor; the image/text path
-    never reads it (same patch as tests/test_processing_qwen2_vl.py)."""
-    from transformers.models.auto import video_processing_auto
-    from transformers.processing_utils import ProcessorMixin
-
-    check = ProcessorMixin.check_argument_for_proper_class
-
-    def check_but_video(self, name, value):
-        return None if name == "video_processor" and value is None else check(self, name, value)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ProcessorMixin, "check_argument_for_proper_class", check_but_video)
-        mp.setattr(video_processing_auto.AutoVideoProcessor, "from_pretrained", classmethod(lambda cls, *a, **k: None))
-        yield
 
 
 _models: dict = {}
@@ -76,7 +58,7 @@ def test_transformers_and_port_agree():
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-    with _without_video_processor():
+    with hr.without_video_processor():
         processor = AutoProcessor.from_pretrained(ORGANISM)
     hf = Qwen2VLForConditionalGeneration.from_pretrained(ORGANISM, attn_implementation="eager").eval()
     model = _model(ORGANISM)

@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 import fixtures_pixtral as fp
+import hf_reference as hr
 from fixtures_pixtral import pixtral_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 from spatial_jax.convert.convert import convert_hf
@@ -41,7 +41,6 @@ HUB_12B_CONFIG = {
 
 
 def test_hub_12b_config_reads_as_transformers_does():
-    import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     ours = PixtralConfig.from_hf(HUB_12B_CONFIG)
@@ -59,10 +58,7 @@ def test_hub_12b_config_reads_as_transformers_does():
     assert (ours.image_token_id, ours.feature_layers, ours.projector_bias, ours.tie_word_embeddings) == \
         (hf.image_token_id, (24,), hf.multimodal_projector_bias, hf.tie_word_embeddings)
     # the whole parameter tree, as HF's own module count
-    abstract = nnx.eval_shape(lambda: Pixtral(ours, dtype=jax.numpy.bfloat16, rngs=nnx.Rngs(0)))
-    n_ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
-    with torch.device("meta"):
-        n_hf = sum(p.numel() for p in LlavaForConditionalGeneration(hf).parameters())
+    n_ours, n_hf = hr.param_counts(Pixtral, ours, LlavaForConditionalGeneration, hf)
     assert n_ours == n_hf == 12_682_739_712
 
 
@@ -117,7 +113,7 @@ def converted(pixtral_ckpts, tmp_path_factory):
     proc = subprocess.Popen([CONSOLE_SCRIPT, f"--hf_dir={pixtral_ckpts.hf_dir()}", f"--output_dir={root / 'saved'}",
                              "--dtype=float32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runtime = str(root / "runtime_src")
-    names = fp.rename_checkpoint(pixtral_ckpts.hf_dir(), runtime, fp.to_runtime_layout)
+    names = hr.rename_checkpoint(pixtral_ckpts.hf_dir(), runtime, fp.to_runtime_layout)
     assert "lm_head.weight" in names and any(n.startswith("model.vision_tower.") for n in names)
     family, _, _, params = convert_hf(runtime, "bfloat16")
     write_converted(str(root / "runtime"), runtime, family.name, "bfloat16", params)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import fixtures_pixtral as fp
+import hf_reference as hr
 from fixtures_pixtral import pixtral_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 
@@ -31,8 +32,7 @@ CASES = {
     # left-padded: 2 equal images (one attention run) / 1 image of another size / text only
     "padded_batch": [[W[:2], (32, 48), W[2:4], (32, 48), W[4:7]], [W[10:12], (64, 32), W[12:13]], [W[:8]]],
 }
-LM_SITES = ("lm.resid_pre", "lm.attn_out", "lm.mlp_out", "lm.resid_post", "lm.final")
-VISION_SITES = ("vision.block_out", "vision.tokens")
+LM_SITES, VISION_SITES = hr.LM_SITES, hr.VISION_SITES
 
 _runs: dict = {}
 
@@ -42,9 +42,7 @@ def _run(ckpts, case: str, variant: str = "base"):
     key = (case, variant)
     if key not in _runs:
         inputs = fp.make_inputs(CASES[case], seed=len(case))
-        cache = LM_SITES + (VISION_SITES if "pixel_values" in inputs else ())
-        out = sj.forward(ckpts.model(variant), fp.to_batch(inputs), cache=cache)
-        ours = {"logits": np.asarray(out.logits), **{k: np.asarray(v) for k, v in out.cache.items()}}
+        ours = hr.forward_sites(ckpts.model(variant), fp.to_batch(inputs), "pixel_values" in inputs)
         _runs[key] = (inputs, ours, fp.hf_run(ckpts.hf_model(variant), inputs))
     return _runs[key]
 
@@ -104,12 +102,8 @@ def test_sites_are_hf_hidden_states(pixtral_ckpts):
 
 def test_hf_default_positions(pixtral_ckpts):
     """HF's forward without position_ids (arange over the pads) agrees with ours at real tokens."""
-    import torch
-
     inputs, ours, _ = _run(pixtral_ckpts, "padded_batch")
-    kw = {k: torch.from_numpy(v) for k, v in inputs.items() if k != "position_ids"}
-    with torch.no_grad():
-        ref = pixtral_ckpts.hf_model()(**kw, use_cache=False).logits.numpy()
+    ref = hr.hf_logits(pixtral_ckpts.hf_model(), {k: v for k, v in inputs.items() if k != "position_ids"})
     real = inputs["attention_mask"].astype(bool)
     np.testing.assert_allclose(ours["logits"][real], ref[real], rtol=0, atol=TOL)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import fixtures_pixtral as fp
+import hf_reference as hr
 from fixtures_pixtral import pixtral_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 from spatial_jax.data.geometry import get_geometry
@@ -20,17 +20,11 @@ PROMPTS = ["What is left of the red square?", "  Is the blue circle above the gr
 SYSTEM = "You are a helpful assistant."
 
 
-def _image(h: int, w: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    a = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
-    return Image.fromarray(a[..., 0] if channels == 1 else a, mode)
-
-
 def _images():
     """Per prompt: two images (one above the 96-px limit and not a patch multiple, one RGBA thin
     one), none, one (grayscale, exactly 2 x 3 patches)."""
-    return [[_image(50, 130, seed=1), _image(100, 30, "RGBA", seed=2)], None, _image(32, 48, "L", seed=3)]
+    return [[hr.random_image(50, 130, seed=1), hr.random_image(100, 30, "RGBA", seed=2)], None,
+            hr.random_image(32, 48, "L", seed=3)]
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +97,8 @@ def test_synthetic_canvas_gives_the_registered_grid(tmp_path):
     prep = PixtralPrep.from_dir(d)
     geometry = get_geometry("pixtral")
     assert (geometry.n_tokens, geometry.token_px, geometry.canvas_px) == (15, 16, 240)
-    canvas = _image(geometry.canvas_px, geometry.canvas_px, seed=4)
-    big = _image(700, 1500, seed=5)
+    canvas = hr.random_image(geometry.canvas_px, geometry.canvas_px, seed=4)
+    big = hr.random_image(700, 1500, seed=5)
     ours = prep([[canvas, big]], ["Is the red square left of the blue circle ?"])
     ref = fp.hf_processor_inputs(d, [[canvas, big]], ["Is the red square left of the blue circle ?"])
     assert _check_equal(ours, ref) == 0.0
@@ -133,19 +127,14 @@ def test_prepare_then_forward_matches_hf(pixtral_ckpts):
     """The model dir carries the processor files: model.prepare + sj.forward equals HF's processor +
     HF's model on the same images and prompts (token ids, the [IMG] slots, image_sizes and the
     padded pixel_values all line up end to end)."""
-    import torch
-
     model = pixtral_ckpts.model()
-    images = [[_image(60, 90, seed=5), _image(20, 40, seed=6)], None]
+    images = [[hr.random_image(60, 90, seed=5), hr.random_image(20, 40, seed=6)], None]
     prompts = ["What is left of the red square?", "Answer in one word."]
     batch = model.prepare(images=images, prompts=prompts, system=SYSTEM)
     ref_inputs = fp.hf_processor_inputs(pixtral_ckpts.hf_dir(), images, prompts, system=SYSTEM)
     np.testing.assert_array_equal(np.asarray(batch.input_ids), ref_inputs["input_ids"])
     assert batch.image_sizes == ((64, 96), (32, 48))
     got = np.asarray(sj.forward(model, batch).logits)
-    mask = ref_inputs["attention_mask"]
-    kw = {k: torch.from_numpy(v) for k, v in ref_inputs.items()}
-    kw["position_ids"] = torch.from_numpy(np.where(mask > 0, np.cumsum(mask, 1) - 1, 0))
-    with torch.no_grad():
-        want = pixtral_ckpts.hf_model()(**kw, use_cache=False).logits.numpy()
+    want = hr.hf_logits(pixtral_ckpts.hf_model(),
+                        {**ref_inputs, "position_ids": hr.hf_position_ids(ref_inputs["attention_mask"])})
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)

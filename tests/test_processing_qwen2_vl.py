@@ -7,7 +7,6 @@ fixture `hf_processor` lets it load with video_processor=None, which the image/t
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -16,10 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from transformers import AutoProcessor
-from transformers.models.auto import video_processing_auto
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen2_vl
-from transformers.processing_utils import ProcessorMixin
 
+import hf_reference as hr
 from spatial_jax.processing.qwen2_vl import (
     IMAGE_PAD, ImageConfig, Qwen2VLPrep, SpecialTokenIds, preprocess_images, smart_resize,
 )
@@ -31,21 +29,8 @@ WORDS = split_words("Is the red square left of the blue circle ? Which shape is 
 SMALL_MAX = 28 * 28 * 64  # 50,176 pixels: a 400x300 image is shrunk, a 20x30 one is enlarged to 3,136
 
 
-@contextlib.contextmanager
-def _without_video_processor():
-    check = ProcessorMixin.check_argument_for_proper_class
-
-    def check_but_video(self, name, value):
-        return None if name == "video_processor" and value is None else check(self, name, value)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ProcessorMixin, "check_argument_for_proper_class", check_but_video)
-        mp.setattr(video_processing_auto.AutoVideoProcessor, "from_pretrained", classmethod(lambda cls, *a, **k: None))
-        yield
-
-
 def load_hf_processor(path):
-    with _without_video_processor():
+    with hr.without_video_processor():
         return AutoProcessor.from_pretrained(path)
 
 

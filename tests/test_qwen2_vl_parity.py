@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fixtures_qwen2_vl as fq
+import hf_reference as hr
 import spatial_jax as sj
 
 TOL = 1e-4  # max abs difference, float32
@@ -26,8 +27,7 @@ CASES = {
     "padded_batch": [[[5, 6, 7, 8, 9, 10, 11], fq.image(6, 4), [12, 13]],
                      [[5, 6], fq.image(4, 8), [14]]],
 }
-LM_SITES = ("lm.resid_pre", "lm.attn_out", "lm.mlp_out", "lm.resid_post", "lm.final")
-VISION_SITES = ("vision.block_out", "vision.tokens")
+LM_SITES, VISION_SITES = hr.LM_SITES, hr.VISION_SITES
 
 _runs: dict = {}
 
@@ -37,10 +37,7 @@ def _run(ckpts, case: str, tied: bool):
     key = (case, tied)
     if key not in _runs:
         inputs = fq.make_inputs(CASES[case], seed=len(case))
-        has_img = "pixel_values" in inputs
-        cache = LM_SITES + (VISION_SITES if has_img else ())
-        out = sj.forward(ckpts.model(tied), fq.to_batch(inputs), cache=cache)
-        ours = {"logits": np.asarray(out.logits), **{k: np.asarray(v) for k, v in out.cache.items()}}
+        ours = hr.forward_sites(ckpts.model(tied), fq.to_batch(inputs), "pixel_values" in inputs)
         _runs[key] = (inputs, ours, fq.hf_run(ckpts.hf_model(tied), inputs))
     return _runs[key]
 
