@@ -35,7 +35,8 @@ from spatial_jax.processing.chat import (
     tokenize_chat_texts,
 )
 from spatial_jax.processing.qwen2_vl import (
-    PROCESSOR_CONFIG, _read_json, load_chat_template, read_image_processor_config, rescale_and_normalize, to_rgb,
+    PROCESSOR_CONFIG, _read_json, image_processor_values, load_chat_template, read_image_processor_config,
+    rescale_and_normalize, to_rgb,
 )
 
 BOI = "<start_of_image>"
@@ -70,15 +71,8 @@ class ImageConfig:
             if not isinstance(size, Mapping) or "height" not in size or "width" not in size:
                 raise ValueError(f"{source}: size must be {{'height': ..., 'width': ...}}, got {size}")
             values["height"], values["width"] = int(size["height"]), int(size["width"])
-        for field in ("rescale_factor", "resample", "do_resize", "do_rescale", "do_normalize"):
-            if config.get(field) is not None:
-                values[field] = config[field]
-        for field in ("image_mean", "image_std"):
-            stats = config.get(field)
-            if stats is not None:
-                values[field] = tuple(float(v) for v in (stats if isinstance(stats, Sequence) else [stats] * 3))
-                if len(values[field]) != 3:
-                    raise ValueError(f"{source}: {field} must have 3 entries (RGB), got {stats}")
+        values.update(image_processor_values(
+            config, source, ("rescale_factor", "resample", "do_resize", "do_rescale", "do_normalize")))
         return cls(**values)
 
     @classmethod

@@ -39,8 +39,8 @@ from spatial_jax.processing.chat import (
     render_user_turn, token_id, tokenize_chat_texts,
 )
 from spatial_jax.processing.qwen2_vl import (
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROCESSOR_CONFIG, _read_json, load_chat_template, read_image_processor_config,
-    rescale_and_normalize, to_rgb,
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROCESSOR_CONFIG, _read_json, image_processor_values, load_chat_template,
+    read_image_processor_config, rescale_and_normalize, to_rgb,
 )
 
 
@@ -80,15 +80,8 @@ class ImageConfig:
                 values["max_height"], values["max_width"] = int(size["height"]), int(size["width"])
             else:
                 raise ValueError(f"{source}: size must be {{'longest_edge': ...}} or {{'height', 'width'}}, got {size}")
-        for field in ("rescale_factor", "resample", "do_resize", "do_rescale", "do_normalize"):
-            if config.get(field) is not None:
-                values[field] = config[field]
-        for field in ("image_mean", "image_std"):
-            stats = config.get(field)
-            if stats is not None:
-                values[field] = tuple(float(v) for v in (stats if isinstance(stats, Sequence) else [stats] * 3))
-                if len(values[field]) != 3:
-                    raise ValueError(f"{source}: {field} must have 3 entries (RGB), got {stats}")
+        values.update(image_processor_values(
+            config, source, ("rescale_factor", "resample", "do_resize", "do_rescale", "do_normalize")))
         return cls(**values)
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:

@@ -122,22 +122,28 @@ class ImageConfig:
         min_pixels = min_pixels if min_pixels is not None else size.get("shortest_edge", cls.min_pixels)
         max_pixels = max_pixels if max_pixels is not None else size.get("longest_edge", cls.max_pixels)
         values = {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)}
-        for field in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "resample",
-                      "do_rescale", "do_normalize"):
-            if config.get(field) is not None:
-                values[field] = config[field]
-        for field in ("image_mean", "image_std"):
-            if config.get(field) is not None:
-                stats = config[field]
-                values[field] = tuple(float(v) for v in (stats if isinstance(stats, Sequence) else [stats] * 3))
-                if len(values[field]) != 3:
-                    raise ValueError(f"{source}: {field} must have 3 entries (RGB), got {config[field]}")
+        values.update(image_processor_values(config, source, ("patch_size", "temporal_patch_size", "merge_size",
+                                                              "rescale_factor", "resample", "do_rescale",
+                                                              "do_normalize")))
         return cls(**values)
 
     @classmethod
     def from_dir(cls, path: Union[str, os.PathLike]) -> "ImageConfig":
         """As transformers 5.23 loads it (see `read_image_processor_config`)."""
         return cls.from_dict(*read_image_processor_config(path))
+
+
+def image_processor_values(config: Mapping[str, Any], source: str, fields: Sequence[str]) -> dict[str, Any]:
+    """The given fields of an image processor config where set (null means the default), and
+    image_mean / image_std where set, as RGB triples (HF accepts one number for all three)."""
+    values = {field: config[field] for field in fields if config.get(field) is not None}
+    for field in ("image_mean", "image_std"):
+        stats = config.get(field)
+        if stats is not None:
+            values[field] = tuple(float(v) for v in (stats if isinstance(stats, Sequence) else [stats] * 3))
+            if len(values[field]) != 3:
+                raise ValueError(f"{source}: {field} must have 3 entries (RGB), got {stats}")
+    return values
 
 
 def _read_json(path: str) -> dict[str, Any]:
