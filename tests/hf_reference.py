@@ -297,3 +297,22 @@ def param_counts(model_cls, cfg, hf_cls, hf_cfg) -> tuple[int, int]:
     with torch.device("meta"):
         n_hf = sum(p.numel() for p in hf_cls(hf_cfg).parameters())
     return n_ours, n_hf
+
+
+def check_processor_outputs(ours: dict, ref: dict, int_keys: Sequence[str], image_keys: Sequence[str] = ()) -> float:
+    """Checks our processor's output against HF's: exactly int_keys, "pixel_values" and
+    image_keys; int_keys int32 and equal; without images pixel_values and image_keys None (and no
+    pixel_values in HF's), with images image_keys equal and pixel_values float32 of HF's shape.
+    Returns the largest pixel_values difference (0.0 without images)."""
+    assert set(ours) == {*int_keys, "pixel_values", *image_keys}
+    for key in int_keys:
+        assert ours[key].dtype == np.int32
+        np.testing.assert_array_equal(ours[key], ref[key], err_msg=key)
+    if ours["pixel_values"] is None:
+        assert "pixel_values" not in ref and all(ours[key] is None for key in image_keys)
+        return 0.0
+    for key in image_keys:
+        np.testing.assert_array_equal(ours[key], ref[key])
+    assert ours["pixel_values"].dtype == np.float32
+    assert ours["pixel_values"].shape == ref["pixel_values"].shape
+    return float(np.abs(ours["pixel_values"] - ref["pixel_values"]).max())

@@ -31,16 +31,7 @@ def proc_dirs(tmp_path_factory):
 
 
 def _check_equal(ours: dict, ref: dict) -> float:
-    assert set(ours) == {"input_ids", "attention_mask", "pixel_values", "token_type_ids"}
-    for key in ("input_ids", "attention_mask", "token_type_ids"):
-        assert ours[key].dtype == np.int32
-        np.testing.assert_array_equal(ours[key], ref[key], err_msg=key)
-    if ours["pixel_values"] is None:
-        assert "pixel_values" not in ref
-        return 0.0
-    assert ours["pixel_values"].dtype == np.float32
-    assert ours["pixel_values"].shape == ref["pixel_values"].shape
-    return float(np.abs(ours["pixel_values"] - ref["pixel_values"]).max())
+    return hr.check_processor_outputs(ours, ref, ("input_ids", "attention_mask", "token_type_ids"))
 
 
 @pytest.mark.parametrize("system", [None, SYSTEM], ids=["no_system", "system"])
