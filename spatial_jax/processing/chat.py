@@ -1,6 +1,7 @@
-"""The batch handling every processor family shares: checking a directory's tokenizer files, the
-images argument, one user turn through the chat template, and the check that the tokenizer kept an
-image placeholder whole."""
+"""What every processor family shares: the processor's base (tokenizer, chat template, image
+config), checking a directory's tokenizer files, the images argument, one user turn through the
+chat template, BOS-aware tokenizing, and the check that the tokenizer kept an image placeholder
+whole."""
 from __future__ import annotations
 
 import os
@@ -98,3 +99,17 @@ def tokenize_chat_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
     bos = tokenizer.bos_token
     add_special = not (bos is not None and texts and texts[0].startswith(bos))
     return tokenizer(texts, padding=True, add_special_tokens=add_special, return_tensors="np")
+
+
+class ChatPrep:
+    """What every family's processor holds: the checkpoint's HF tokenizer (its `padding_side`
+    decides where padding goes), the Jinja chat template, and the family's image config."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str, image_config: Any):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_config = image_config
+
+    @property
+    def padding_side(self) -> str:
+        return self.tokenizer.padding_side

@@ -31,7 +31,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from spatial_jax.processing.chat import (
-    ImageEntry, checked_dir, images_per_prompt, load_tokenizer, render_user_turn, token_id,
+    ChatPrep, ImageEntry, checked_dir, images_per_prompt, load_tokenizer, render_user_turn, token_id,
     tokenize_chat_texts,
 )
 from spatial_jax.processing.qwen2_vl import (
@@ -101,7 +101,7 @@ def _image_seq_length(path: str) -> int:
     return DEFAULT_IMAGE_SEQ_LENGTH
 
 
-class Gemma3Prep:
+class Gemma3Prep(ChatPrep):
     """Chat prompts + images -> Gemma 3 model inputs, equal to HF's
     `Gemma3Processor.apply_chat_template(..., tokenize=True, padding=True)`.
 
@@ -115,9 +115,7 @@ class Gemma3Prep:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str, image_config: ImageConfig,
                  image_seq_length: int = DEFAULT_IMAGE_SEQ_LENGTH):
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
-        self.image_config = image_config
+        super().__init__(tokenizer, chat_template, image_config)
         self.image_seq_length = image_seq_length
         self.boi_token_id, self.eoi_token_id, self.image_token_id = (
             token_id(tokenizer, token, "Gemma 3") for token in (BOI, EOI, IMAGE_SOFT_TOKEN))
@@ -134,10 +132,6 @@ class Gemma3Prep:
         image_config = ImageConfig.from_dir(path)
         tokenizer = load_tokenizer(path)
         return cls(tokenizer, load_chat_template(path, tokenizer), image_config, _image_seq_length(path))
-
-    @property
-    def padding_side(self) -> str:
-        return self.tokenizer.padding_side
 
     def chat_text(self, prompt: str, num_images: int = 0, system: Optional[str] = None) -> str:
         """One user turn through the chat template, images before the text, with the generation

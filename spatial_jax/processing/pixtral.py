@@ -35,7 +35,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from spatial_jax.processing.chat import (
-    ImageEntry, check_image_tokens, checked_dir, expand_placeholders, images_per_prompt, load_tokenizer,
+    ChatPrep, ImageEntry, check_image_tokens, checked_dir, expand_placeholders, images_per_prompt, load_tokenizer,
     render_user_turn, token_id, tokenize_chat_texts,
 )
 from spatial_jax.processing.qwen2_vl import (
@@ -126,7 +126,7 @@ class ImageTokens:
         return ((self.image * cols + self.image_break) * rows)[:-len(self.image_break)] + self.image_end
 
 
-class PixtralPrep:
+class PixtralPrep(ChatPrep):
     """Chat prompts + images -> Pixtral model inputs, equal to HF's
     `PixtralProcessor.apply_chat_template(..., tokenize=True, padding=True)`.
 
@@ -140,9 +140,7 @@ class PixtralPrep:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str, image_config: ImageConfig,
                  tokens: ImageTokens = ImageTokens()):
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
-        self.image_config = image_config
+        super().__init__(tokenizer, chat_template, image_config)
         self.tokens = tokens
         self.image_token_id = token_id(tokenizer, tokens.image, "Pixtral")
         for token in (tokens.image_break, tokens.image_end):  # written as text by the expansion: must exist
@@ -167,10 +165,6 @@ class PixtralPrep:
                              proc.get("image_end_token", defaults.image_end))
         tokenizer = load_tokenizer(path)
         return cls(tokenizer, load_chat_template(path, tokenizer), image_config, tokens)
-
-    @property
-    def padding_side(self) -> str:
-        return self.tokenizer.padding_side
 
     def chat_text(self, prompt: str, num_images: int = 0, system: Optional[str] = None) -> str:
         """One user turn through the chat template, images before the text. Each image is a single

@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from spatial_jax.processing.chat import (
-    TOKENIZER_CONFIG, ImageEntry, check_image_tokens, checked_dir, expand_placeholders,
+    TOKENIZER_CONFIG, ChatPrep, ImageEntry, check_image_tokens, checked_dir, expand_placeholders,
     images_per_prompt, load_tokenizer, render_user_turn, token_id,
 )
 
@@ -286,7 +286,7 @@ def load_chat_template(path: Union[str, os.PathLike], tokenizer: Optional[PreTra
                             f"{PROCESSOR_CONFIG} or {TOKENIZER_CONFIG} either)")
 
 
-class Qwen2VLPrep:
+class Qwen2VLPrep(ChatPrep):
     """Chat prompts + images -> Qwen2-VL model inputs, equal to HF's `Qwen2VLProcessor(..., padding=True)`.
 
     Attributes
@@ -298,9 +298,7 @@ class Qwen2VLPrep:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str, image_config: ImageConfig):
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
-        self.image_config = image_config
+        super().__init__(tokenizer, chat_template, image_config)
         self.special_ids = SpecialTokenIds.from_tokenizer(tokenizer)
 
     @classmethod
@@ -318,10 +316,6 @@ class Qwen2VLPrep:
     @property
     def image_token_id(self) -> int:
         return self.special_ids.image_pad
-
-    @property
-    def padding_side(self) -> str:
-        return self.tokenizer.padding_side
 
     def num_image_tokens(self, grid_thw: Sequence[int]) -> int:
         """LM tokens of one image: its patches divided by the merge block, t*h*w / merge_size**2."""
