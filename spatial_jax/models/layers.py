@@ -238,6 +238,14 @@ class LanguageModel(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Dense(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
 
+    def embed_with_visual_tokens(self, batch, visual_tokens: Callable[[], jax.Array]) -> jax.Array:
+        """Token embeddings [B, T, D] with visual_tokens() [N, D] (run only when the batch has
+        pixel_values) written over the image-token slots in order."""
+        x = jnp.take(self.embed[...], batch.input_ids, axis=0)
+        if batch.pixel_values is None:
+            return x
+        return scatter_rows(x, batch.input_ids == self.cfg.image_token_id, visual_tokens())
+
     def final(self, x: jax.Array, taps: Taps) -> jax.Array:
         return taps.at(sites.LM_FINAL, self.norm(x))
 

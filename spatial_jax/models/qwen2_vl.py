@@ -268,11 +268,8 @@ class Qwen2VL(L.LanguageModel):
 
     def embed_inputs(self, batch, taps: Taps) -> jax.Array:
         """LM input [B, T, D]: token embeddings with the visual tokens over the `<|image_pad|>` slots."""
-        x = jnp.take(self.embed[...], batch.input_ids, axis=0)
-        if batch.pixel_values is None:
-            return x
-        vis = self.vision(batch.pixel_values, batch.image_grid_thw, taps)[0]
-        return L.scatter_rows(x, batch.input_ids == self.cfg.image_token_id, vis)
+        return self.embed_with_visual_tokens(
+            batch, lambda: self.vision(batch.pixel_values, batch.image_grid_thw, taps)[0])
 
     @staticmethod
     def check_batch(cfg: Qwen2VLConfig, batch) -> None:
