@@ -27,6 +27,25 @@ def hf_config(intermediate_size: int = 4096):
                          vision_start_token_id=VSTART, vision_end_token_id=VEND, tie_word_embeddings=False)
 
 
+def flop_parts(cfg, T: int, n_patches: int) -> dict:
+    """Matmul FLOPs (2 per multiply-add, attention score/value products over the full square
+    included) of the pieces of a Qwen2-VL forward: `vision` (patch embed, every block, merger) for
+    `n_patches` patches of one image, one LM `layer` over T tokens, and `head_row` (the
+    unembedding at one position). A full forward is vision + L * layer + T * head_row."""
+    v, t = cfg.vision_config, cfg.text_config
+    Dv, mlp = v.embed_dim, int(v.embed_dim * v.mlp_ratio)
+    N = n_patches
+    patch = 2 * N * (3 * v.temporal_patch_size * v.patch_size**2) * Dv
+    block = 2 * N * Dv * 3 * Dv + 2 * N * Dv * Dv + 2 * 2 * N * Dv * mlp + 2 * 2 * N * N * Dv
+    m = v.spatial_merge_size**2
+    merger = 2 * (N // m) * (m * Dv) ** 2 + 2 * (N // m) * m * Dv * t.hidden_size
+    D, hd = t.hidden_size, t.hidden_size // t.num_attention_heads
+    kv = t.num_key_value_heads * hd
+    layer = (2 * T * D * D * 2 + 2 * T * D * kv * 2 + 3 * 2 * T * D * t.intermediate_size
+             + 2 * 2 * T * T * t.num_attention_heads * hd)
+    return dict(vision=patch + v.depth * block + merger, layer=layer, head_row=2 * D * t.vocab_size)
+
+
 def save_random(out_dir: str, seed: int = 0, max_shard_size: str | None = None) -> int:
     """Random-init (HF's own init) fp32 model saved with save_pretrained; returns its param count."""
     import torch

@@ -3,8 +3,9 @@ random ~250M-parameter Gemma3ForConditionalGeneration and the same inputs, on th
 
     python benchmarks/bench_gemma3_forward.py [--image_size 448] [--batch 1] [--repeats 5] [--single_thread]
 
---single_thread runs both sides on one core (torch.set_num_threads(1); XLA without its Eigen
-thread pool), which gives comparable figures when other processes share the machine.
+--single_thread runs both sides on one core (the process pinned to one CPU; torch.set_num_threads(1)),
+which gives comparable figures when other processes share the machine. (Before the pinning it set
+XLA flags that jax 0.10 ignores, so our side still ran on two cores.)
 
 Config (structure of gemma-3-4b-it at ~1/17 the size): SigLIP 768 wide, 8 layers, 12 heads, MLP
 3072, 14-px patches; LM 1024 wide, 10 layers (sliding x5, full, sliding x4), 8 query / 4 KV
@@ -70,8 +71,10 @@ def main():
     ap.add_argument("--single_thread", action="store_true")
     args = ap.parse_args()
     if args.single_thread:  # before jax starts its CPU backend
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _cpu import pin_to_one_core
+
+        pin_to_one_core()
     global jax, torch, sj
     import jax
     import torch

@@ -1,17 +1,39 @@
-"""Criss-cross sweep throughput: ours (patch_sweep) vs the official approach (a PyTorch
-forward-hook loop, one full forward per patched site) on the same random ~250M Qwen2-VL.
+"""Criss-cross sweep throughput: ours (region_swap_sweep) vs the official approach (a PyTorch
+forward-hook loop, one full forward per patched site) on the same random Qwen2-VL.
 
     python benchmarks/bench_sweep.py --pairs 50 --torch_pairs 2
+    python benchmarks/bench_sweep.py --small --pairs 3 --torch_pairs 1   # quick check
 
 Every slot (LM input + each layer output) x 2 region sets (object-only, strip) x `pairs` pairs.
-The PyTorch loop is timed on `torch_pairs` pairs and reported per patched forward; both sides
-are checked to agree on the patched logits of those pairs. Prints a table; peak RSS is read
-from the process (ours first, then torch, so the torch figure includes ours as a floor).
+Config: the mid-size Qwen2-VL of benchmarks/_qwen2_vl_mid.py (346.6M params, untied head), one
+336x336 image (144 visual tokens), T = 176. The PyTorch loop is timed on `torch_pairs` pairs
+and reported per patched forward; both sides must agree on the patched logits of those pairs.
+
+Timing is interleaved on a shared machine: pair i of ours, then (for i < torch_pairs) pair i of
+torch at each of --torch_threads (default 1 and 2: under contention torch's OpenMP threads can
+lose by far at 2; the fastest setting is the comparison), so load swings hit every method; per-pair
+min and median are reported, and the speed-up from both, and from process CPU seconds per pair
+(under contention a 2-thread process gets a larger share of the cores than a 1-thread one; CPU
+time does not depend on that share). --single_thread pins the process to one CPU (both sides).
+The machine's float32 matmul rate (jax, 2048^3, best of 3) is measured between pairs and the
+highest is kept; the sweep's matmul work (counted per piece with _qwen2_vl_mid.flop_parts) over
+its time gives the fraction of that rate each side reaches. Peak RSS is measured per side in a
+fresh process (`--side ours|torch`, one pair; ours from a converted checkpoint, as experiments
+load it), next to a process that only imports and loads (`--side load_ours|load_torch`).
+
+Fixed chunk: ours runs chunk_size = 2 (the number of region sets). patch_sweep groups variants
+by start layer and pads every group to the chunk, and here each start layer has exactly 2
+variants, so a larger chunk only adds dummy variants (the earlier chunk_size = 2 (L + 1) ran
+26 variants per call for 2 real ones).
 """
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -21,28 +43,78 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 import spatial_jax as sj
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _qwen2_vl_mid as mid  # noqa: E402
+from _cpu import pin_to_one_core  # noqa: E402
+
 GRID = 24  # 336 px / 14: 12 x 12 merged tokens, the paper's Qwen geometry
 IMG, VSTART, VEND = 1000, 1001, 1002
 
 
-def build_hf(out_dir: str, small: bool):
-    if small:
-        vis = dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2, hidden_size=128)
-        txt = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, rope_parameters=dict(rope_type="default", mrope_section=[4, 6, 6],
-                                                               rope_theta=1e4))
-    else:
-        vis = dict(depth=12, embed_dim=768, num_heads=12, mlp_ratio=4, hidden_size=1024)
-        txt = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=16,
-                   num_key_value_heads=4, rope_parameters=dict(rope_type="default", mrope_section=[8, 12, 12],
-                                                               rope_theta=1e6))
-    cfg = Qwen2VLConfig(vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vis),
-                        text_config=dict(vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=4096, **txt),
-                        image_token_id=IMG, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+def hf_config(small: bool):
+    if not small:
+        return mid.hf_config()
+    vis = dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2, hidden_size=128)
+    txt = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, rope_parameters=dict(rope_type="default", mrope_section=[4, 6, 6],
+                                                           rope_theta=1e4))
+    return Qwen2VLConfig(vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vis),
+                         text_config=dict(vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=4096, **txt),
+                         image_token_id=IMG, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+
+
+def build_hf(out_dir: str, small: bool) -> None:
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
-    model.save_pretrained(out_dir)
-    return Qwen2VLForConditionalGeneration.from_pretrained(out_dir, attn_implementation="sdpa").eval()
+    Qwen2VLForConditionalGeneration(hf_config(small)).eval().save_pretrained(out_dir)
+
+
+def load_hf(hf_dir: str):
+    return Qwen2VLForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="sdpa").eval()
+
+
+def rss_now() -> float:
+    """Current resident set size, bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def peak_rss() -> float:
+    """Peak resident set size of this process image, bytes. VmHWM, not getrusage's ru_maxrss: a
+    child's ru_maxrss starts at its parent's RSS at fork time and survives exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
+    """This machine's float32 matmul rate with jax (XLA CPU), GFLOP/s, best of `reps`."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def sweep_flops(cfg, T: int, n_patches: int, R: int) -> dict:
+    """Matmul work of one pair (L + 1 slots x R region sets). `needed`: vision + LM once for the
+    clean and once for the cf image, each patched variant's layers from its slot on (slot L: none),
+    the head at the read position only. `ours`: what region_swap_sweep runs (the clean run is
+    done once per patch_sweep call, twice; slot L restarts at layer L - 1). `torch`: the hook
+    loop, two cf forwards and one full forward (head on every position) per variant."""
+    f = mid.flop_parts(cfg, T, n_patches)
+    L = cfg.text_config.num_hidden_layers
+    full_lm = f["vision"] + L * f["layer"]
+    variant_layers = R * sum(L - s for s in range(L))
+    reads = R * (L + 1) * f["head_row"]
+    return dict(needed=2 * full_lm + variant_layers * f["layer"] + reads,
+                ours=3 * full_lm + (variant_layers + R) * f["layer"] + reads,
+                torch=(2 + R * (L + 1)) * (full_lm + T * f["head_row"]))
 
 
 def prompt_ids(n_img_tokens: int) -> np.ndarray:
@@ -97,20 +169,78 @@ def torch_loop(hf, ids, pv, pv_cf, grid, index_maps, L):
     return out
 
 
+def child(args) -> None:
+    """--side: one process, one side, one pair; prints a JSON line with its RSS figures."""
+    ids = prompt_ids(144)
+    grid = np.array([[1, GRID, GRID]])
+    index_maps = regions(ids)[:, None]
+    pair = np.random.default_rng(0).standard_normal((2, GRID * GRID, 1176)).astype(np.float32)
+    if args.side.endswith("ours"):
+        model = sj.load(args.converted)
+        loaded = rss_now()
+        if args.side == "ours":
+            clean = sj.Batch(input_ids=ids, pixel_values=pair[0], image_grid_thw=grid)
+            cf = sj.Batch(input_ids=ids, pixel_values=pair[1], image_grid_thw=grid)
+            sj.region_swap_sweep(model, clean, cf, index_maps, np.array([5, 6, 7, 8, 9]),
+                                 chunk_size=args.chunk_size)
+    else:
+        torch.set_num_threads(1)
+        hf = load_hf(args.hf_dir)
+        loaded = rss_now()
+        if args.side == "torch":
+            torch_loop(hf, ids, pair[0], pair[1], grid, index_maps, hf.config.text_config.num_hidden_layers)
+    print(json.dumps(dict(side=args.side, after_load=loaded, peak=peak_rss())))
+
+
+def side_rss(args, work: str, converted: str) -> dict:
+    out = {}
+    for side in ("load_ours", "ours", "load_torch", "torch"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--hf_dir", work, "--converted", converted,
+               "--chunk_size", str(args.chunk_size)] + (["--small"] if args.small else [])
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{side} child failed:\n{r.stderr[-3000:]}")
+        out[side] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=50)
     ap.add_argument("--torch_pairs", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="a tiny config, to check the script quickly")
+    ap.add_argument("--chunk_size", type=int, default=2, help="variants per compiled call (2: one start layer)")
+    ap.add_argument("--torch_threads", default="1,2",
+                    help="torch thread counts to time, interleaved; the fastest is the comparison (on a busy "
+                         "machine 1 thread can beat 2 by far: OpenMP barriers)")
+    ap.add_argument("--single_thread", action="store_true",
+                    help="the process pinned to one CPU and torch at 1 thread: both sides on one core, "
+                         "comparable when other processes share the machine")
+    ap.add_argument("--no_rss", action="store_true", help="skip the per-side peak-RSS processes")
+    ap.add_argument("--side", default=None, choices=["ours", "torch", "load_ours", "load_torch"],
+                    help="internal: one side's peak RSS in this process")
+    ap.add_argument("--hf_dir", default=None, help="an existing save of the config (else one is made)")
+    ap.add_argument("--converted", default=None, help="internal: the converted checkpoint for --side ours")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    if args.side:
+        return child(args)
+    if args.single_thread:  # before jax starts its CPU backend (nothing has run on it yet)
+        pin_to_one_core()
+        args.torch_threads = "1"
+    threads = [int(t) for t in args.torch_threads.split(",")]
+    load0 = os.getloadavg()
     tmp = tempfile.mkdtemp()
-    hf = build_hf(tmp, args.small)
-    model = sj.load(tmp)
+    if args.hf_dir is None:
+        args.hf_dir = os.path.join(tmp, "hf")
+        build_hf(args.hf_dir, args.small)
+    hf = load_hf(args.hf_dir)
+    model = sj.load(args.hf_dir)
     L = model.config.num_layers
     n_params = sum(p.numel() for p in hf.parameters())
     ids = prompt_ids(144)
+    T = ids.shape[1]
     index_maps = regions(ids)[:, None]  # [R, 1, T]
+    R = len(index_maps)
     grid = np.array([[1, GRID, GRID]])
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.pairs, 2, GRID * GRID, 1176)).astype(np.float32)
@@ -119,33 +249,77 @@ def main():
     def ours(i):
         clean = sj.Batch(input_ids=ids, pixel_values=images[i, 0], image_grid_thw=grid)
         cf = sj.Batch(input_ids=ids, pixel_values=images[i, 1], image_grid_thw=grid)
-        return sj.region_swap_sweep(model, clean, cf, index_maps, tokens, chunk_size=2 * (L + 1))
+        return sj.region_swap_sweep(model, clean, cf, index_maps, tokens, chunk_size=args.chunk_size)
 
     t0 = time.perf_counter()
-    first = ours(0)
+    ours(0)
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    rates = [matmul_gflops()]
+    ours_t, ours_cpu, ours_out, loads = [], [], [], []
+    torch_t, torch_cpu, ref = ({t: [] for t in threads} for _ in range(3))
     for i in range(args.pairs):
-        ours(i)
-    ours_s = time.perf_counter() - t0
-    ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    n_fwd = args.pairs * (L + 1) * 2
+        t0, c0 = time.perf_counter(), time.process_time()
+        ours_out.append(ours(i).logits[:, :, 0, 0])
+        ours_t.append(time.perf_counter() - t0)
+        ours_cpu.append(time.process_time() - c0)
+        for th in threads if i < args.torch_pairs else ():
+            torch.set_num_threads(th)
+            t0, c0 = time.perf_counter(), time.process_time()
+            ref[th].append(torch_loop(hf, ids, images[i, 0], images[i, 1], grid, index_maps, L))
+            torch_t[th].append(time.perf_counter() - t0)
+            torch_cpu[th].append(time.process_time() - c0)
+        if i % 5 == 4 or i == args.pairs - 1:
+            rates.append(matmul_gflops())
+        loads.append(os.getloadavg()[0])
+        print(f"  pair {i + 1}/{args.pairs}: ours {ours_t[-1]:.2f} s" +
+              "".join(f", torch {th} thr {torch_t[th][-1]:.1f} s" for th in threads if i < args.torch_pairs)
+              + f", load {loads[-1]:.1f}",
+              flush=True)
+    err = max(np.abs(ref[th][i] - ours_out[i]).max() for th in threads for i in range(args.torch_pairs))
+    load1 = os.getloadavg()
+    del hf
+    rss = None
+    if not args.no_rss:
+        converted = os.path.join(tmp, "converted")
+        subprocess.run([sys.executable, "-m", "spatial_jax.convert.cli", "--hf_dir", args.hf_dir,
+                        "--output_dir", converted], check=True, capture_output=True)
+        rss = side_rss(args, args.hf_dir, converted)
 
-    t0 = time.perf_counter()
-    ref = [torch_loop(hf, ids, images[i, 0], images[i, 1], grid, index_maps, L) for i in range(args.torch_pairs)]
-    torch_s = time.perf_counter() - t0
-    torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    torch_fwd = args.torch_pairs * (L + 1) * 2
-    err = max(np.abs(ref[i] - ours(i).logits[:, :, 0, 0]).max() for i in range(args.torch_pairs))
-
-    print(f"config: {n_params / 1e6:.1f}M params, L={L}, T={ids.shape[1]}, 336x336 image (144 visual tokens)")
-    print(f"sweep: {args.pairs} pairs x {L + 1} slots x 2 region sets = {n_fwd} patched forwards")
-    print(f"| method | patched fwd/s | s per pair | peak RSS GiB |")
-    print(f"| ours (patch_sweep) | {n_fwd / ours_s:.2f} | {ours_s / args.pairs:.2f} | {ours_rss:.2f} |")
-    print(f"| torch hook loop ({args.torch_pairs} pairs) | {torch_fwd / torch_s:.2f} | "
-          f"{torch_s / args.torch_pairs:.2f} | {torch_rss:.2f} |")
-    print(f"speed-up: {(n_fwd / ours_s) / (torch_fwd / torch_s):.1f}x; first call incl. compile {compile_s:.1f} s; "
-          f"max |logit diff| ours vs torch on {args.torch_pairs} pairs: {err:.2e}")
+    per_pair = (L + 1) * R
+    fl = sweep_flops(hf_config(args.small), T, GRID * GRID, R)
+    rate = max(rates)
+    o_min, o_med = min(ours_t), statistics.median(ours_t)
+    best = min(threads, key=lambda th: statistics.median(torch_t[th]))
+    t_min, t_med = min(torch_t[best]), statistics.median(torch_t[best])
+    print(f"\nconfig: {n_params / 1e6:.1f}M params, L={L}, T={T}, 336x336 image (576 patches, 144 visual tokens); "
+          f"chunk_size {args.chunk_size}" + ("; single thread each side" if args.single_thread else ""))
+    print(f"sweep: {args.pairs} pairs x {L + 1} slots x {R} region sets = {args.pairs * per_pair} patched forwards "
+          f"(torch: {args.torch_pairs} pairs = {args.torch_pairs * per_pair})")
+    print(f"load average (1, 5, 15 min) before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+          f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; per-pair 1-min range {min(loads):.1f}-{max(loads):.1f}")
+    print(f"jax float32 matmul rate (2048^3, best of 3, measured {len(rates)} times): "
+          f"{rate:.1f} GFLOP/s (lowest {min(rates):.1f})")
+    print(f"matmul work per pair: needed {fl['needed'] / 1e9:.1f} GFLOP, ours does {fl['ours'] / 1e9:.1f}, "
+          f"torch loop {fl['torch'] / 1e9:.1f} (ratio torch/needed {fl['torch'] / fl['needed']:.2f})")
+    print("| method | s per pair (min / median) | patched fwd/s (min / median time) | CPU s per pair (median) "
+          "| GFLOP/s (min time) | of matmul rate | peak RSS GiB (after load) |")
+    print("|---|---|---|---|---|---|---|")
+    rows = [("ours (region_swap_sweep)", o_min, o_med, statistics.median(ours_cpu), fl["ours"], "ours")]
+    rows += [(f"torch hook loop, {th} thread{'s' * (th > 1)}", min(torch_t[th]), statistics.median(torch_t[th]),
+              statistics.median(torch_cpu[th]), fl["torch"], "torch") for th in threads]
+    for name, lo, med, cpu, work, side in rows:
+        mem = "-" if rss is None else f"{rss[side]['peak'] / 2**30:.2f} ({rss[side]['after_load'] / 2**30:.2f})"
+        print(f"| {name} | {lo:.2f} / {med:.2f} | {per_pair / lo:.2f} / {per_pair / med:.2f} | {cpu:.1f} | "
+              f"{work / lo / 1e9:.1f} | {work / lo / 1e9 / rate:.0%} | {mem} |")
+    if rss is not None:
+        print(f"load-only processes: ours peak {rss['load_ours']['peak'] / 2**30:.2f} GiB, "
+              f"torch peak {rss['load_torch']['peak'] / 2**30:.2f} GiB")
+    print(f"speed-up (patched fwd/s ours / torch at its fastest, {best} thread{'s' * (best > 1)}): {t_min / o_min:.2f}x from minima, {t_med / o_med:.2f}x from medians "
+          f"(target 5x), {statistics.median(torch_cpu[best]) / statistics.median(ours_cpu):.2f}x in CPU "
+          f"seconds per pair (medians); needed work / ours' time: {fl['needed'] / o_min / 1e9:.1f} GFLOP/s = "
+          f"{fl['needed'] / o_min / 1e9 / rate:.0%} of the matmul rate")
+    print(f"first call incl. compile {compile_s:.1f} s; max |logit diff| ours vs torch on {args.torch_pairs} pairs: "
+          f"{err:.2e}")
 
 
 if __name__ == "__main__":
