@@ -121,6 +121,7 @@ def main():
     # Every method is called once per round, in turn, so load swings on a shared machine hit all alike.
     methods = {"ours: sj.forward (jit)": (lambda: jax.block_until_ready(sj.forward(model, batch).logits), None)}
     diffs = {}
+    default_threads = 1 if args.single_thread else torch.get_num_threads()
     for impl in ("eager", "sdpa"):
         hf = Qwen2VLForConditionalGeneration.from_pretrained(args.hf_dir, attn_implementation=impl).eval()
         n_params = sum(p.numel() for p in hf.parameters())
@@ -145,6 +146,7 @@ def main():
             loads.append(os.getloadavg()[0])
             print(f"  round {r}/{args.runs} done, load {loads[-1]:.1f}", flush=True)
     load1 = os.getloadavg()
+    torch.set_num_threads(default_threads)
     jax_rate, torch_rate = matmul_rate()
     flops = forward_flops(mid.hf_config(), T, GRID * GRID)
     ours = wall["ours: sj.forward (jit)"]
@@ -153,7 +155,8 @@ def main():
           f"T = {T} LM tokens; {os.cpu_count()} CPUs, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}" + ("; single thread each side" if args.single_thread else ""))
     print(f"matmul FLOPs per forward: {flops / 1e9:.1f} GFLOP; machine fp32 matmul (2048^3, after the runs): "
-          f"jax {jax_rate:.1f} GFLOP/s, torch {torch_rate:.1f} GFLOP/s")
+          f"jax {jax_rate:.1f} GFLOP/s, torch ({default_threads} thread{'s' * (default_threads > 1)}) "
+          f"{torch_rate:.1f} GFLOP/s")
     print(f"load average (1, 5, 15 min) {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} -> "
           f"{load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; 1-min after each round {min(loads):.1f}-{max(loads):.1f}")
     print(f"sj.load (HF dir, converted in memory): {load_s:.1f} s; our first call "
