@@ -9,22 +9,22 @@ Config: the mid-size Qwen2-VL of benchmarks/_qwen2_vl_mid.py (346.6M params, unt
 336x336 image (144 visual tokens), T = 176. The PyTorch loop is timed on `torch_pairs` pairs
 and reported per patched forward; both sides must agree on the patched logits of those pairs.
 
-Timing is interleaved on a shared machine: pair i of ours, then (for i < torch_pairs) pair i of
-torch at each of --torch_threads (default 1 and 2: under contention torch's OpenMP threads can
-lose by far at 2; the fastest setting is the comparison), so load swings hit every method; per-pair
-min and median are reported, and the speed-up from both, and from process CPU seconds per pair
-(under contention a 2-thread process gets a larger share of the cores than a 1-thread one; CPU
-time does not depend on that share). --single_thread pins the process to one CPU (both sides).
-The machine's float32 matmul rate (jax, 2048^3, best of 3) is measured between pairs and the
-highest is kept; the sweep's matmul work (counted per piece with _qwen2_vl_mid.flop_parts) over
-its time gives the fraction of that rate each side reaches. Peak RSS is measured per side in a
-fresh process (`--side ours|torch`, one pair; ours from a converted checkpoint, as experiments
-load it), next to a process that only imports and loads (`--side load_ours|load_torch`).
+Ours runs region_swap_sweep as the criss_cross binary does: --batch pairs per call (default 10;
+1 runs one pair at a time, as the hook loop does), the library's automatic chunking. Times are
+per pair (a batch's time over its size).
 
-Fixed chunk: ours runs chunk_size = 2 (the number of region sets). patch_sweep groups variants
-by start layer and pads every group to the chunk, and here each start layer has exactly 2
-variants, so a larger chunk only adds dummy variants (the earlier chunk_size = 2 (L + 1) ran
-26 variants per call for 2 real ones).
+Timing is interleaved on a shared machine: a batch of ours, then each of its pairs that is among
+the first --torch_pairs run by torch at each of --torch_threads (default 1 and 2: under
+contention torch's OpenMP threads can lose by far at 2; the fastest setting is the comparison),
+so load swings hit every method; per-pair min and median are reported, and the speed-up from
+both, and from process CPU seconds per pair (under contention a 2-thread process gets a larger
+share of the cores than a 1-thread one; CPU time does not depend on that share).
+--single_thread pins the process to one CPU (both sides). The machine's float32 matmul rate
+(jax, 2048^3, best of 3) is measured between batches and the highest is kept; the sweep's
+matmul work (counted per piece with _qwen2_vl_mid.flop_parts) over its time gives the fraction
+of that rate each side reaches. Peak RSS is measured per side in a fresh process (`--side
+ours|torch`: one batch of ours, from a converted checkpoint as experiments load it, or one pair
+of torch), next to a process that only imports and loads (`--side load_ours|load_torch`).
 """
 from __future__ import annotations
 
@@ -103,17 +103,18 @@ def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
 
 def sweep_flops(cfg, T: int, n_patches: int, R: int) -> dict:
     """Matmul work of one pair (L + 1 slots x R region sets). `needed`: vision + LM once for the
-    clean and once for the cf image, each patched variant's layers from its slot on (slot L: none),
-    the head at the read position only. `ours`: what region_swap_sweep runs (the clean run is
-    done once per patch_sweep call, twice; slot L restarts at layer L - 1). `torch`: the hook
-    loop, two cf forwards and one full forward (head on every position) per variant."""
+    clean and once for the cf image; each variant patched at slot s < L runs layers s..L-2 in
+    full and the last layer at the read position only (its keys and values at every position);
+    slot L runs no layer; the head at the read position. `ours`: what region_swap_sweep runs,
+    the same but slot L restarts at the last layer. `torch`: the hook loop, two cf forwards and
+    one full forward (head on every position) per variant."""
     f = mid.flop_parts(cfg, T, n_patches)
     L = cfg.text_config.num_hidden_layers
     full_lm = f["vision"] + L * f["layer"]
-    variant_layers = R * sum(L - s for s in range(L))
+    variants = R * sum((L - 1 - s) * f["layer"] + f["last_row"] for s in range(L))
     reads = R * (L + 1) * f["head_row"]
-    return dict(needed=2 * full_lm + variant_layers * f["layer"] + reads,
-                ours=3 * full_lm + (variant_layers + R) * f["layer"] + reads,
+    return dict(needed=2 * full_lm + variants + reads,
+                ours=2 * full_lm + variants + R * f["last_row"] + reads,
                 torch=(2 + R * (L + 1)) * (full_lm + T * f["head_row"]))
 
 
@@ -170,25 +171,27 @@ def torch_loop(hf, ids, pv, pv_cf, grid, index_maps, L):
 
 
 def child(args) -> None:
-    """--side: one process, one side, one pair; prints a JSON line with its RSS figures."""
+    """--side: one process, one side (ours: one batch of --batch pairs, torch: one pair); prints a
+    JSON line with its RSS figures."""
     ids = prompt_ids(144)
     grid = np.array([[1, GRID, GRID]])
     index_maps = regions(ids)[:, None]
-    pair = np.random.default_rng(0).standard_normal((2, GRID * GRID, 1176)).astype(np.float32)
+    b = args.batch
+    pair = np.random.default_rng(0).standard_normal((2, b * GRID * GRID, 1176)).astype(np.float32)
     if args.side.endswith("ours"):
         model = sj.load(args.converted)
         loaded = rss_now()
         if args.side == "ours":
-            clean = sj.Batch(input_ids=ids, pixel_values=pair[0], image_grid_thw=grid)
-            cf = sj.Batch(input_ids=ids, pixel_values=pair[1], image_grid_thw=grid)
-            sj.region_swap_sweep(model, clean, cf, index_maps, np.array([5, 6, 7, 8, 9]),
-                                 chunk_size=args.chunk_size)
+            clean, cf = (sj.Batch(input_ids=np.repeat(ids, b, 0), pixel_values=pv, image_grid_thw=np.repeat(grid, b, 0))
+                         for pv in pair)
+            sj.region_swap_sweep(model, clean, cf, np.repeat(index_maps, b, 1), np.array([5, 6, 7, 8, 9]),
+                                 chunk_size=args.chunk_size or None)
     else:
         torch.set_num_threads(1)
         hf = load_hf(args.hf_dir)
         loaded = rss_now()
         if args.side == "torch":
-            torch_loop(hf, ids, pair[0], pair[1], grid, index_maps, hf.config.text_config.num_hidden_layers)
+            torch_loop(hf, ids, pair[0, :GRID * GRID], pair[1, :GRID * GRID], grid, index_maps, hf.config.text_config.num_hidden_layers)
     print(json.dumps(dict(side=args.side, after_load=loaded, peak=peak_rss())))
 
 
@@ -196,7 +199,7 @@ def side_rss(args, work: str, converted: str) -> dict:
     out = {}
     for side in ("load_ours", "ours", "load_torch", "torch"):
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--hf_dir", work, "--converted", converted,
-               "--chunk_size", str(args.chunk_size)] + (["--small"] if args.small else [])
+               "--chunk_size", str(args.chunk_size), "--batch", str(args.batch)] + (["--small"] if args.small else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"{side} child failed:\n{r.stderr[-3000:]}")
@@ -209,7 +212,10 @@ def main():
     ap.add_argument("--pairs", type=int, default=50)
     ap.add_argument("--torch_pairs", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="a tiny config, to check the script quickly")
-    ap.add_argument("--chunk_size", type=int, default=2, help="variants per compiled call (2: one start layer)")
+    ap.add_argument("--chunk_size", type=int, default=0, help="variants per compiled call (0: automatic)")
+    ap.add_argument("--batch", type=int, default=10,
+                    help="pairs per region_swap_sweep call, as the criss_cross binary batches them (its "
+                         "--batch_size, default 16); 1: one pair at a time, as the hook loop runs")
     ap.add_argument("--torch_threads", default="1,2",
                     help="torch thread counts to time, interleaved; the fastest is the comparison (on a busy "
                          "machine 1 thread can beat 2 by far: OpenMP barriers)")
@@ -246,33 +252,40 @@ def main():
     images = rng.standard_normal((args.pairs, 2, GRID * GRID, 1176)).astype(np.float32)
     tokens = np.array([5, 6, 7, 8, 9])
 
-    def ours(i):
-        clean = sj.Batch(input_ids=ids, pixel_values=images[i, 0], image_grid_thw=grid)
-        cf = sj.Batch(input_ids=ids, pixel_values=images[i, 1], image_grid_thw=grid)
-        return sj.region_swap_sweep(model, clean, cf, index_maps, tokens, chunk_size=args.chunk_size)
+    def ours(pairs):
+        """One region_swap_sweep over these pairs as one batch -> [L+1, R, len(pairs)] logits of token 5."""
+        b = len(pairs)
+        clean, cf = (sj.Batch(input_ids=np.repeat(ids, b, 0), image_grid_thw=np.repeat(grid, b, 0),
+                              pixel_values=images[pairs, side].reshape(-1, images.shape[-1])) for side in (0, 1))
+        res = sj.region_swap_sweep(model, clean, cf, np.repeat(index_maps, b, 1), tokens,
+                                   chunk_size=args.chunk_size or None)
+        return res.logits[..., 0]
 
+    batches = [np.arange(i, min(i + args.batch, args.pairs)) for i in range(0, args.pairs, args.batch)]
     t0 = time.perf_counter()
-    ours(0)
+    for size in sorted({len(b) for b in batches}):  # every batch shape compiles here, untimed
+        ours(batches[0][:size])
     compile_s = time.perf_counter() - t0
     rates = [matmul_gflops()]
     ours_t, ours_cpu, ours_out, loads = [], [], [], []
     torch_t, torch_cpu, ref = ({t: [] for t in threads} for _ in range(3))
-    for i in range(args.pairs):
+    for j, pairs in enumerate(batches):
         t0, c0 = time.perf_counter(), time.process_time()
-        ours_out.append(ours(i).logits[:, :, 0, 0])
-        ours_t.append(time.perf_counter() - t0)
-        ours_cpu.append(time.process_time() - c0)
-        for th in threads if i < args.torch_pairs else ():
-            torch.set_num_threads(th)
-            t0, c0 = time.perf_counter(), time.process_time()
-            ref[th].append(torch_loop(hf, ids, images[i, 0], images[i, 1], grid, index_maps, L))
-            torch_t[th].append(time.perf_counter() - t0)
-            torch_cpu[th].append(time.process_time() - c0)
-        if i % 5 == 4 or i == args.pairs - 1:
-            rates.append(matmul_gflops())
+        got = ours(pairs)
+        ours_out += [got[:, :, k] for k in range(len(pairs))]
+        ours_t.append((time.perf_counter() - t0) / len(pairs))  # per pair
+        ours_cpu.append((time.process_time() - c0) / len(pairs))
+        for i in (i for i in pairs if i < args.torch_pairs):
+            for th in threads:
+                torch.set_num_threads(th)
+                t0, c0 = time.perf_counter(), time.process_time()
+                ref[th].append(torch_loop(hf, ids, images[i, 0], images[i, 1], grid, index_maps, L))
+                torch_t[th].append(time.perf_counter() - t0)
+                torch_cpu[th].append(time.process_time() - c0)
+        rates.append(matmul_gflops())
         loads.append(os.getloadavg()[0])
-        print(f"  pair {i + 1}/{args.pairs}: ours {ours_t[-1]:.2f} s" +
-              "".join(f", torch {th} thr {torch_t[th][-1]:.1f} s" for th in threads if i < args.torch_pairs)
+        print(f"  pairs {pairs[0] + 1}-{pairs[-1] + 1}/{args.pairs}: ours {ours_t[-1]:.2f} s per pair" +
+              "".join(f", torch {th} thr {torch_t[th][-1]:.1f} s" for th in threads if pairs[0] < args.torch_pairs)
               + f", load {loads[-1]:.1f}",
               flush=True)
     err = max(np.abs(ref[th][i] - ours_out[i]).max() for th in threads for i in range(args.torch_pairs))
@@ -292,11 +305,12 @@ def main():
     best = min(threads, key=lambda th: statistics.median(torch_t[th]))
     t_min, t_med = min(torch_t[best]), statistics.median(torch_t[best])
     print(f"\nconfig: {n_params / 1e6:.1f}M params, L={L}, T={T}, 336x336 image (576 patches, 144 visual tokens); "
-          f"chunk_size {args.chunk_size}" + ("; single thread each side" if args.single_thread else ""))
+          f"chunk_size {args.chunk_size or 'auto'}, {args.batch} pairs per sweep call"
+          + ("; single thread each side" if args.single_thread else ""))
     print(f"sweep: {args.pairs} pairs x {L + 1} slots x {R} region sets = {args.pairs * per_pair} patched forwards "
           f"(torch: {args.torch_pairs} pairs = {args.torch_pairs * per_pair})")
     print(f"load average (1, 5, 15 min) before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
-          f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; per-pair 1-min range {min(loads):.1f}-{max(loads):.1f}")
+          f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; per-batch 1-min range {min(loads):.1f}-{max(loads):.1f}")
     print(f"jax float32 matmul rate (2048^3, best of 3, measured {len(rates)} times): "
           f"{rate:.1f} GFLOP/s (lowest {min(rates):.1f})")
     print(f"matmul work per pair: needed {fl['needed'] / 1e9:.1f} GFLOP, ours does {fl['ours'] / 1e9:.1f}, "

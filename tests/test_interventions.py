@@ -350,9 +350,67 @@ def test_sweep_applies_base_interventions_once(request, family):
         np.testing.assert_array_equal(res.argmax[layer], logits.argmax(-1))
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_sweep_at_the_last_layer_and_final_equals_loop(request, family):
+    """A sweep computes the last layer at the read positions only: variants at that layer's
+    attn_out / mlp_out / resid_post and at lm.final, with token maps that include the read
+    position, exclude it or point it elsewhere, equal the loop of full forwards."""
+    model, clean, cf, at_img = _family(request, family)
+    L, D = model.config.num_layers, model.config.hidden_size
+    B, T = at_img.shape
+    rng = np.random.default_rng(8)
+    n = 4
+    read = sj.last_positions(clean.with_defaults().attention_mask)
+    index = np.where(rng.random((n, B, T)) < 0.5, rng.integers(0, T, (n, B, T)), -1)
+    index[0, np.arange(B), read] = read  # variant 0 acts at the read position, 1 reads it from elsewhere,
+    index[1, np.arange(B), read] = 0  # 2 leaves it (and acts elsewhere), 3 is random
+    index[2, np.arange(B), read] = -1
+    src = rng.standard_normal((n, B, T, D)).astype(np.float32)
+    W = rng.standard_normal((n, D, 2)).astype(np.float32)
+    layers = np.array([L - 1, L - 1, L - 1, L - 2])
+    ivs = [sj.Intervention(site="lm.attn_out", op="add", layer=layers, index=index, source=src, alpha=np.full(n, 0.7)),
+           sj.Intervention(site="lm.mlp_out", op="replace", layer=layers, index=index[::-1], source=src[::-1]),
+           sj.Intervention(site="lm.resid_post", op="amplify", layer=layers, directions=W, alpha=np.full(n, 2.0)),
+           sj.Intervention(site="lm.final", op="add", index=index[[1, 2, 3, 0]], source=src, alpha=np.full(n, -1.5))]
+    tokens = np.array([3, 7, 9])
+    res = sj.patch_sweep(model, clean, ivs, sj.Readout(read, tokens), chunk_size=2)
+    for i in range(n):
+        one = [jax.tree.map(lambda a: a[i] if np.ndim(a) else a, iv) for iv in ivs]
+        logits = np.asarray(sj.forward(model, clean, interventions=one).logits)[np.arange(B), read]
+        np.testing.assert_allclose(res.logits[i], logits[:, tokens], atol=1e-5, err_msg=f"variant {i}")
+        np.testing.assert_array_equal(res.argmax[i], logits.argmax(-1))
+
+
+def test_region_swap_sweep_runs_the_clean_run_once_and_pads_nothing(tiny, monkeypatch):
+    """Every slot in one patch_sweep: one clean run, then per start layer exactly its variants
+    (R per layer; the last layer also restarts slot L's R), none padded to the chunk size."""
+    model, _ = tiny
+    clean, cf = _batch(0), _batch(1)
+    L, R = model.config.num_layers, 2
+    T = clean.input_ids.shape[1]
+    grid = np.arange(N_TOK).reshape(2, 3) + 3
+    swaps = np.stack([np.stack([sj.swap_index(T, [(grid[:, 0], grid[:, 2])])] * 2)] * R)
+    calls, restarts = [], []
+
+    def spy(graphdef, params, batch, x_start, start, ivs, *rest):
+        calls.append((int(start), len(ivs[0].layer)))
+        return _variants_jit(graphdef, params, batch, x_start, start, ivs, *rest)
+
+    def spy_restart(*args):
+        restarts.append(1)
+        return _restart_points_jit(*args)
+
+    monkeypatch.setattr(sweep_mod, "_variants_jit", spy)
+    monkeypatch.setattr(sweep_mod, "_restart_points_jit", spy_restart)
+    sj.region_swap_sweep(model, clean, cf, swaps, np.array([1, 2]), chunk_size=64)
+    assert len(restarts) == 1
+    assert calls == [(s, R) for s in range(L - 1)] + [(L - 1, 2 * R)]
+
+
 def test_automatic_chunks_equal_one_variant_per_call(tiny, monkeypatch):
     """A memory budget of three to four variants' worth splits each start-layer group of five
-    into chunks of three, with the same results as one variant per call."""
+    into calls of three and two (a group's remainder runs at the next power of two, not padded
+    to the chunk), with the same results as one variant per call."""
     model, _ = tiny
     clean, cf = _batch(0), _batch(1)
     B, T = clean.input_ids.shape
@@ -373,7 +431,7 @@ def test_automatic_chunks_equal_one_variant_per_call(tiny, monkeypatch):
 
     monkeypatch.setattr(sweep_mod, "_variants_jit", spy)
     auto = sj.patch_sweep(model, clean, [iv], readout, memory_budget_bytes=budget)
-    assert sizes == [3] * 4  # per layer: 3 + 2 (padded)
+    assert sizes == [3, 2] * 2  # per layer: 3 + 2
     one = sj.patch_sweep(model, clean, [iv], readout, chunk_size=1)
     np.testing.assert_allclose(auto.logits, one.logits, atol=1e-6)
     np.testing.assert_allclose(auto.probs, one.probs, atol=1e-6)

@@ -26,8 +26,9 @@ class Intervention:
     Attributes:
       site: a site name from `sites.ALL_SITES`.
       op: "replace" (also ablation with given values), "add" or "amplify".
-      layer: int scalar array; the layer (LM) or block (vision) it applies at. Ignored for the
-        once-per-forward sites `vision.tokens` and `lm.final`.
+      layer: int scalar array; the layer (LM) or block (vision) it applies at; a number no layer
+        has (e.g. the number of layers) never applies. Ignored for the once-per-forward sites
+        `vision.tokens` and `lm.final`.
       index: [B, T] int; for each destination token, the source token to read (replace/add) or
         any value >= 0 to act there (amplify); -1 keeps the token. None acts on every token with
         the identity map.
@@ -65,10 +66,17 @@ def _gather_tokens(source: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(source, index[..., None], axis=1)
 
 
-def apply(h: jax.Array, iv: Intervention, layer: jax.Array | int) -> jax.Array:
-    """Applies `iv` to activations h [B, T, D] if `iv.layer == layer`; returns the new h."""
+def apply(h: jax.Array, iv: Intervention, layer: jax.Array | int, rows: jax.Array | None = None) -> jax.Array:
+    """Applies `iv` to activations h [B, T, D] if `iv.layer == layer`; returns the new h.
+
+    rows [B, Q] int: h holds only these token positions ([B, Q, D], a forward that computes
+    some rows of a layer only); `iv.index` still speaks of every position and is read at them.
+    """
     B, T, _ = h.shape
-    index = iv.index if iv.index is not None else jnp.broadcast_to(jnp.arange(T), (B, T))
+    if rows is None:
+        index = iv.index if iv.index is not None else jnp.broadcast_to(jnp.arange(T), (B, T))
+    else:
+        index = rows if iv.index is None else jnp.take_along_axis(iv.index, rows, axis=1)
     chosen = (index >= 0)[..., None]
     src_index = jnp.maximum(index, 0)
     if iv.op == "replace":

@@ -28,17 +28,20 @@ def _slot_sweep(model: Model, base: Batch, source: Batch, index: np.ndarray, tok
                     interventions=source_interventions, logits=False).cache
     readout = Readout(last_positions(base.with_defaults().attention_mask), tokens)
     R = index.shape[0]
-    parts = []
-    # Slots 0..L-1 are the inputs of layers 0..L-1; slot L is the output of the last layer.
-    for site, layers in ((sites.LM_RESID_PRE, np.arange(L)), (sites.LM_RESID_POST, np.array([L - 1]))):
-        acts = np.moveaxis(parallel.to_host(cache[site])[:, layers], 1, 0)  # [n, B, S, D]
-        n = len(layers)
-        iv = Intervention(site=site, op="replace",
-                          layer=np.broadcast_to(layers[:, None], (n, R)),
-                          index=np.broadcast_to(index[None], (n,) + index.shape),
-                          source=np.broadcast_to(acts[:, None], (n, R) + acts.shape[1:]))
-        parts.append(patch_sweep(model, base, [iv], readout, base=base_interventions, **kwargs))
-    return SweepResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "probs", "argmax")))
+    # [L+1, B, S, D]: slots 0..L-1 are the inputs of layers 0..L-1, slot L the last layer's output.
+    acts = np.moveaxis(np.concatenate([parallel.to_host(cache[sites.LM_RESID_PRE]),
+                                       parallel.to_host(cache[sites.LM_RESID_POST])[:, L - 1:]], axis=1), 1, 0)
+    # One sweep over every slot, so the clean run is shared: each variant carries both
+    # replacements, and the one that is not its slot's gets layer L, which no layer has.
+    slots = np.arange(L + 1)
+
+    def replace(site, layers):
+        return Intervention(site=site, op="replace", layer=np.broadcast_to(layers[:, None], (L + 1, R)),
+                            index=np.broadcast_to(index[None], (L + 1,) + index.shape),
+                            source=np.broadcast_to(acts[:, None], (L + 1, R) + acts.shape[1:]))
+
+    ivs = [replace(sites.LM_RESID_PRE, slots), replace(sites.LM_RESID_POST, np.where(slots == L, L - 1, L))]
+    return patch_sweep(model, base, ivs, readout, base=base_interventions, **kwargs)
 
 
 def last_token_sweep(model: Model, clean: Batch, cf: Batch, tokens: np.ndarray, **kwargs) -> SweepResult:

@@ -9,9 +9,10 @@ Where the speed comes from (DESIGN.md):
   * the vision tower and the layers below a variant's first patched layer run once, in a clean
     run; each variant restarts the LM from the clean residual entering that layer, taken before
     any of that layer's taps so that `base` interventions there apply exactly once;
-  * variants are grouped by start layer and run in fixed-size chunks of one jitted, vmapped
-    function, so a new layer, mask or source never recompiles;
-  * the final norm and unembedding run only at the read positions.
+  * variants are grouped by start layer and run in chunks of one jitted, vmapped function
+    (power-of-two sizes up to the chunk size), so a new layer, mask or source never recompiles;
+  * the last layer, the final norm and the unembedding run only at the read positions (the
+    last layer's keys and values still come from every position).
 """
 from __future__ import annotations
 
@@ -53,11 +54,11 @@ class SweepResult:
 
 
 def _read(module, x: jax.Array, taps: Taps, readout: Readout):
-    """Final norm (site lm.final), then logits at the read positions only."""
-    final = module.final(x, taps)
-    h = jnp.take_along_axis(final, readout.position[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-    logits = module.unembed(h)  # [B, V]
-    tokens = jnp.broadcast_to(readout.tokens, (h.shape[0],) + jnp.shape(readout.tokens)[-1:])
+    """x [B, 1, D]: the last layer's output at the read positions -> final norm (site lm.final),
+    then the read tokens' logits and probabilities and the argmax."""
+    rows = readout.position[:, None].astype(jnp.int32)
+    logits = module.unembed(module.final(x, taps, rows)[:, 0])  # [B, V]
+    tokens = jnp.broadcast_to(readout.tokens, (x.shape[0],) + jnp.shape(readout.tokens)[-1:])
     logp = jax.nn.log_softmax(logits, axis=-1)
     return (jnp.take_along_axis(logits, tokens, axis=-1), jnp.exp(jnp.take_along_axis(logp, tokens, axis=-1)),
             jnp.argmax(logits, axis=-1).astype(jnp.int32))
@@ -65,18 +66,17 @@ def _read(module, x: jax.Array, taps: Taps, readout: Readout):
 
 def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout, base=()):
     """vmapped over the leading axis of `ivs`; `base` interventions apply unbatched in every
-    variant. x_start None: every variant runs the full forward (vision included); otherwise each
-    restarts the LM at layer `start` from x_start [B, T, D]."""
+    variant. x_start None: every variant runs the full forward (vision included, start 0);
+    otherwise each restarts the LM at layer `start` from x_start [B, T, D]. The last layer runs
+    at the read positions only."""
     module = nnx.merge(graphdef, params)
     ctx = module.lm_context(batch)
+    rows = readout.position[:, None].astype(jnp.int32)
 
     def one(variant_ivs):
         taps = Taps(tuple(base) + tuple(variant_ivs))
-        if x_start is None:
-            x = run_layers(module.layers, module.embed_inputs(batch, taps), ctx, taps)
-        else:
-            x = run_layers(module.layers, x_start, ctx, taps, start=start)
-        return _read(module, x, taps, readout)
+        x = module.embed_inputs(batch, taps) if x_start is None else x_start
+        return _read(module, run_layers(module.layers, x, ctx, taps, start=start, rows=rows), taps, readout)
 
     return jax.vmap(one)(ivs)
 
@@ -137,6 +137,18 @@ def _chunk_size(model: Model, batch: Batch, variants, n: int, memory_budget_byte
     return int(max(1, min(256, memory_budget_bytes // _variant_bytes(model, batch, variants, n))))
 
 
+def _call_size(n: int, chunk: int, mesh) -> int:
+    """Variants one compiled call runs for n real ones (n <= chunk): the next power of two, at
+    most the chunk, and a multiple of the mesh's data axis. A start-layer group smaller than the
+    chunk is not padded up to it, while the number of distinct compiled sizes stays at most
+    log2(chunk) + 1 (a sweep's groups differ in size, e.g. the last slot of a region swap)."""
+    size = min(chunk, 1 << (n - 1).bit_length())
+    if mesh is None:
+        return size
+    n_data = parallel.axis_size(mesh, parallel.DATA)
+    return -(-size // n_data) * n_data
+
+
 def _on_mesh(model: Model, mesh: jax.sharding.Mesh) -> Model:
     """The model with its params placed on `mesh` by the family's sharding rules."""
     pure = nnx.to_pure_dict(model.params)
@@ -177,8 +189,7 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     variants = [jax.tree.map(lambda a: np.broadcast_to(a, vshape + np.shape(a)[len(shape):]), iv)
                 for iv in interventions]
     readout = Readout(np.asarray(readout.position, np.int32), np.asarray(readout.tokens, np.int32))
-    # Never more than the sweep has: padding a small sweep to a large chunk would run dummies.
-    chunk = chunk_size or min(n, _chunk_size(model, batch, variants, n, memory_budget_bytes))
+    chunk = chunk_size or _chunk_size(model, batch, variants, n, memory_budget_bytes)
     if mesh is not None:
         n_data = parallel.axis_size(mesh, parallel.DATA)
         chunk = -(-chunk // n_data) * n_data
@@ -197,7 +208,7 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     groups = [order[starts[order] == s] for s in np.unique(starts)]
     calls = [(g[i:i + chunk]) for g in groups for i in range(0, len(g), chunk)]
     for idx in tqdm(calls, disable=not progress, desc="sweep", unit="chunk"):
-        padded = np.concatenate([idx, np.full((chunk - len(idx),), idx[-1])])
+        padded = np.concatenate([idx, np.full((_call_size(len(idx), chunk, mesh) - len(idx),), idx[-1])])
         which = np.unravel_index(padded, vshape)
         ivs = tuple(jax.tree.map(lambda a: a[which], iv) for iv in variants)
         s = int(starts[idx[0]])

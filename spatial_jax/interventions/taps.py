@@ -20,11 +20,12 @@ class Taps:
         self.cache_sites = frozenset(sites.check_site(s) for s in cache)
         self.collected: dict[str, jax.Array] = {}
 
-    def at(self, site: str, h: jax.Array, layer: jax.Array | int = 0) -> jax.Array:
-        """h [B, T, D] at `site` (and `layer`) -> h after the interventions that target it."""
+    def at(self, site: str, h: jax.Array, layer: jax.Array | int = 0, rows: jax.Array | None = None) -> jax.Array:
+        """h [B, T, D] at `site` (and `layer`) -> h after the interventions that target it.
+        rows [B, Q]: h is [B, Q, D], the activations at these positions only."""
         for iv in self.interventions:
             if iv.site == site:
-                h = ops.apply(h, iv, layer)
+                h = ops.apply(h, iv, layer, rows)
         if site in self.cache_sites:
             self.collected[site] = h
         return h

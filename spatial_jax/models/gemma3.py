@@ -355,8 +355,9 @@ class DecoderLayer(nnx.Module):
         self.scale = cfg.query_pre_attn_scalar**-0.5
         self.act = cfg.hidden_act
 
-    def __call__(self, x, ctx: dict, taps: Taps, layer):
-        """x [B, T, D] (resid_pre) -> resid_post. ctx: see Gemma3.lm_context; `layer` is traced."""
+    def __call__(self, x, ctx: dict, taps: Taps, layer, rows=None):
+        """x [B, T, D] (resid_pre) -> resid_post [B, T, D], or [B, Q, D] at `rows` [B, Q] only
+        (keys and values still from every position). ctx: see Gemma3.lm_context; `layer` is traced."""
         B, T, _ = x.shape
         x = taps.at(sites.LM_RESID_PRE, x, layer)
         sliding = ctx["is_sliding"][layer]
@@ -364,16 +365,16 @@ class DecoderLayer(nnx.Module):
         sin = jnp.where(sliding, ctx["sin_local"], ctx["sin_global"])[:, :, None].astype(x.dtype)
         allowed = ctx["allowed"] & (~sliding | ctx["window"])
         h = self.input_norm(x)
-        q = self.q_norm(self.q(h).reshape(B, T, self.heads, self.head_dim))
-        k = self.k_norm(self.k(h).reshape(B, T, self.kv_heads, self.head_dim))
+        k = L.apply_rope(self.k_norm(self.k(h).reshape(B, T, self.kv_heads, self.head_dim)), cos, sin)
         v = self.v(h).reshape(B, T, self.kv_heads, self.head_dim)
-        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-        a = self.o(L.attention(q, k, v, allowed, self.scale).reshape(B, T, -1))
-        x = x + taps.at(sites.LM_ATTN_OUT, self.post_attn_norm(a), layer)
+        x, h, cos, sin, allowed = (L.select_rows(a, rows) for a in (x, h, cos, sin, allowed))
+        q = L.apply_rope(self.q_norm(self.q(h).reshape(B, -1, self.heads, self.head_dim)), cos, sin)
+        a = self.o(L.attention(q, k, v, allowed, self.scale).reshape(B, q.shape[1], -1))
+        x = x + taps.at(sites.LM_ATTN_OUT, self.post_attn_norm(a), layer, rows)
         h = self.pre_ff_norm(x)
         m = self.down(L.ACTIVATIONS[self.act](self.gate(h)) * self.up(h))
-        x = x + taps.at(sites.LM_MLP_OUT, self.post_ff_norm(m), layer)
-        return taps.at(sites.LM_RESID_POST, x, layer)
+        x = x + taps.at(sites.LM_MLP_OUT, self.post_ff_norm(m), layer, rows)
+        return taps.at(sites.LM_RESID_POST, x, layer, rows)
 
 
 class Gemma3(L.LanguageModel):

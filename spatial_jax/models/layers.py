@@ -175,6 +175,13 @@ def causal_mask(attention_mask: jax.Array, sliding_window: int | None = None) ->
     return allowed[None] & attention_mask.astype(bool)[:, None, :]
 
 
+def select_rows(a: jax.Array, rows: jax.Array | None) -> jax.Array:
+    """a [B, T, ...] -> [B, Q, ...] at positions rows [B, Q]; rows None: a unchanged."""
+    if rows is None:
+        return a
+    return jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
 class DecoderLayer(nnx.Module):
     """The pre-norm decoder layer of the Llama lineage (Qwen2, Mistral): RMSNorm, GQA attention
     with RoPE, residual, RMSNorm, gated MLP, residual; taps at the four per-layer LM sites."""
@@ -194,21 +201,23 @@ class DecoderLayer(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hd
         self.act = act
 
-    def __call__(self, x, ctx: dict, taps: Taps, layer):
-        """x [B, T, D] (resid_pre) -> resid_post. ctx: cos/sin [B, T, hd], allowed [B, T, T]."""
+    def __call__(self, x, ctx: dict, taps: Taps, layer, rows=None):
+        """x [B, T, D] (resid_pre) -> resid_post [B, T, D], or [B, Q, D] at `rows` [B, Q] only
+        (keys and values still from every position). ctx: cos/sin [B, T, hd], allowed [B, T, T]."""
         B, T, _ = x.shape
         x = taps.at(sites.LM_RESID_PRE, x, layer)
         h = self.input_norm(x)
         cos, sin = ctx["cos"][:, :, None].astype(x.dtype), ctx["sin"][:, :, None].astype(x.dtype)
-        q = apply_rope(self.q(h).reshape(B, T, self.heads, self.head_dim), cos, sin)
         k = apply_rope(self.k(h).reshape(B, T, self.kv_heads, self.head_dim), cos, sin)
         v = self.v(h).reshape(B, T, self.kv_heads, self.head_dim)
-        a = self.o(attention(q, k, v, ctx["allowed"], self.head_dim**-0.5).reshape(B, T, -1))
-        x = x + taps.at(sites.LM_ATTN_OUT, a, layer)
+        x, h, cos, sin, allowed = (select_rows(a, rows) for a in (x, h, cos, sin, ctx["allowed"]))
+        q = apply_rope(self.q(h).reshape(B, -1, self.heads, self.head_dim), cos, sin)
+        a = self.o(attention(q, k, v, allowed, self.head_dim**-0.5).reshape(B, q.shape[1], -1))
+        x = x + taps.at(sites.LM_ATTN_OUT, a, layer, rows)
         h = self.post_norm(x)
         m = self.down(ACTIVATIONS[self.act](self.gate(h)) * self.up(h))
-        x = x + taps.at(sites.LM_MLP_OUT, m, layer)
-        return taps.at(sites.LM_RESID_POST, x, layer)
+        x = x + taps.at(sites.LM_MLP_OUT, m, layer, rows)
+        return taps.at(sites.LM_RESID_POST, x, layer, rows)
 
 
 def scatter_rows(x: jax.Array, at: jax.Array, rows: jax.Array) -> jax.Array:
@@ -246,8 +255,9 @@ class LanguageModel(nnx.Module):
             return x
         return scatter_rows(x, batch.input_ids == self.cfg.image_token_id, visual_tokens())
 
-    def final(self, x: jax.Array, taps: Taps) -> jax.Array:
-        return taps.at(sites.LM_FINAL, self.norm(x))
+    def final(self, x: jax.Array, taps: Taps, rows: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] (or [B, Q, D] at positions rows [B, Q]) -> the final norm's output (site lm.final)."""
+        return taps.at(sites.LM_FINAL, self.norm(x), rows=rows)
 
     def unembed(self, h: jax.Array) -> jax.Array:
         """h [..., D] -> logits [..., V] float32."""
@@ -286,15 +296,20 @@ def scan_layers(stacked: nnx.Module, step: Callable, carry, xs=None):
     return jax.lax.scan(body, carry, (state, jnp.arange(n), xs))
 
 
-def run_layers(stacked: nnx.Module, x: jax.Array, ctx, taps: Taps, start: jax.Array | None = None) -> jax.Array:
+def run_layers(stacked: nnx.Module, x: jax.Array, ctx, taps: Taps, start: jax.Array | None = None,
+               rows: jax.Array | None = None) -> jax.Array:
     """Runs decoder layers `layer(x, ctx, taps, idx)` over x [B, T, D].
 
     From layer 0 it is a scan, and the cached per-layer sites leave it as [B, L, T, D]. With
     `start` (a traced scalar), x is the residual entering layer `start` and only layers
     start..L-1 run: a sweep patching at layer l reuses the clean run below l instead of
-    recomputing it. That path caches nothing.
+    recomputing it. That path caches nothing. With `rows` [B, Q] as well, the last layer
+    computes only those positions (the logits read nowhere else) and [B, Q, D] is returned.
     """
     if start is None:
+        if rows is not None:
+            raise ValueError("rows needs start")
+
         def step(layer, h, idx, _):
             t = taps.for_step(LM_LAYER_SITES)
             return layer(h, ctx, t, idx), t.collected
@@ -309,8 +324,11 @@ def run_layers(stacked: nnx.Module, x: jax.Array, ctx, taps: Taps, start: jax.Ar
     graphdef, state = nnx.split(stacked)
     n = jax.tree.leaves(state)[0].shape[0]
 
-    def body(idx, h):
+    def run(idx, h, rows=None):
         layer_state = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, idx, keepdims=False), state)
-        return nnx.merge(graphdef, layer_state)(h, ctx, taps.for_step(LM_LAYER_SITES), idx)
+        return nnx.merge(graphdef, layer_state)(h, ctx, taps.for_step(LM_LAYER_SITES), idx, rows)
 
-    return jax.lax.fori_loop(start, n, body, x)
+    if rows is None:
+        return jax.lax.fori_loop(start, n, run, x)
+    x = jax.lax.fori_loop(start, n - 1, run, x)
+    return jax.lax.cond(start < n, lambda h: run(n - 1, h, rows), lambda h: select_rows(h, rows), x)

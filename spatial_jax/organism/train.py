@@ -30,7 +30,7 @@ from spatial_jax.batch import Batch
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.models.layers import run_layers
 from spatial_jax.models import layers as L
-from spatial_jax.models.qwen2_vl import (DecoderLayer, Qwen2VL, Qwen2VLConfig, VisionTower, image_groups,
+from spatial_jax.models.qwen2_vl import (Qwen2VL, Qwen2VLConfig, VisionTower, image_groups,
                                          vision_patch_layout)
 from spatial_jax.organism import data as odata
 
@@ -69,24 +69,6 @@ def vision_from_embeddings(tower: VisionTower, x: jax.Array, grid_thw: tuple) ->
     return tower.merger_fc2(jax.nn.gelu(tower.merger_fc1(x), approximate=False))
 
 
-def last_position_layer(layer: DecoderLayer, x: jax.Array, ctx: dict) -> jax.Array:
-    """`DecoderLayer.__call__` when only the last position's output is needed: x [B, T, D] -> [B, D].
-
-    Keys and values come from every position; the query, attention output and MLP only from the last.
-    """
-    B, T, _ = x.shape
-    h = layer.input_norm(x)
-    cos, sin = ctx["cos"][:, :, None].astype(x.dtype), ctx["sin"][:, :, None].astype(x.dtype)
-    q = L.apply_rope(layer.q(h[:, -1:]).reshape(B, 1, layer.heads, layer.head_dim), cos[:, -1:], sin[:, -1:])
-    k = L.apply_rope(layer.k(h).reshape(B, T, layer.kv_heads, layer.head_dim), cos, sin)
-    v = layer.v(h).reshape(B, T, layer.kv_heads, layer.head_dim)
-    a = layer.o(L.attention(q, k, v, ctx["allowed"][:, -1:], layer.head_dim**-0.5).reshape(B, 1, -1))
-    x = x[:, -1:] + a
-    h = layer.post_norm(x)
-    x = x + layer.down(jax.nn.silu(layer.gate(h)) * layer.up(h))
-    return x[:, 0]
-
-
 def organism_logits(module: Qwen2VL, input_ids, attention_mask, cells, cell_table, grid_thw: tuple,
                     image_of_row: Optional[jax.Array] = None, token_perm: Optional[jax.Array] = None) -> jax.Array:
     """Next-token logits [B, V] at the last position of left-padded rows, every row one image.
@@ -121,7 +103,10 @@ def organism_logits(module: Qwen2VL, input_ids, attention_mask, cells, cell_tabl
         below = nnx.merge(graphdef, jax.tree.map(lambda p: p[:n - 1], state))
         x = run_layers(below, x, ctx, Taps())
     last = nnx.merge(graphdef, jax.tree.map(lambda p: p[n - 1], state))
-    return module.unembed(module.final(last_position_layer(last, x, ctx), Taps()))
+    # Only the last position's output is read: its query, attention output and MLP, keys and
+    # values from every position.
+    rows = jnp.full((B, 1), input_ids.shape[1] - 1, jnp.int32)
+    return module.unembed(module.final(last(x, ctx, Taps(), n - 1, rows), Taps())[:, 0])
 
 
 @dataclasses.dataclass(frozen=True)
