@@ -20,14 +20,12 @@ import textwrap
 import jax
 import numpy as np
 from absl import app, flags, logging
-from tqdm.auto import tqdm
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import visual_residuals
 from spatial_jax import probes
-from spatial_jax.data.synthetic import make_task
 
 FLAGS = common.FLAGS
 NAME = "amplification"
@@ -77,41 +75,36 @@ def fix_rates(fixed: np.ndarray) -> tuple[float, float, int]:
 
 
 def run() -> dict:
-    model, geometry = common.load_model()
-    results = common.Results(common.experiment_dir(NAME), common.run_config(max_alpha=FLAGS.max_alpha))
     alphas = np.arange(FLAGS.max_alpha + 1)
-    for dataset in FLAGS.dataset:
-        task = make_task(dataset, geometry)
-        for axis, directions in tqdm(AXES.items(), desc=f"{NAME} {dataset}"):
-            key = f"{dataset}|{axis}"
-            if results.done(key):
-                continue
-            items = [it for it in common.task_items(dataset, geometry, FLAGS.max_items, FLAGS.seed)
-                     if it.direction in directions]
-            correct = np.array([a == it.answer for a, it in zip(common.predict(model, items, FLAGS.batch_size), items)])
-            # --nogolden (smoke runs on untrained models): the probe trains on every item
-            golden = [it for it, c in zip(items, correct) if c or not FLAGS.golden]
-            failures = [it for it, c in zip(items, correct) if not c]
-            value = {"n": len(items), "golden": int(correct.sum()), "failures": len(failures)}
-            if len(golden) >= MIN_PROBE_ITEMS and failures:
-                w_probe = axis_probe(visual_residuals(model, golden), golden, FLAGS.seed)
-                rand = np.asarray(probes.random_directions(jax.random.key(FLAGS.seed), w_probe.shape[0], 2))
-                fixed = fixed_by_alpha(model, failures, np.stack([rand, w_probe]), alphas)
-                value["replay_fixed_at_alpha0"] = int(fixed[:, 0].sum())
-                for name, f in (("Random", fixed[0]), ("Probe", fixed[1])):
-                    rate, oracle, best = fix_rates(f)
-                    value |= {name: rate, name + "*": oracle, name + "_best_alpha": best,
-                              name + "_by_alpha": f.mean(-1).tolist(), name + "*_by_alpha": oracle_curve(f).tolist()}
-                value["None"] = 0.0
-            results.put(key, value)
-            logging.info("%s: %d failures of %d; %s", key, len(failures), len(items),
-                         {c: value.get(c) for c in COLUMNS})
-    summary = dict(results.data["parts"])
+
+    def measure(model, task, axis):
+        items = [it for it in common.task_items(task.name, task.geometry, FLAGS.max_items, FLAGS.seed)
+                 if it.direction in AXES[axis]]
+        correct = np.array([a == it.answer for a, it in zip(common.predict(model, items, FLAGS.batch_size), items)])
+        # --nogolden (smoke runs on untrained models): the probe trains on every item
+        golden = [it for it, c in zip(items, correct) if c or not FLAGS.golden]
+        failures = [it for it, c in zip(items, correct) if not c]
+        value = {"n": len(items), "golden": int(correct.sum()), "failures": len(failures)}
+        if len(golden) >= MIN_PROBE_ITEMS and failures:
+            w_probe = axis_probe(visual_residuals(model, golden), golden, FLAGS.seed)
+            rand = np.asarray(probes.random_directions(jax.random.key(FLAGS.seed), w_probe.shape[0], 2))
+            fixed = fixed_by_alpha(model, failures, np.stack([rand, w_probe]), alphas)
+            value["replay_fixed_at_alpha0"] = int(fixed[:, 0].sum())
+            for name, f in (("Random", fixed[0]), ("Probe", fixed[1])):
+                rate, oracle, best = fix_rates(f)
+                value |= {name: rate, name + "*": oracle, name + "_best_alpha": best,
+                          name + "_by_alpha": f.mean(-1).tolist(), name + "*_by_alpha": oracle_curve(f).tolist()}
+            value["None"] = 0.0
+        logging.info("%s|%s: %d failures of %d; %s", task.name, axis, len(failures), len(items),
+                     {c: value.get(c) for c in COLUMNS})
+        return value
+
+    out_dir, summary = common.run_parts(NAME, list(AXES), measure, max_alpha=FLAGS.max_alpha)
     rows = [[*k.split("|"), v["n"], v["failures"], *(f"{v[c]:.3f}" if c in v else "" for c in COLUMNS),
              v.get("Probe_best_alpha", ""), v.get("replay_fixed_at_alpha0", "")] for k, v in summary.items()]
-    common.write_csv(os.path.join(results.dir, "fix_rates.csv"),
+    common.write_csv(os.path.join(out_dir, "fix_rates.csv"),
                      ["dataset", "axis", "items", "failures", *COLUMNS, "probe_best_alpha", "fixed_at_alpha0"], rows)
-    plot(results.dir, summary)
+    plot(out_dir, summary)
     return summary
 
 

@@ -8,13 +8,11 @@ itself. Strip swaps are pointless here: the ablation made every background token
 from __future__ import annotations
 
 from absl import app, logging
-from tqdm.auto import tqdm
 
 from experiments import common, criss_cross
 from experiments.ablation import ablation_intervention
 from experiments.criss_cross import golden_criss_cross_pairs, plot, region_swaps, sweep_pairs
 from spatial_jax.data.prompts import DIRECTIONS
-from spatial_jax.data.synthetic import make_task
 
 FLAGS = common.FLAGS
 NAME = "backup"
@@ -26,25 +24,18 @@ def object_swaps(model, batch, items):
 
 
 def run() -> dict:
-    model, geometry = common.load_model()
-    results = common.Results(common.experiment_dir(NAME), common.run_config())
-    for dataset in FLAGS.dataset:
-        task = make_task(dataset, geometry)
+    def measure(model, task, direction):
+        pairs = golden_criss_cross_pairs(model, task, [direction])[direction]
+        if not pairs:
+            return {"n_pairs": 0}
         ablate = lambda items, batch: [ablation_intervention(model, task, items, batch)]
-        for direction in tqdm(DIRECTIONS, desc=f"{NAME} {dataset}"):
-            key = f"{dataset}|{direction}"
-            if results.done(key):
-                continue
-            pairs = golden_criss_cross_pairs(model, task, [direction])[direction]
-            if not pairs:
-                results.put(key, {"n_pairs": 0})
-                continue
-            flip, keep = sweep_pairs(model, pairs, object_swaps, FLAGS.batch_size, under=ablate)
-            results.put(key, {"n_pairs": len(pairs), "flip": flip.tolist(), "keep": keep.tolist()})
-            logging.info("%s: %d pairs; max object-swap flip %.2f at slot %d", key, len(pairs), flip.max(),
-                         flip[:, 0].argmax())
-    summary = dict(results.data["parts"])
-    plot(results.dir, summary, "Object swaps under ablation: the backup mechanism (paper Fig. 9)",
+        flip, keep = sweep_pairs(model, pairs, object_swaps, FLAGS.batch_size, under=ablate)
+        logging.info("%s|%s: %d pairs; max object-swap flip %.2f at slot %d", task.name, direction, len(pairs),
+                     flip.max(), flip[:, 0].argmax())
+        return {"n_pairs": len(pairs), "flip": flip.tolist(), "keep": keep.tolist()}
+
+    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)
+    plot(out_dir, summary, "Object swaps under ablation: the backup mechanism (paper Fig. 9)",
          region_sets=REGION_SETS)
     return summary
 

@@ -10,10 +10,11 @@ import csv
 import json
 import os
 import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from absl import flags, logging
+from tqdm.auto import tqdm
 
 import spatial_jax as sj
 from spatial_jax import parallel
@@ -145,6 +146,24 @@ class Results:
     def put(self, key: str, value: Any) -> None:
         self.data["parts"][key] = value
         write_atomic(self.path, json.dumps(self.data, indent=1, default=_jsonable))
+
+
+def run_parts(name: str, subkeys: Sequence[str], measure: Callable[[sj.Model, Any, str], dict],
+              **config) -> tuple[str, dict[str, Any]]:
+    """The resumable loop of the experiments measured per dataset and per direction (or
+    orientation): for each --dataset and each of `subkeys` whose part is not in
+    <output_dir>/<name>/results.json yet, measure(model, task, subkey) -> the JSON part stored
+    under "dataset|subkey". config: extra run settings a stored result must match to be resumed.
+    Returns the results dir and every part."""
+    model, geometry = load_model()
+    results = Results(experiment_dir(name), run_config(**config))
+    for dataset in FLAGS.dataset:
+        task = make_task(dataset, geometry)
+        for sub in tqdm(subkeys, desc=f"{name} {dataset}"):
+            key = f"{dataset}|{sub}"
+            if not results.done(key):
+                results.put(key, measure(model, task, sub))
+    return results.dir, dict(results.data["parts"])
 
 
 def _jsonable(x):

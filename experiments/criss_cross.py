@@ -14,14 +14,12 @@ import os
 
 import numpy as np
 from absl import app, logging
-from tqdm.auto import tqdm
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.data.prompts import DIRECTIONS
-from spatial_jax.data.synthetic import make_task
 
 FLAGS = common.FLAGS
 NAME = "criss_cross"
@@ -65,24 +63,17 @@ def golden_criss_cross_pairs(model, task, directions):
 
 
 def run() -> dict:
-    model, geometry = common.load_model()
-    results = common.Results(common.experiment_dir(NAME), common.run_config())
-    for dataset in FLAGS.dataset:
-        task = make_task(dataset, geometry)
-        for direction in tqdm(DIRECTIONS, desc=f"{NAME} {dataset}"):
-            key = f"{dataset}|{direction}"
-            if results.done(key):
-                continue
-            pairs = golden_criss_cross_pairs(model, task, [direction])[direction]
-            if not pairs:
-                results.put(key, {"n_pairs": 0})
-                continue
-            flip, keep = sweep_pairs(model, pairs, region_swaps, FLAGS.batch_size)
-            results.put(key, {"n_pairs": len(pairs), "flip": flip.tolist(), "keep": keep.tolist()})
-            logging.info("%s: %d pairs; strip flip at slot 0 %.2f, object flip at slot 0 %.2f", key, len(pairs),
-                         flip[0, 1], flip[0, 0])
-    summary = {k: v for k, v in results.data["parts"].items()}
-    plot(results.dir, summary, "Criss-cross swaps (paper Figs. 6, 7)")
+    def measure(model, task, direction):
+        pairs = golden_criss_cross_pairs(model, task, [direction])[direction]
+        if not pairs:
+            return {"n_pairs": 0}
+        flip, keep = sweep_pairs(model, pairs, region_swaps, FLAGS.batch_size)
+        logging.info("%s|%s: %d pairs; strip flip at slot 0 %.2f, object flip at slot 0 %.2f", task.name,
+                     direction, len(pairs), flip[0, 1], flip[0, 0])
+        return {"n_pairs": len(pairs), "flip": flip.tolist(), "keep": keep.tolist()}
+
+    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)
+    plot(out_dir, summary, "Criss-cross swaps (paper Figs. 6, 7)")
     return summary
 
 

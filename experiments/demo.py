@@ -11,7 +11,7 @@ import os
 
 from absl import app, flags, logging
 
-from experiments import common, run_all
+from experiments import run_all
 from experiments.random_checkpoint import write_random_checkpoint
 
 FLAGS = flags.FLAGS

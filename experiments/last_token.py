@@ -15,7 +15,6 @@ import os
 
 import numpy as np
 from absl import app, logging
-from tqdm.auto import tqdm
 
 import spatial_jax as sj
 from experiments import common, plotting
@@ -23,7 +22,6 @@ from experiments.plotting import plt
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.data import scoring
 from spatial_jax.data.prompts import DIRECTIONS
-from spatial_jax.data.synthetic import make_task
 
 FLAGS = common.FLAGS
 NAME = "last_token"
@@ -49,24 +47,17 @@ def candidate_probs(model, pairs, batch_size) -> np.ndarray:
 
 
 def run() -> dict:
-    model, geometry = common.load_model()
-    results = common.Results(common.experiment_dir(NAME), common.run_config())
-    for dataset in FLAGS.dataset:
-        task = make_task(dataset, geometry)
-        for direction in tqdm(DIRECTIONS, desc=f"{NAME} {dataset}"):
-            key = f"{dataset}|{direction}"
-            if results.done(key):
-                continue
-            pairs = pairs_lib.last_token_pairs(task.item, list(task.entities), common.pair_filter(model),
-                                               directions=[direction], n_per_direction=FLAGS.n_pairs,
-                                               seed=FLAGS.seed)[direction]
-            value = {"n_pairs": len(pairs)}
-            if pairs:
-                value["probs"] = candidate_probs(model, pairs, FLAGS.batch_size).tolist()
-            results.put(key, value)
-            logging.info("%s: %d golden pairs", key, len(pairs))
-    summary = dict(results.data["parts"])
-    plot(results.dir, summary)
+    def measure(model, task, direction):
+        pairs = pairs_lib.last_token_pairs(task.item, list(task.entities), common.pair_filter(model),
+                                           directions=[direction], n_per_direction=FLAGS.n_pairs,
+                                           seed=FLAGS.seed)[direction]
+        logging.info("%s|%s: %d golden pairs", task.name, direction, len(pairs))
+        if not pairs:
+            return {"n_pairs": 0}
+        return {"n_pairs": len(pairs), "probs": candidate_probs(model, pairs, FLAGS.batch_size).tolist()}
+
+    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)
+    plot(out_dir, summary)
     return summary
 
 

@@ -23,13 +23,11 @@ import os
 
 import numpy as np
 from absl import app, logging
-from tqdm.auto import tqdm
 
 from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import ORIENTATIONS, images_of, slot_labels, visual_residuals
 from spatial_jax import probes
-from spatial_jax.data.synthetic import make_task
 
 FLAGS = common.FLAGS
 NAME = "probe_lm"
@@ -71,20 +69,14 @@ def sweep(acts: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def run() -> dict:
-    model, geometry = common.load_model()
-    results = common.Results(common.experiment_dir(NAME), common.run_config(groups=list(GROUPS)))
-    for dataset in FLAGS.dataset:
-        task = make_task(dataset, geometry)
-        for orientation in tqdm(ORIENTATIONS, desc=f"{NAME} {dataset}"):
-            key = f"{dataset}|{orientation}"
-            if results.done(key):
-                continue
-            items = images_of(task, orientation, FLAGS.max_items, FLAGS.seed)
-            acc = sweep(visual_residuals(model, items, layers="all"), group_labels(items), FLAGS.seed)
-            results.put(key, {"n_images": len(items), "test_accuracy": acc.tolist()})
-            logging.info("%s: probe accuracy by slot (rows: %s) %s", key, GROUPS, np.round(acc.T, 2))
-    summary = dict(results.data["parts"])
-    plot(results.dir, summary)
+    def measure(model, task, orientation):
+        items = images_of(task, orientation, FLAGS.max_items, FLAGS.seed)
+        acc = sweep(visual_residuals(model, items, layers="all"), group_labels(items), FLAGS.seed)
+        logging.info("%s|%s: probe accuracy by slot (rows: %s) %s", task.name, orientation, GROUPS, np.round(acc.T, 2))
+        return {"n_images": len(items), "test_accuracy": acc.tolist()}
+
+    out_dir, summary = common.run_parts(NAME, ORIENTATIONS, measure, groups=list(GROUPS))
+    plot(out_dir, summary)
     return summary
 
 

@@ -14,13 +14,11 @@ import os
 
 import numpy as np
 from absl import app, logging
-from tqdm.auto import tqdm
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
 from spatial_jax import probes
-from spatial_jax.data.synthetic import make_task
 
 FLAGS = common.FLAGS
 NAME = "probe_vision"
@@ -80,24 +78,18 @@ def heatmap(p, acts: np.ndarray, test_img: np.ndarray, grid) -> np.ndarray:
 
 
 def run() -> dict:
-    model, geometry = common.load_model()
-    results = common.Results(common.experiment_dir(NAME), common.run_config())
-    for dataset in FLAGS.dataset:
-        task = make_task(dataset, geometry)
-        for orientation in tqdm(ORIENTATIONS, desc=f"{NAME} {dataset}"):
-            key = f"{dataset}|{orientation}"
-            if results.done(key):
-                continue
-            items = images_of(task, orientation, FLAGS.max_items, FLAGS.seed)
-            acts = visual_residuals(model, items)
-            p, acc, train_img = train_slot_probes(acts, slot_labels(items, "object"), FLAGS.seed)
-            hm = heatmap(probe_at(p, 0), acts, ~train_img, items[0].regions.grid)
-            results.put(key, {"n_images": len(items), "test_accuracy": float(acc[0]), "heatmap": hm.tolist()})
-            logging.info("%s: object-token probe test accuracy %.3f", key, acc[0])
-    summary = dict(results.data["parts"])
+    def measure(model, task, orientation):
+        items = images_of(task, orientation, FLAGS.max_items, FLAGS.seed)
+        acts = visual_residuals(model, items)
+        p, acc, train_img = train_slot_probes(acts, slot_labels(items, "object"), FLAGS.seed)
+        hm = heatmap(probe_at(p, 0), acts, ~train_img, items[0].regions.grid)
+        logging.info("%s|%s: object-token probe test accuracy %.3f", task.name, orientation, acc[0])
+        return {"n_images": len(items), "test_accuracy": float(acc[0]), "heatmap": hm.tolist()}
+
+    out_dir, summary = common.run_parts(NAME, ORIENTATIONS, measure)
     rows = [[k.split("|")[0], k.split("|")[1], v["n_images"], f"{v['test_accuracy']:.3f}"] for k, v in summary.items()]
-    common.write_csv(os.path.join(results.dir, "accuracy.csv"), ["dataset", "orientation", "images", "test_accuracy"], rows)
-    plot_heatmaps(results.dir, {k: np.array(v["heatmap"]) for k, v in summary.items()})
+    common.write_csv(os.path.join(out_dir, "accuracy.csv"), ["dataset", "orientation", "images", "test_accuracy"], rows)
+    plot_heatmaps(out_dir, {k: np.array(v["heatmap"]) for k, v in summary.items()})
     return summary
 
 

@@ -21,13 +21,11 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 from tqdm import tqdm
 
 import spatial_jax as sj
-from spatial_jax.data.prompts import SYSTEM_TEXT
 from spatial_jax.organism import checkpoint, spec
 from spatial_jax.organism import data as odata
 from spatial_jax.organism import train as otrain

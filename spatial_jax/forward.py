@@ -7,7 +7,6 @@ bound to a loaded `Model`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Optional, Sequence
 
 import jax

@@ -14,7 +14,6 @@ shows up as a large logit difference.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import numpy as np

@@ -1,5 +1,4 @@
 """The intervention engine: ops, taps, sweeps, and equality with PyTorch forward hooks on HF."""
-import json
 import tracemalloc
 
 import jax
@@ -377,6 +376,46 @@ def test_sweep_at_the_last_layer_and_final_equals_loop(request, family):
     for i in range(n):
         one = [jax.tree.map(lambda a: a[i] if np.ndim(a) else a, iv) for iv in ivs]
         logits = np.asarray(sj.forward(model, clean, interventions=one).logits)[np.arange(B), read]
+        np.testing.assert_allclose(res.logits[i], logits[:, tokens], atol=1e-5, err_msg=f"variant {i}")
+        np.testing.assert_array_equal(res.argmax[i], logits.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_sweep_computes_only_the_changed_positions(request, family, monkeypatch):
+    """Variants that patch the last 3 positions only (at attn_out, mlp_out and resid_pre of
+    several layers) restart with positions T - 4..T - 1 (T - P = 3 rounded up to 4), the prefix's
+    keys and values from the clean run, under base interventions that do act on the prefix:
+    equal to the loop of full forwards."""
+    model, clean, cf, at_img = _family(request, family)
+    L, D = model.config.num_layers, model.config.hidden_size
+    B, T = at_img.shape
+    rng = np.random.default_rng(9)
+    n = 3
+    read = sj.last_positions(clean.with_defaults().attention_mask)
+    index = np.full((n, B, T), -1)
+    index[:, :, T - 3:] = rng.integers(0, T, (n, B, 3))
+    src = rng.standard_normal((n, B, T, D)).astype(np.float32)
+    layers = np.array([0, 1, L - 2])
+    base = [sj.Intervention(site="lm.resid_pre", op="add", layer=1, source=rng.standard_normal(D).astype(np.float32),
+                            index=np.where(np.arange(T) < 4, np.arange(T), -1)[None].repeat(B, 0)),
+            sj.Intervention(site="lm.attn_out", op="amplify", layer=0, alpha=2.0,
+                            directions=rng.standard_normal((D, 2)).astype(np.float32))]
+    ivs = [sj.Intervention(site="lm.attn_out", op="add", layer=layers, index=index, source=src, alpha=np.full(n, 0.5)),
+           sj.Intervention(site="lm.resid_pre", op="replace", layer=layers + 1, index=index[::-1], source=src[::-1]),
+           sj.Intervention(site="lm.mlp_out", op="replace", layer=layers, index=index, source=src[[1, 2, 0]])]
+    tokens = np.array([3, 7, 9])
+    shapes = []
+
+    def spy(graphdef, params, batch, x_start, start, ivs, *rest):
+        shapes.append(np.shape(x_start))
+        return _variants_jit(graphdef, params, batch, x_start, start, ivs, *rest)
+
+    monkeypatch.setattr(sweep_mod, "_variants_jit", spy)
+    res = sj.patch_sweep(model, clean, ivs, sj.Readout(read, tokens), base=base, chunk_size=2)
+    assert shapes and all(s == (B, 4, D) for s in shapes)
+    for i in range(n):
+        one = [jax.tree.map(lambda a: a[i] if np.ndim(a) else a, iv) for iv in ivs]
+        logits = np.asarray(sj.forward(model, clean, interventions=[*base, *one]).logits)[np.arange(B), read]
         np.testing.assert_allclose(res.logits[i], logits[:, tokens], atol=1e-5, err_msg=f"variant {i}")
         np.testing.assert_array_equal(res.argmax[i], logits.argmax(-1))
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from experiments.random_checkpoint import write_random_checkpoint
 from spatial_jax.data.vocabulary import synthetic_words

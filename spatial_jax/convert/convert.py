@@ -1,9 +1,6 @@
 """HF safetensors -> our parameter tree, streamed tensor by tensor through the family's key map."""
 from __future__ import annotations
 
-from typing import Any
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging

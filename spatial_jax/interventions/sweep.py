@@ -32,7 +32,7 @@ from spatial_jax.forward import Model, check_batch
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
 from spatial_jax.interventions.taps import Taps
-from spatial_jax.models.layers import run_layers
+from spatial_jax.models.layers import run_layers, run_layers_from
 
 
 @jax.tree_util.register_dataclass
@@ -64,11 +64,12 @@ def _read(module, x: jax.Array, taps: Taps, readout: Readout):
             jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
-def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout, base=()):
+def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout, base=(), prefix=None):
     """vmapped over the leading axis of `ivs`; `base` interventions apply unbatched in every
     variant. x_start None: every variant runs the full forward (vision included, start 0);
-    otherwise each restarts the LM at layer `start` from x_start [B, T, D]. The last layer runs
-    at the read positions only."""
+    otherwise each restarts the LM at layer `start` from x_start [B, T - P, D], the positions
+    after the unchanged prefix [B, L, P, D] (see `run_layers_from`). The last layer runs at the
+    read positions only."""
     module = nnx.merge(graphdef, params)
     ctx = module.lm_context(batch)
     rows = readout.position[:, None].astype(jnp.int32)
@@ -76,7 +77,7 @@ def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout,
     def one(variant_ivs):
         taps = Taps(tuple(base) + tuple(variant_ivs))
         x = module.embed_inputs(batch, taps) if x_start is None else x_start
-        return _read(module, run_layers(module.layers, x, ctx, taps, start=start, rows=rows), taps, readout)
+        return _read(module, run_layers_from(module.layers, x, ctx, taps, start, rows, prefix), taps, readout)
 
     return jax.vmap(one)(ivs)
 
@@ -120,6 +121,24 @@ def _start_layers(interventions: Sequence[Intervention], shape: tuple[int, ...],
         if iv.site in sites.PER_LAYER_SITES:
             start = np.minimum(start, np.broadcast_to(iv.layer, shape).reshape(n))
     return start
+
+
+def _unchanged_prefix(variants, readout: Readout, T: int) -> int:
+    """P: how many leading positions no variant changes in any row. Causal attention keeps every
+    position before the first one an intervention touches as in the clean run, so variants
+    compute positions P..T-1 only. T - P is rounded up to a power of two (at most T), so that new
+    masks seldom change the compiled shape: a last-token patch has P = T - 1, a region swap in
+    the middle of the prompt P = 0. variants: the sweep's interventions, leaves [*S, ...]."""
+    first = int(np.min(readout.position))  # the read positions are computed whatever happens
+    for iv in variants:
+        if iv.site in sites.ONCE_SITES:  # lm.final acts after every layer
+            continue
+        if iv.index is None:
+            return 0
+        touched = (np.asarray(iv.index) >= 0).reshape(-1, T).any(0)
+        if touched.any():
+            first = min(first, int(np.argmax(touched)))
+    return T - min(T, 1 << (T - first - 1).bit_length())
 
 
 def _variant_bytes(model: Model, batch: Batch, variants, n: int) -> int:
@@ -203,6 +222,13 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
         args = (batch, base) if mesh is None else (parallel.shard_batch(batch, mesh), parallel.put_tree(base, mesh))
         embeddings, outputs = parallel.to_host(_restart_points_jit(model.graphdef, model.params, *args))
 
+    P, prefix = 0, None
+    if embeddings is not None:
+        P = _unchanged_prefix(variants, readout, np.shape(batch.input_ids)[1])
+    if P:  # the clean residual entering each layer at the unchanged positions, [B, L, P, D]
+        prefix = np.concatenate([embeddings[:, None, :P], outputs[:, :-1, :P]], axis=1)
+        prefix = jnp.asarray(prefix) if mesh is None else parallel.put_tree(prefix, mesh)
+
     results = [None] * n
     order = np.argsort(starts, kind="stable")
     groups = [order[starts[order] == s] for s in np.unique(starts)]
@@ -212,11 +238,12 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
         which = np.unravel_index(padded, vshape)
         ivs = tuple(jax.tree.map(lambda a: a[which], iv) for iv in variants)
         s = int(starts[idx[0]])
-        x_start = None if embeddings is None else (embeddings if s == 0 else outputs[:, s - 1])
+        x_start = None if embeddings is None else (embeddings if s == 0 else outputs[:, s - 1])[:, P:]
         args = (batch, x_start, np.int32(s), ivs, readout, base)
         if mesh is not None:  # variants over `data`, the rest replicated, all as global arrays
             args = (*parallel.put_tree(args[:3], mesh), parallel.put_tree(ivs, mesh, data_axis=0),
                     parallel.put_tree(readout, mesh), parallel.put_tree(base, mesh))
+        args += (prefix,)
         got = parallel.to_host(_variants_jit(model.graphdef, model.params, *args))
         for j, v in enumerate(idx):
             results[v] = (got[0][j], got[1][j], got[2][j])

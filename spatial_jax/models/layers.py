@@ -296,39 +296,44 @@ def scan_layers(stacked: nnx.Module, step: Callable, carry, xs=None):
     return jax.lax.scan(body, carry, (state, jnp.arange(n), xs))
 
 
-def run_layers(stacked: nnx.Module, x: jax.Array, ctx, taps: Taps, start: jax.Array | None = None,
-               rows: jax.Array | None = None) -> jax.Array:
-    """Runs decoder layers `layer(x, ctx, taps, idx)` over x [B, T, D].
+def run_layers(stacked: nnx.Module, x: jax.Array, ctx, taps: Taps) -> jax.Array:
+    """Runs decoder layers `layer(x, ctx, taps, idx)` over x [B, T, D] as a scan; the cached
+    per-layer sites leave it as [B, L, T, D]."""
+    def step(layer, h, idx, _):
+        t = taps.for_step(LM_LAYER_SITES)
+        return layer(h, ctx, t, idx), t.collected
 
-    From layer 0 it is a scan, and the cached per-layer sites leave it as [B, L, T, D]. With
-    `start` (a traced scalar), x is the residual entering layer `start` and only layers
-    start..L-1 run: a sweep patching at layer l reuses the clean run below l instead of
-    recomputing it. That path caches nothing. With `rows` [B, Q] as well, the last layer
-    computes only those positions (the logits read nowhere else) and [B, Q, D] is returned.
+    x, collected = scan_layers(stacked, step, x)
+    for site, per_layer in collected.items():
+        taps.collected[site] = jnp.moveaxis(per_layer, 0, 1)
+    return x
+
+
+def run_layers_from(stacked: nnx.Module, x: jax.Array, ctx, taps: Taps, start: jax.Array, rows: jax.Array,
+                    prefix: jax.Array | None = None) -> jax.Array:
+    """A sweep variant's layers: from layer `start` (a traced scalar) on, returning the last
+    layer's output at `rows` [B, R] only ([B, R, D]; the last layer computes just those).
+
+    x: the residual entering layer `start`, [B, T, D]; a variant patching at layer l reuses the
+    clean run below l instead of recomputing it. With `prefix` [B, L, P, D], the clean run's
+    residual entering each layer at positions < P (which the variant does not change: causal
+    attention), x holds positions P..T-1 only and each layer computes just those, the prefix's
+    keys and values coming from the clean residual. Caches nothing.
     """
-    if start is None:
-        if rows is not None:
-            raise ValueError("rows needs start")
-
-        def step(layer, h, idx, _):
-            t = taps.for_step(LM_LAYER_SITES)
-            return layer(h, ctx, t, idx), t.collected
-
-        x, collected = scan_layers(stacked, step, x)
-        for site, per_layer in collected.items():
-            taps.collected[site] = jnp.moveaxis(per_layer, 0, 1)
-        return x
-
     if taps.cache_sites & LM_LAYER_SITES:
         raise ValueError("per-layer sites cannot be cached when starting above layer 0")
     graphdef, state = nnx.split(stacked)
     n = jax.tree.leaves(state)[0].shape[0]
+    P = 0 if prefix is None else prefix.shape[2]
+    changed = None if prefix is None else jnp.broadcast_to(jnp.arange(P, P + x.shape[1]), x.shape[:2])
 
-    def run(idx, h, rows=None):
+    def entering(idx, h):
+        """The residual entering layer idx at every position."""
+        return h if prefix is None else jnp.concatenate([jax.lax.dynamic_index_in_dim(prefix, idx, 1, False), h], 1)
+
+    def run(idx, h, rows=changed):
         layer_state = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, idx, keepdims=False), state)
-        return nnx.merge(graphdef, layer_state)(h, ctx, taps.for_step(LM_LAYER_SITES), idx, rows)
+        return nnx.merge(graphdef, layer_state)(entering(idx, h), ctx, taps.for_step(LM_LAYER_SITES), idx, rows)
 
-    if rows is None:
-        return jax.lax.fori_loop(start, n, run, x)
     x = jax.lax.fori_loop(start, n - 1, run, x)
-    return jax.lax.cond(start < n, lambda h: run(n - 1, h, rows), lambda h: select_rows(h, rows), x)
+    return jax.lax.cond(start < n, lambda h: run(n - 1, h, rows), lambda h: select_rows(h, rows - P), x)

@@ -149,6 +149,17 @@ def image_groups(grid_thw: tuple[tuple[int, int, int], ...]) -> list[tuple[int, 
     return L.equal_size_runs([h * w for _, h, w in grid_thw])
 
 
+def vision_rope(cfg: Qwen2VLConfig, grid_thw: tuple[tuple[int, int, int], ...]) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [N_patches, head_dim] float32 of the tower's 2D RoPE: half the rotary
+    frequencies turn with the patch's row, half with its column."""
+    h_idx, w_idx = vision_patch_layout(grid_thw, cfg.merge_size)
+    hd = cfg.vision_dim // cfg.vision_heads
+    inv_freq = 1.0 / cfg.vision_rope_theta ** (jnp.arange(0, hd // 2, 2, dtype=jnp.float32) / (hd // 2))
+    emb = jnp.concatenate([h_idx[:, None] * inv_freq, w_idx[:, None] * inv_freq], axis=-1)
+    emb = jnp.concatenate([emb, emb], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
 class VisionBlock(nnx.Module):
     def __init__(self, cfg: Qwen2VLConfig, *, dtype, rngs: nnx.Rngs):
         d = cfg.vision_dim
@@ -189,12 +200,7 @@ class VisionTower(nnx.Module):
         cfg = self.cfg
         N = pixel_values.shape[0]
         x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))[None]
-        h_idx, w_idx = vision_patch_layout(grid_thw, cfg.merge_size)
-        hd = cfg.vision_dim // cfg.vision_heads
-        inv_freq = 1.0 / cfg.vision_rope_theta ** (jnp.arange(0, hd // 2, 2, dtype=jnp.float32) / (hd // 2))
-        emb = jnp.concatenate([h_idx[:, None] * inv_freq, w_idx[:, None] * inv_freq], axis=-1)
-        emb = jnp.concatenate([emb, emb], axis=-1)
-        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        cos, sin = vision_rope(cfg, grid_thw)
         groups = image_groups(grid_thw)
 
         def step(block, x, idx, _):

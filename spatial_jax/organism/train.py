@@ -30,8 +30,7 @@ from spatial_jax.batch import Batch
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.models.layers import run_layers
 from spatial_jax.models import layers as L
-from spatial_jax.models.qwen2_vl import (Qwen2VL, Qwen2VLConfig, VisionTower, image_groups,
-                                         vision_patch_layout)
+from spatial_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, VisionTower, image_groups, vision_rope
 from spatial_jax.organism import data as odata
 
 
@@ -57,12 +56,7 @@ def vision_from_embeddings(tower: VisionTower, x: jax.Array, grid_thw: tuple) ->
     """`VisionTower.__call__` after its patch embedding: x [N_patches, Dv] -> visual tokens [N / merge^2, D]."""
     cfg = tower.cfg
     N = x.shape[0]
-    h_idx, w_idx = vision_patch_layout(grid_thw, cfg.merge_size)
-    hd = cfg.vision_dim // cfg.vision_heads
-    inv_freq = 1.0 / cfg.vision_rope_theta ** (jnp.arange(0, hd // 2, 2, dtype=jnp.float32) / (hd // 2))
-    emb = jnp.concatenate([h_idx[:, None] * inv_freq, w_idx[:, None] * inv_freq], axis=-1)
-    emb = jnp.concatenate([emb, emb], axis=-1)
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    cos, sin = vision_rope(cfg, grid_thw)
     groups = image_groups(grid_thw)
     x, _ = L.scan_layers(tower.blocks, lambda block, h, idx, _: (block(h, cos, sin, groups), None), x[None])
     x = tower.merger_norm(x).reshape(N // cfg.merge_size**2, -1)
