@@ -3,8 +3,11 @@ forward-hook loop, one full forward per patched site) on the same random Qwen2-V
 
     python benchmarks/bench_sweep.py --pairs 50 --torch_pairs 2
     python benchmarks/bench_sweep.py --small --pairs 3 --torch_pairs 1   # quick check
+    python benchmarks/bench_sweep.py --sweep last_token --pairs 50 --torch_pairs 2
 
-Every slot (LM input + each layer output) x 2 region sets (object-only, strip) x `pairs` pairs.
+Every slot (LM input + each layer output) x 2 region sets (object-only, strip) x `pairs` pairs;
+with --sweep last_token, the cf run's last position patched in at every slot instead (one "region
+set": what `sj.last_token_sweep` does, run here through the same `region_swap_sweep`).
 Config: the mid-size Qwen2-VL of benchmarks/_qwen2_vl_mid.py (346.6M params, untied head), one
 336x336 image (144 visual tokens), T = 176. The PyTorch loop is timed on `torch_pairs` pairs
 and reported per patched forward; both sides must agree on the patched logits of those pairs.
@@ -101,17 +104,20 @@ def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def sweep_flops(cfg, T: int, n_patches: int, R: int) -> dict:
+def sweep_flops(cfg, T: int, n_patches: int, R: int, last_token: bool = False) -> dict:
     """Matmul work of one pair (L + 1 slots x R region sets). `needed`: vision + LM once for the
-    clean and once for the cf image; each variant patched at slot s < L runs layers s..L-2 in
-    full and the last layer at the read position only (its keys and values at every position);
-    slot L runs no layer; the head at the read position. `ours`: what region_swap_sweep runs,
-    the same but slot L restarts at the last layer. `torch`: the hook loop, two cf forwards and
-    one full forward (head on every position) per variant."""
+    clean and once for the cf image; each variant patched at slot s < L runs layers s..L-2 and
+    then the last layer at the read position only (keys and values at every position); slot L
+    runs no layer; the head at the read position. With `last_token` only the last position
+    changes, so every layer of a variant is computed at that row alone (keys and values of the
+    rest from the clean run). `ours`: what region_swap_sweep runs, the same but slot L restarts at
+    the last layer. `torch`: the hook loop, two cf forwards and one full forward (head on every
+    position) per variant."""
     f = mid.flop_parts(cfg, T, n_patches)
     L = cfg.text_config.num_hidden_layers
     full_lm = f["vision"] + L * f["layer"]
-    variants = R * sum((L - 1 - s) * f["layer"] + f["last_row"] for s in range(L))
+    layer = f["last_row"] if last_token else f["layer"]
+    variants = R * sum((L - 1 - s) * layer + f["last_row"] for s in range(L))
     reads = R * (L + 1) * f["head_row"]
     return dict(needed=2 * full_lm + variants + reads,
                 ours=2 * full_lm + variants + R * f["last_row"] + reads,
@@ -121,6 +127,15 @@ def sweep_flops(cfg, T: int, n_patches: int, R: int) -> dict:
 def prompt_ids(n_img_tokens: int) -> np.ndarray:
     text = list(range(10, 40))
     return np.array([text[:14] + [VSTART] + [IMG] * n_img_tokens + [VEND] + text[14:]], np.int64)
+
+
+def index_maps_for(sweep: str, ids: np.ndarray) -> np.ndarray:
+    """[R, 1, T] source-index maps: the criss-cross swaps of `regions`, or (last_token, paper
+    Fig. 3) the cf run's last position into the clean run's."""
+    if sweep == "criss_cross":
+        return regions(ids)[:, None]
+    T = ids.shape[1]
+    return np.where(np.arange(T) == T - 1, T - 1, -1)[None, None].astype(np.int32)
 
 
 def regions(ids: np.ndarray):
@@ -175,7 +190,7 @@ def child(args) -> None:
     JSON line with its RSS figures."""
     ids = prompt_ids(144)
     grid = np.array([[1, GRID, GRID]])
-    index_maps = regions(ids)[:, None]
+    index_maps = index_maps_for(args.sweep, ids)
     b = args.batch
     pair = np.random.default_rng(0).standard_normal((2, b * GRID * GRID, 1176)).astype(np.float32)
     if args.side.endswith("ours"):
@@ -199,7 +214,7 @@ def side_rss(args, work: str, converted: str) -> dict:
     out = {}
     for side in ("load_ours", "ours", "load_torch", "torch"):
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--hf_dir", work, "--converted", converted,
-               "--chunk_size", str(args.chunk_size), "--batch", str(args.batch)] + (["--small"] if args.small else [])
+               "--chunk_size", str(args.chunk_size), "--batch", str(args.batch), "--sweep", args.sweep] + (["--small"] if args.small else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"{side} child failed:\n{r.stderr[-3000:]}")
@@ -212,6 +227,9 @@ def main():
     ap.add_argument("--pairs", type=int, default=50)
     ap.add_argument("--torch_pairs", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="a tiny config, to check the script quickly")
+    ap.add_argument("--sweep", default="criss_cross", choices=["criss_cross", "last_token"],
+                    help="criss_cross: object and strip swaps (Figs. 6, 7); last_token: the cf run's last "
+                         "position patched in (Fig. 3), where only that row changes")
     ap.add_argument("--chunk_size", type=int, default=0, help="variants per compiled call (0: automatic)")
     ap.add_argument("--batch", type=int, default=10,
                     help="pairs per region_swap_sweep call, as the criss_cross binary batches them (its "
@@ -245,7 +263,7 @@ def main():
     n_params = sum(p.numel() for p in hf.parameters())
     ids = prompt_ids(144)
     T = ids.shape[1]
-    index_maps = regions(ids)[:, None]  # [R, 1, T]
+    index_maps = index_maps_for(args.sweep, ids)  # [R, 1, T]
     R = len(index_maps)
     grid = np.array([[1, GRID, GRID]])
     rng = np.random.default_rng(0)
@@ -299,7 +317,7 @@ def main():
         rss = side_rss(args, args.hf_dir, converted)
 
     per_pair = (L + 1) * R
-    fl = sweep_flops(hf_config(args.small), T, GRID * GRID, R)
+    fl = sweep_flops(hf_config(args.small), T, GRID * GRID, R, last_token=args.sweep == "last_token")
     rate = max(rates)
     o_min, o_med = min(ours_t), statistics.median(ours_t)
     best = min(threads, key=lambda th: statistics.median(torch_t[th]))
