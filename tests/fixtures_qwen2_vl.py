@@ -147,52 +147,9 @@ def to_batch(inputs: dict[str, np.ndarray]):
 
 
 def hf_run(hf, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Runs the HF model on `make_inputs` output; returns float32 numpy arrays keyed like our
-    Output: "logits" [B, T, V], "hidden_states" (HF's tuple, stacked [L+1, B, T, D]) and every site
-    in our shapes (see DESIGN.md): lm.resid_pre/attn_out/mlp_out/resid_post [B, L, T, D],
-    lm.final [B, T, D], and with images vision.block_out [1, Lv, N, Dv], vision.tokens [1, Ni, D].
-
-    lm.resid_post comes from forward hooks on the decoder layers (the last layer's raw output is
-    not among HF's hidden_states, whose last entry is final-normed).
-    """
-    import torch
-
-    lm = hf.model.language_model
-    grabbed: dict[str, list] = {k: [] for k in ("attn", "mlp", "post", "block", "merger")}
-
-    def keep(key):
-        def hook(_module, _args, out):
-            grabbed[key].append((out[0] if isinstance(out, tuple) else out).detach().float().numpy().copy())
-        return hook
-
-    handles = []
-    for layer in lm.layers:
-        handles += [layer.self_attn.register_forward_hook(keep("attn")),
-                    layer.mlp.register_forward_hook(keep("mlp")),
-                    layer.register_forward_hook(keep("post"))]
-    for block in hf.model.visual.blocks:
-        handles.append(block.register_forward_hook(keep("block")))
-    handles.append(hf.model.visual.merger.register_forward_hook(keep("merger")))
-    kw = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-    try:
-        with torch.no_grad():
-            out = hf(**kw, output_hidden_states=True, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    hs = np.stack([h.float().numpy() for h in out.hidden_states])  # [L+1, B, T, D]
-    L = len(lm.layers)
-    res = {
-        "logits": out.logits.float().numpy(),
-        "hidden_states": hs,
-        "lm.resid_pre": np.moveaxis(hs[:L], 0, 1),
-        "lm.attn_out": np.stack(grabbed["attn"], 1),
-        "lm.mlp_out": np.stack(grabbed["mlp"], 1),
-        "lm.resid_post": np.stack(grabbed["post"], 1),
-        "lm.final": hs[L],
-    }
-    if grabbed["block"]:
-        res["vision.block_out"] = np.stack(grabbed["block"])[None]
-        res["vision.tokens"] = grabbed["merger"][0][None]
-    return res
+    """hr.hf_run with Qwen2-VL's sites: lm.attn_out / lm.mlp_out are the self_attn / mlp outputs;
+    the vision tower is unbatched (vision.block_out [1, Lv, N, Dv]) and its merger gives
+    vision.tokens [1, Ni, D]."""
+    return hr.hf_run(hf, inputs, lambda layer: layer.self_attn, lambda layer: layer.mlp, hf.model.visual.blocks,
+                     projector=hf.model.visual.merger)
 

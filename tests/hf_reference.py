@@ -166,15 +166,17 @@ def hf_position_ids(mask: np.ndarray) -> np.ndarray:
 
 
 def hf_run(hf, inputs: dict[str, np.ndarray], attn_out: Callable, mlp_out: Callable, vision_blocks,
-           hooks=()) -> dict[str, np.ndarray]:
-    """Runs a HF Llava-style model (hf.model.language_model, a batched vision tower, then
-    hf.model.multi_modal_projector) with forward hooks; float32 numpy arrays in our site layout:
-    "logits" [B, T, V], "hidden_states" [L+1, B, T, D], lm.resid_pre/attn_out/mlp_out/resid_post
-    [B, L, T, D], lm.final [B, T, D], and with images vision.block_out [n, Lv, N, Dv] and
-    vision.tokens [n, N', D].
+           hooks=(), projector=None) -> dict[str, np.ndarray]:
+    """Runs a HF vision-language model (hf.model.language_model, a vision tower, a projector)
+    with forward hooks; float32 numpy arrays in our site layout: "logits" [B, T, V],
+    "hidden_states" [L+1, B, T, D], lm.resid_pre/attn_out/mlp_out/resid_post [B, L, T, D],
+    lm.final [B, T, D], and with images vision.block_out [n, Lv, N, Dv] and vision.tokens
+    [n, N', D] (n = 1 for a tower that concatenates every image's patches unbatched, as
+    Qwen2-VL's does).
 
     attn_out(layer) / mlp_out(layer): the decoder layer's module whose output the family adds to
-    the residual; vision_blocks: the vision tower's blocks. hooks: (module, "pre" | "post", fn)
+    the residual; vision_blocks: the vision tower's blocks; projector: the module whose output is
+    vision.tokens (default hf.model.multi_modal_projector). hooks: (module, "pre" | "post", fn)
     that patch the module's input / output hidden states with fn(tensor) -> tensor, as the paper's
     code patches; installed first, so the recorded sites see what they change."""
     import torch
@@ -184,7 +186,8 @@ def hf_run(hf, inputs: dict[str, np.ndarray], attn_out: Callable, mlp_out: Calla
 
     def keep(key):
         def hook(_module, _args, out):
-            got[key].append((out[0] if isinstance(out, tuple) else out).detach().float().numpy().copy())
+            a = (out[0] if isinstance(out, tuple) else out).detach().float().numpy().copy()
+            got[key].append(a[None] if a.ndim == 2 else a)  # an unbatched tower's [N, D]
         return hook
 
     def keep_input(key):
@@ -215,7 +218,8 @@ def hf_run(hf, inputs: dict[str, np.ndarray], attn_out: Callable, mlp_out: Calla
                     layer.register_forward_hook(keep("post"))]
     for layer in vision_blocks:
         handles.append(layer.register_forward_hook(keep("block")))
-    handles.append(hf.model.multi_modal_projector.register_forward_hook(keep("tokens")))
+    projector = hf.model.multi_modal_projector if projector is None else projector
+    handles.append(projector.register_forward_hook(keep("tokens")))
     kw = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
     if "pixel_values" in kw:
         kw["pixel_values"] = kw["pixel_values"].to(hf.dtype)

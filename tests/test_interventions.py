@@ -349,6 +349,19 @@ def test_sweep_applies_base_interventions_once(request, family):
         np.testing.assert_array_equal(res.argmax[layer], logits.argmax(-1))
 
 
+def _spy_variant_calls(monkeypatch) -> list[dict]:
+    """Records each compiled variant call of patch_sweep: its start layer, number of variants and
+    x_start shape."""
+    calls = []
+
+    def spy(graphdef, params, batch, x_start, start, ivs, *rest):
+        calls.append(dict(start=int(start), n=len(ivs[0].layer), x_start=np.shape(x_start)))
+        return _variants_jit(graphdef, params, batch, x_start, start, ivs, *rest)
+
+    monkeypatch.setattr(sweep_mod, "_variants_jit", spy)
+    return calls
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
 def test_sweep_at_the_last_layer_and_final_equals_loop(request, family):
     """A sweep computes the last layer at the read positions only: variants at that layer's
@@ -404,15 +417,9 @@ def test_sweep_computes_only_the_changed_positions(request, family, monkeypatch)
            sj.Intervention(site="lm.resid_pre", op="replace", layer=layers + 1, index=index[::-1], source=src[::-1]),
            sj.Intervention(site="lm.mlp_out", op="replace", layer=layers, index=index, source=src[[1, 2, 0]])]
     tokens = np.array([3, 7, 9])
-    shapes = []
-
-    def spy(graphdef, params, batch, x_start, start, ivs, *rest):
-        shapes.append(np.shape(x_start))
-        return _variants_jit(graphdef, params, batch, x_start, start, ivs, *rest)
-
-    monkeypatch.setattr(sweep_mod, "_variants_jit", spy)
+    calls = _spy_variant_calls(monkeypatch)
     res = sj.patch_sweep(model, clean, ivs, sj.Readout(read, tokens), base=base, chunk_size=2)
-    assert shapes and all(s == (B, 4, D) for s in shapes)
+    assert calls and all(c["x_start"] == (B, 4, D) for c in calls)
     for i in range(n):
         one = [jax.tree.map(lambda a: a[i] if np.ndim(a) else a, iv) for iv in ivs]
         logits = np.asarray(sj.forward(model, clean, interventions=[*base, *one]).logits)[np.arange(B), read]
@@ -429,21 +436,17 @@ def test_region_swap_sweep_runs_the_clean_run_once_and_pads_nothing(tiny, monkey
     T = clean.input_ids.shape[1]
     grid = np.arange(N_TOK).reshape(2, 3) + 3
     swaps = np.stack([np.stack([sj.swap_index(T, [(grid[:, 0], grid[:, 2])])] * 2)] * R)
-    calls, restarts = [], []
-
-    def spy(graphdef, params, batch, x_start, start, ivs, *rest):
-        calls.append((int(start), len(ivs[0].layer)))
-        return _variants_jit(graphdef, params, batch, x_start, start, ivs, *rest)
+    restarts = []
 
     def spy_restart(*args):
         restarts.append(1)
         return _restart_points_jit(*args)
 
-    monkeypatch.setattr(sweep_mod, "_variants_jit", spy)
+    calls = _spy_variant_calls(monkeypatch)
     monkeypatch.setattr(sweep_mod, "_restart_points_jit", spy_restart)
     sj.region_swap_sweep(model, clean, cf, swaps, np.array([1, 2]), chunk_size=64)
     assert len(restarts) == 1
-    assert calls == [(s, R) for s in range(L - 1)] + [(L - 1, 2 * R)]
+    assert [(c["start"], c["n"]) for c in calls] == [(s, R) for s in range(L - 1)] + [(L - 1, 2 * R)]
 
 
 def test_automatic_chunks_equal_one_variant_per_call(tiny, monkeypatch):
@@ -462,15 +465,9 @@ def test_automatic_chunks_equal_one_variant_per_call(tiny, monkeypatch):
                          source=np.broadcast_to(np.moveaxis(src[:, layers], 1, 0)[:, None], (2, R, B, T, src.shape[-1])))
     readout = sj.Readout(sj.last_positions(np.ones((B, T))), np.array([[1, 2, 3], [4, 5, 6]]))
     budget = 3.5 * sweep_mod._variant_bytes(model, clean, [jax.tree.map(np.asarray, iv)], 2 * R)
-    sizes = []
-
-    def spy(graphdef, params, batch, x_start, start, ivs, *rest):
-        sizes.append(len(ivs[0].layer))
-        return _variants_jit(graphdef, params, batch, x_start, start, ivs, *rest)
-
-    monkeypatch.setattr(sweep_mod, "_variants_jit", spy)
+    calls = _spy_variant_calls(monkeypatch)
     auto = sj.patch_sweep(model, clean, [iv], readout, memory_budget_bytes=budget)
-    assert sizes == [3, 2] * 2  # per layer: 3 + 2
+    assert [c["n"] for c in calls] == [3, 2] * 2  # per layer: 3 + 2
     one = sj.patch_sweep(model, clean, [iv], readout, chunk_size=1)
     np.testing.assert_allclose(auto.logits, one.logits, atol=1e-6)
     np.testing.assert_allclose(auto.probs, one.probs, atol=1e-6)
