@@ -349,6 +349,16 @@ def test_sweep_applies_base_interventions_once(request, family):
         np.testing.assert_array_equal(res.argmax[layer], logits.argmax(-1))
 
 
+def _assert_equals_loop(model, batch, ivs, res, read, tokens, base=()):
+    """Variant i of a sweep result equals one forward with the i-th slice of every intervention
+    (after `base`), read at positions `read` [B]."""
+    for i in range(res.logits.shape[0]):
+        one = [jax.tree.map(lambda a: a[i] if np.ndim(a) else a, iv) for iv in ivs]
+        logits = np.asarray(sj.forward(model, batch, interventions=[*base, *one]).logits)[np.arange(len(read)), read]
+        np.testing.assert_allclose(res.logits[i], logits[:, tokens], atol=1e-5, err_msg=f"variant {i}")
+        np.testing.assert_array_equal(res.argmax[i], logits.argmax(-1))
+
+
 def _spy_variant_calls(monkeypatch) -> list[dict]:
     """Records each compiled variant call of patch_sweep: its start layer, number of variants and
     x_start shape."""
@@ -386,11 +396,7 @@ def test_sweep_at_the_last_layer_and_final_equals_loop(request, family):
            sj.Intervention(site="lm.final", op="add", index=index[[1, 2, 3, 0]], source=src, alpha=np.full(n, -1.5))]
     tokens = np.array([3, 7, 9])
     res = sj.patch_sweep(model, clean, ivs, sj.Readout(read, tokens), chunk_size=2)
-    for i in range(n):
-        one = [jax.tree.map(lambda a: a[i] if np.ndim(a) else a, iv) for iv in ivs]
-        logits = np.asarray(sj.forward(model, clean, interventions=one).logits)[np.arange(B), read]
-        np.testing.assert_allclose(res.logits[i], logits[:, tokens], atol=1e-5, err_msg=f"variant {i}")
-        np.testing.assert_array_equal(res.argmax[i], logits.argmax(-1))
+    _assert_equals_loop(model, clean, ivs, res, read, tokens)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
@@ -420,11 +426,7 @@ def test_sweep_computes_only_the_changed_positions(request, family, monkeypatch)
     calls = _spy_variant_calls(monkeypatch)
     res = sj.patch_sweep(model, clean, ivs, sj.Readout(read, tokens), base=base, chunk_size=2)
     assert calls and all(c["x_start"] == (B, 4, D) for c in calls)
-    for i in range(n):
-        one = [jax.tree.map(lambda a: a[i] if np.ndim(a) else a, iv) for iv in ivs]
-        logits = np.asarray(sj.forward(model, clean, interventions=[*base, *one]).logits)[np.arange(B), read]
-        np.testing.assert_allclose(res.logits[i], logits[:, tokens], atol=1e-5, err_msg=f"variant {i}")
-        np.testing.assert_array_equal(res.argmax[i], logits.argmax(-1))
+    _assert_equals_loop(model, clean, ivs, res, read, tokens, base)
 
 
 def test_region_swap_sweep_runs_the_clean_run_once_and_pads_nothing(tiny, monkeypatch):
