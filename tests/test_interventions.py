@@ -429,6 +429,26 @@ def test_sweep_computes_only_the_changed_positions(request, family, monkeypatch)
     _assert_equals_loop(model, clean, ivs, res, read, tokens, base)
 
 
+def test_gemma_sweep_recomputes_image_tokens_before_a_patched_one(tiny_gemma, monkeypatch):
+    """Gemma 3's image tokens attend to each other both ways, so a patch at an image's last token
+    changes the tokens before it too: the computed positions must start at the image block (the
+    first that can read a patched token), not just before the patched token."""
+    model, _, make_batch, fg = tiny_gemma
+    clean = make_batch(0)
+    at_img = np.asarray(clean.input_ids) == fg.IMG
+    B, T = at_img.shape
+    last_img = T - 1 - np.argmax(at_img[:, ::-1], axis=1)
+    index = np.full((2, B, T), -1)
+    index[:, np.arange(B), last_img] = last_img
+    src = np.random.default_rng(10).standard_normal((2, B, T, model.config.hidden_size)).astype(np.float32)
+    ivs = [sj.Intervention(site="lm.resid_pre", op="replace", layer=np.array([0, 1]), index=index, source=src)]
+    read, tokens = sj.last_positions(clean.attention_mask), np.array([3, 7, 9])
+    calls = _spy_variant_calls(monkeypatch)
+    res = sj.patch_sweep(model, clean, ivs, sj.Readout(read, tokens), chunk_size=2)
+    assert all(T - c["x_start"][1] <= np.argmax(at_img, axis=1).min() for c in calls)
+    _assert_equals_loop(model, clean, ivs, res, read, tokens)
+
+
 def test_region_swap_sweep_runs_the_clean_run_once_and_pads_nothing(tiny, monkeypatch):
     """Every slot in one patch_sweep: one clean run, then per start layer exactly its variants
     (R per layer; the last layer also restarts slot L's R), none padded to the chunk size."""

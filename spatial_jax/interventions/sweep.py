@@ -123,22 +123,35 @@ def _start_layers(interventions: Sequence[Intervention], shape: tuple[int, ...],
     return start
 
 
-def _unchanged_prefix(variants, readout: Readout, T: int) -> int:
-    """P: how many leading positions no variant changes in any row. Causal attention keeps every
-    position before the first one an intervention touches as in the clean run, so variants
-    compute positions P..T-1 only. T - P is rounded up to a power of two (at most T), so that new
-    masks seldom change the compiled shape: a last-token patch has P = T - 1, a region swap in
-    the middle of the prompt P = 0. variants: the sweep's interventions, leaves [*S, ...]."""
-    first = int(np.min(readout.position))  # the read positions are computed whatever happens
+def _unchanged_prefix(variants, readout: Readout, allowed: np.ndarray) -> int:
+    """P: how many leading positions no variant changes in any row, so that variants compute
+    positions P..T-1 only. A change spreads only to the queries that may attend a changed key
+    (allowed [B, T, T]: causal, and both ways within a Gemma 3 image), layer after layer; the
+    positions before the first it can reach keep their clean values. T - P is rounded up to a
+    power of two (at most T), so that new masks seldom change the compiled shape: a last-token
+    patch has P = T - 1, a region swap in the middle of the prompt P = 0.
+    variants: the sweep's interventions, leaves [*S, ...]."""
+    B, T = allowed.shape[:2]
+    changed = np.zeros((B, T), bool)
     for iv in variants:
         if iv.site in sites.ONCE_SITES:  # lm.final acts after every layer
             continue
         if iv.index is None:
             return 0
-        touched = (np.asarray(iv.index) >= 0).reshape(-1, T).any(0)
-        if touched.any():
-            first = min(first, int(np.argmax(touched)))
+        changed |= (np.asarray(iv.index) >= 0).reshape(-1, B, T).any(0)
+    while True:  # every position that can read a changed one, transitively
+        spread = changed | (allowed & changed[:, None, :]).any(-1)
+        if (spread == changed).all():
+            break
+        changed = spread
+    first = int(np.min(readout.position))  # the read positions are computed whatever happens
+    if changed.any():
+        first = min(first, int(np.argmax(changed.any(0))))
     return T - min(T, 1 << (T - first - 1).bit_length())
+
+
+_allowed_jit = jax.jit(lambda graphdef, params, batch: nnx.merge(graphdef, params).lm_context(batch)["allowed"],
+                       static_argnames=("graphdef",))
 
 
 def _variant_bytes(model: Model, batch: Batch, variants, n: int) -> int:
@@ -224,7 +237,8 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
 
     P, prefix = 0, None
     if embeddings is not None:
-        P = _unchanged_prefix(variants, readout, np.shape(batch.input_ids)[1])
+        allowed = np.asarray(_allowed_jit(model.graphdef, model.params, batch))
+        P = _unchanged_prefix(variants, readout, allowed)
     if P:  # the clean residual entering each layer at the unchanged positions, [B, L, P, D]
         prefix = np.concatenate([embeddings[:, None, :P], outputs[:, :-1, :P]], axis=1)
         prefix = jnp.asarray(prefix) if mesh is None else parallel.put_tree(prefix, mesh)
