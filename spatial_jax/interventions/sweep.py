@@ -53,12 +53,11 @@ class SweepResult:
     argmax: np.ndarray
 
 
-def _read(module, x: jax.Array, taps: Taps, readout: Readout):
-    """x [B, 1, D]: the last layer's output at the read positions -> final norm (site lm.final),
-    then the read tokens' logits and probabilities and the argmax."""
-    rows = readout.position[:, None].astype(jnp.int32)
+def _read(module, x: jax.Array, taps: Taps, rows: jax.Array, tokens: jax.Array):
+    """x [B, 1, D]: the last layer's output at the read positions rows [B, 1] -> final norm (site
+    lm.final), then the logits and probabilities of tokens ([K] or [B, K]) and the argmax."""
     logits = module.unembed(module.final(x, taps, rows)[:, 0])  # [B, V]
-    tokens = jnp.broadcast_to(readout.tokens, (x.shape[0],) + jnp.shape(readout.tokens)[-1:])
+    tokens = jnp.broadcast_to(tokens, (x.shape[0],) + jnp.shape(tokens)[-1:])
     logp = jax.nn.log_softmax(logits, axis=-1)
     return (jnp.take_along_axis(logits, tokens, axis=-1), jnp.exp(jnp.take_along_axis(logp, tokens, axis=-1)),
             jnp.argmax(logits, axis=-1).astype(jnp.int32))
@@ -77,7 +76,8 @@ def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout,
     def one(variant_ivs):
         taps = Taps(tuple(base) + tuple(variant_ivs))
         x = module.embed_inputs(batch, taps) if x_start is None else x_start
-        return _read(module, run_layers_from(module.layers, x, ctx, taps, start, rows, prefix), taps, readout)
+        return _read(module, run_layers_from(module.layers, x, ctx, taps, start, rows, prefix), taps, rows,
+                     readout.tokens)
 
     return jax.vmap(one)(ivs)
 
@@ -85,18 +85,20 @@ def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout,
 _variants_jit = jax.jit(_variants_from, static_argnames=("graphdef",))
 
 
-def _restart_points(graphdef, params, batch: Batch, base) -> tuple[jax.Array, jax.Array]:
+def _restart_points(graphdef, params, batch: Batch, base) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The clean run under `base`, as the residual that enters each LM layer before that layer's
     own taps: embeddings [B, T, D] (layer 0's input) and every layer's output [B, L, T, D] (the
-    input of the next, and for the last layer the input of the final norm).
+    input of the next, and for the last layer the input of the final norm); and the run's
+    attention mask `allowed` [B, T, T] (which positions a change can spread to).
 
     The cached lm.resid_pre would not do: it is recorded after the layer's resid_pre
     interventions, which a restart at that layer runs again (twice for add and amplify)."""
     module = nnx.merge(graphdef, params)
     taps = Taps(base, cache=(sites.LM_RESID_POST,))
     embeddings = module.embed_inputs(batch, taps)
-    run_layers(module.layers, embeddings, module.lm_context(batch), taps)
-    return embeddings, taps.collected[sites.LM_RESID_POST]
+    ctx = module.lm_context(batch)
+    run_layers(module.layers, embeddings, ctx, taps)
+    return embeddings, taps.collected[sites.LM_RESID_POST], ctx["allowed"]
 
 
 _restart_points_jit = jax.jit(_restart_points, static_argnames=("graphdef",))
@@ -148,10 +150,6 @@ def _unchanged_prefix(variants, readout: Readout, allowed: np.ndarray) -> int:
     if changed.any():
         first = min(first, int(np.argmax(changed.any(0))))
     return T - min(T, 1 << (T - first - 1).bit_length())
-
-
-_allowed_jit = jax.jit(lambda graphdef, params, batch: nnx.merge(graphdef, params).lm_context(batch)["allowed"],
-                       static_argnames=("graphdef",))
 
 
 def _variant_bytes(model: Model, batch: Batch, variants, n: int) -> int:
@@ -227,18 +225,16 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
         chunk = -(-chunk // n_data) * n_data
 
     base = tuple(base)
+    P = 0
     if any(iv.site.startswith("vision.") for iv in interventions):
         starts = np.zeros((n,), np.int64)
         embeddings = outputs = None
     else:
         starts = _start_layers(interventions, shape, model.config.num_layers)
         args = (batch, base) if mesh is None else (parallel.shard_batch(batch, mesh), parallel.put_tree(base, mesh))
-        embeddings, outputs = parallel.to_host(_restart_points_jit(model.graphdef, model.params, *args))
-
-    P, prefix = 0, None
-    if embeddings is not None:
-        allowed = np.asarray(_allowed_jit(model.graphdef, model.params, batch))
+        embeddings, outputs, allowed = parallel.to_host(_restart_points_jit(model.graphdef, model.params, *args))
         P = _unchanged_prefix(variants, readout, allowed)
+    prefix = None
     if P:  # the clean residual entering each layer at the unchanged positions, [B, L, P, D]
         prefix = np.concatenate([embeddings[:, None, :P], outputs[:, :-1, :P]], axis=1)
         prefix = jnp.asarray(prefix) if mesh is None else parallel.put_tree(prefix, mesh)
