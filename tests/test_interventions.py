@@ -429,6 +429,36 @@ def test_sweep_computes_only_the_changed_positions(request, family, monkeypatch)
     _assert_equals_loop(model, clean, ivs, res, read, tokens, base)
 
 
+def test_each_variant_computes_from_its_own_first_changed_position(tiny, monkeypatch):
+    """Variants at one start layer whose patches begin at different positions run in separate
+    calls, each with its own unchanged prefix (a last-token patch: one position; an image swap:
+    every position from the image on, bucketed), and equal the loop of full forwards."""
+    model, _ = tiny
+    clean, cf = _batch(0), _batch(1)
+    B, T = clean.input_ids.shape
+    src = np.asarray(sj.forward(model, cf, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"])
+    grid = np.arange(N_TOK).reshape(2, 3) + 3
+    last = np.where(np.arange(T) == T - 1, T - 1, -1)
+    index = np.stack([np.broadcast_to(last, (B, T)), np.broadcast_to(sj.swap_index(T, [(grid[:, 0], grid[:, 2])]), (B, T)),
+                      np.broadcast_to(last, (B, T))])
+    layers = np.array([1, 1, 2])
+    ivs = [sj.Intervention(site="lm.resid_pre", op="replace", layer=layers, index=index,
+                           source=np.moveaxis(src[:, layers], 1, 0))]
+    read, tokens = sj.last_positions(np.ones((B, T))), np.array([3, 7, 9])
+    calls = _spy_variant_calls(monkeypatch)
+    res = sj.patch_sweep(model, clean, ivs, sj.Readout(read, tokens), chunk_size=4)
+    assert sorted((c["start"], c["n"], c["x_start"][1]) for c in calls) == [(1, 1, 1), (1, 1, T), (2, 1, 1)]
+    _assert_equals_loop(model, clean, ivs, res, read, tokens)
+
+
+def test_row_buckets():
+    """Computed positions: powers of two up to ROW_QUANTUM, then its multiples, at most T."""
+    q = sweep_mod.ROW_QUANTUM
+    rows = np.array([1, 2, 3, q - 1, q, q + 1, 6 * q + 4, 11 * q - 1, 11 * q])
+    np.testing.assert_array_equal(sweep_mod._row_bucket(rows, 11 * q - 8),
+                                  [1, 2, 4, q, q, 2 * q, 7 * q, 11 * q - 8, 11 * q - 8])
+
+
 def test_gemma_sweep_recomputes_image_tokens_before_a_patched_one(tiny_gemma, monkeypatch):
     """Gemma 3's image tokens attend to each other both ways, so a patch at an image's last token
     changes the tokens before it too: the computed positions must start at the image block (the

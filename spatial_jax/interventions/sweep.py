@@ -9,8 +9,13 @@ Where the speed comes from (DESIGN.md):
   * the vision tower and the layers below a variant's first patched layer run once, in a clean
     run; each variant restarts the LM from the clean residual entering that layer, taken before
     any of that layer's taps so that `base` interventions there apply exactly once;
-  * variants are grouped by start layer and run in chunks of one jitted, vmapped function
-    (power-of-two sizes up to the chunk size), so a new layer, mask or source never recompiles;
+  * a variant computes only the positions its changes can reach (from its first patched
+    position on, or earlier where attention runs both ways); the unchanged prefix's keys and
+    values come from the clean run;
+  * variants are grouped by start layer and by that first position, and run in chunks of one
+    jitted, vmapped function (power-of-two sizes up to the chunk size; computed positions in
+    buckets, `_row_bucket`), so a new layer or source never recompiles, and a new mask only
+    where it moves the first changed position into a bucket not compiled yet;
   * the last layer, the final norm and the unembedding run only at the read positions (the
     last layer's keys and values still come from every position).
 """
@@ -125,31 +130,45 @@ def _start_layers(interventions: Sequence[Intervention], shape: tuple[int, ...],
     return start
 
 
-def _unchanged_prefix(variants, readout: Readout, allowed: np.ndarray) -> int:
-    """P: how many leading positions no variant changes in any row, so that variants compute
-    positions P..T-1 only. A change spreads only to the queries that may attend a changed key
-    (allowed [B, T, T]: causal, and both ways within a Gemma 3 image), layer after layer; the
-    positions before the first it can reach keep their clean values. T - P is rounded up to a
-    power of two (at most T), so that new masks seldom change the compiled shape: a last-token
-    patch has P = T - 1, a region swap in the middle of the prompt P = 0.
-    variants: the sweep's interventions, leaves [*S, ...]."""
+ROW_QUANTUM = 16  # computed rows: a power of two up to this, then a multiple of it
+
+
+def _row_bucket(rows: np.ndarray, T: int) -> np.ndarray:
+    """How many positions a variant computes for `rows` [n] it needs: the next power of two up
+    to ROW_QUANTUM, above it the next multiple of ROW_QUANTUM, at most T. A last-token patch
+    keeps one row; a region swap wastes at most ROW_QUANTUM - 1; the distinct compiled shapes
+    stay at most log2(ROW_QUANTUM) + T / ROW_QUANTUM, so a new mask seldom compiles a new one."""
+    pow2 = 1 << np.ceil(np.log2(np.maximum(rows, 1))).astype(np.int64)
+    return np.minimum(T, np.where(rows <= ROW_QUANTUM, pow2, -(-rows // ROW_QUANTUM) * ROW_QUANTUM))
+
+
+def _unchanged_prefixes(variants, readout: Readout, allowed: np.ndarray, n: int) -> np.ndarray:
+    """P [n]: how many leading positions variant i changes in no row, so that it computes only
+    positions P..T-1 (T - P bucketed by `_row_bucket`). A change spreads only to the queries
+    that may attend a changed key (allowed [B, T, T]: causal, and both ways within a Gemma 3
+    image), layer after layer; the positions before the first it can reach keep their clean
+    values. Every position from a variant's first changed one on counts as changed, which can
+    only make P smaller. variants: the sweep's interventions, leaves [*S, ...], prod(S) = n."""
     B, T = allowed.shape[:2]
-    changed = np.zeros((B, T), bool)
+    first = np.full((n, B), T, np.int64)
     for iv in variants:
         if iv.site in sites.ONCE_SITES:  # lm.final acts after every layer
             continue
         if iv.index is None:
-            return 0
-        changed |= (np.asarray(iv.index) >= 0).reshape(-1, B, T).any(0)
-    while True:  # every position that can read a changed one, transitively
-        spread = changed | (allowed & changed[:, None, :]).any(-1)
-        if (spread == changed).all():
+            return np.zeros((n,), np.int64)
+        hit = (np.asarray(iv.index) >= 0).reshape(n, B, T)
+        first = np.minimum(first, np.where(hit.any(-1), hit.argmax(-1), T))
+    # reach[b, f]: the first query of row b that may attend a key at f or later (T: none)
+    sees_suffix = np.flip(np.logical_or.accumulate(np.flip(allowed, -1), axis=-1), -1)  # [B, q, f]
+    sees_suffix = np.concatenate([sees_suffix, np.zeros((B, T, 1), bool)], -1)
+    reach = np.where(sees_suffix.any(1), sees_suffix.argmax(1), T)  # [B, T + 1]
+    while True:
+        spread = np.minimum(first, reach[np.arange(B)[None], first])
+        if (spread == first).all():
             break
-        changed = spread
-    first = int(np.min(readout.position))  # the read positions are computed whatever happens
-    if changed.any():
-        first = min(first, int(np.argmax(changed.any(0))))
-    return T - min(T, 1 << (T - first - 1).bit_length())
+        first = spread
+    first = np.minimum(first.min(1), int(np.min(readout.position)))  # read positions are always computed
+    return T - _row_bucket(T - first, T)
 
 
 def _variant_bytes(model: Model, batch: Batch, variants, n: int) -> int:
@@ -225,35 +244,41 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
         chunk = -(-chunk // n_data) * n_data
 
     base = tuple(base)
-    P = 0
     if any(iv.site.startswith("vision.") for iv in interventions):
-        starts = np.zeros((n,), np.int64)
+        starts, prefixes = np.zeros((n,), np.int64), np.zeros((n,), np.int64)
         embeddings = outputs = None
     else:
         starts = _start_layers(interventions, shape, model.config.num_layers)
         args = (batch, base) if mesh is None else (parallel.shard_batch(batch, mesh), parallel.put_tree(base, mesh))
         embeddings, outputs, allowed = parallel.to_host(_restart_points_jit(model.graphdef, model.params, *args))
-        P = _unchanged_prefix(variants, readout, allowed)
-    prefix = None
-    if P:  # the clean residual entering each layer at the unchanged positions, [B, L, P, D]
+        prefixes = _unchanged_prefixes(variants, readout, allowed, n)
+
+    def prefix_of(P: int):
+        """The clean residual entering each layer at the unchanged positions, [B, L, P, D]."""
+        if not P:
+            return None
         prefix = np.concatenate([embeddings[:, None, :P], outputs[:, :-1, :P]], axis=1)
-        prefix = jnp.asarray(prefix) if mesh is None else parallel.put_tree(prefix, mesh)
+        return jnp.asarray(prefix) if mesh is None else parallel.put_tree(prefix, mesh)
 
     results = [None] * n
-    order = np.argsort(starts, kind="stable")
-    groups = [order[starts[order] == s] for s in np.unique(starts)]
+    order = np.lexsort((prefixes, starts))
+    keys = np.stack([starts, prefixes], 1)[order]
+    groups = np.split(order, np.flatnonzero((keys[1:] != keys[:-1]).any(1)) + 1)
     calls = [(g[i:i + chunk]) for g in groups for i in range(0, len(g), chunk)]
+    placed = {}
     for idx in tqdm(calls, disable=not progress, desc="sweep", unit="chunk"):
         padded = np.concatenate([idx, np.full((_call_size(len(idx), chunk, mesh) - len(idx),), idx[-1])])
         which = np.unravel_index(padded, vshape)
         ivs = tuple(jax.tree.map(lambda a: a[which], iv) for iv in variants)
-        s = int(starts[idx[0]])
+        s, P = int(starts[idx[0]]), int(prefixes[idx[0]])
         x_start = None if embeddings is None else (embeddings if s == 0 else outputs[:, s - 1])[:, P:]
         args = (batch, x_start, np.int32(s), ivs, readout, base)
         if mesh is not None:  # variants over `data`, the rest replicated, all as global arrays
             args = (*parallel.put_tree(args[:3], mesh), parallel.put_tree(ivs, mesh, data_axis=0),
                     parallel.put_tree(readout, mesh), parallel.put_tree(base, mesh))
-        args += (prefix,)
+        if P not in placed:  # placed once per prefix length, shared by its calls
+            placed[P] = prefix_of(P)
+        args += (placed[P],)
         got = parallel.to_host(_variants_jit(model.graphdef, model.params, *args))
         for j, v in enumerate(idx):
             results[v] = (got[0][j], got[1][j], got[2][j])
