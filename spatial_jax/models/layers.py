@@ -99,21 +99,51 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
+CPU_SCORE_CHUNK_BYTES = 16 << 20
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, scale: float) -> jax.Array:
+    """`attention` over all of q's rows at once, head-major: [B, Hkv, G * T, hd] against
+    [B, Hkv, S, hd], one batched matmul per kv head (twice as fast on XLA:CPU as contracting in
+    the [B, T, H, hd] layout)."""
+    B, T, Hq, hd = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    qh = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, precision=PRECISION).astype(jnp.float32) * scale
+    if allowed is not None:
+        scores = jnp.where(jnp.tile(allowed, (1, G, 1))[:, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh, precision=PRECISION)
+    return out.reshape(B, Hkv, G, T, -1).transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, -1)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, scale: float) -> jax.Array:
     """Grouped-query attention with a boolean mask, softmax in float32.
 
     q [B, T, Hq, hd], k/v [B, S, Hkv, hd], allowed [B, T, S] (True = may attend) or None (all).
     Query head j reads kv head j // (Hq // Hkv), as HF's repeat_kv does. Returns [B, T, Hq, hd].
+
+    On CPU, XLA materialises the [B, Hq, T, S] scores and passes over them three times
+    (softmax, then PV); batch rows are taken a few at a time so that a step's scores stay near
+    CPU_SCORE_CHUNK_BYTES (in cache): 2.7x faster for ten 576-patch images. Rows are taken
+    strided (step j: rows j, j + n, ...), so a batch sharded in contiguous blocks stays so.
+    Elsewhere one batched call.
     """
-    B, T, Hq, hd = q.shape
-    Hkv = k.shape[2]
-    qg = q.reshape(B, T, Hkv, Hq // Hkv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=PRECISION).astype(jnp.float32) * scale
-    if allowed is not None:
-        scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=PRECISION)
-    return out.reshape(B, T, Hq, v.shape[-1])
+    B, T, Hq, _ = q.shape
+    row_bytes = 4 * Hq * T * k.shape[1]
+    per_step = max(1, CPU_SCORE_CHUNK_BYTES // row_bytes)
+    steps = next(n for n in range(1, B + 1) if B % n == 0 and B // n <= per_step)
+    if steps == 1 or jax.default_backend() != "cpu":
+        return _attend(q, k, v, allowed, scale)
+
+    def strided(x):  # [B, ...] -> [steps, B // steps, ...]: step j holds rows j, j + steps, ...
+        return x.reshape((B // steps, steps) + x.shape[1:]).swapaxes(0, 1)
+
+    args = (q, k, v) if allowed is None else (q, k, v, allowed)
+    out = jax.lax.map(lambda t: _attend(*t[:3], t[3] if len(t) > 3 else None, scale), tuple(map(strided, args)))
+    return out.swapaxes(0, 1).reshape(q.shape[:3] + v.shape[-1:])
 
 
 def equal_size_runs(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
