@@ -31,8 +31,9 @@ def flop_parts(cfg, T: int, n_patches: int) -> dict:
     """Matmul FLOPs (2 per multiply-add, attention score/value products over the full square
     included) of the pieces of a Qwen2-VL forward: `vision` (patch embed, every block, merger) for
     `n_patches` patches of one image, one LM `layer` over T tokens, and `head_row` (the
-    unembedding at one position), and `last_row`: a layer computed at one position only, its keys
-    and values still at all T. A full forward is vision + L * layer + T * head_row."""
+    unembedding at one position). A layer that computes only r of the T positions (its keys and
+    values still at all T) costs `kv` + r * `row`; `last_row` is that at r = 1. A full forward is
+    vision + L * layer + T * head_row."""
     v, t = cfg.vision_config, cfg.text_config
     Dv, mlp = v.embed_dim, int(v.embed_dim * v.mlp_ratio)
     N = n_patches
@@ -42,11 +43,10 @@ def flop_parts(cfg, T: int, n_patches: int) -> dict:
     merger = 2 * (N // m) * (m * Dv) ** 2 + 2 * (N // m) * m * Dv * t.hidden_size
     D, hd = t.hidden_size, t.hidden_size // t.num_attention_heads
     kv = t.num_key_value_heads * hd
-    layer = (2 * T * D * D * 2 + 2 * T * D * kv * 2 + 3 * 2 * T * D * t.intermediate_size
-             + 2 * 2 * T * T * t.num_attention_heads * hd)
-    last_row = (2 * T * D * kv * 2 + 2 * D * D * 2 + 3 * 2 * D * t.intermediate_size
-                + 2 * 2 * T * t.num_attention_heads * hd)
-    return dict(vision=patch + v.depth * block + merger, layer=layer, last_row=last_row,
+    kv_proj = 2 * T * D * kv * 2
+    row = 2 * D * D * 2 + 3 * 2 * D * t.intermediate_size + 2 * 2 * T * t.num_attention_heads * hd
+    return dict(vision=patch + v.depth * block + merger, layer=kv_proj + T * row, kv=kv_proj, row=row,
+                last_row=kv_proj + row,
                 head_row=2 * D * t.vocab_size)
 
 

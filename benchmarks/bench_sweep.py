@@ -45,6 +45,7 @@ import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 import spatial_jax as sj
+from spatial_jax.interventions.sweep import _row_bucket
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _qwen2_vl_mid as mid  # noqa: E402
@@ -104,23 +105,26 @@ def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def sweep_flops(cfg, T: int, n_patches: int, R: int, last_token: bool = False) -> dict:
-    """Matmul work of one pair (L + 1 slots x R region sets). `needed`: vision + LM once for the
-    clean and once for the cf image; each variant patched at slot s < L runs layers s..L-2 and
-    then the last layer at the read position only (keys and values at every position); slot L
-    runs no layer; the head at the read position. With `last_token` only the last position
-    changes, so every layer of a variant is computed at that row alone (keys and values of the
-    rest from the clean run). `ours`: what region_swap_sweep runs, the same but slot L restarts at
-    the last layer. `torch`: the hook loop, two cf forwards and one full forward (head on every
-    position) per variant."""
+def sweep_flops(cfg, T: int, n_patches: int, rows: np.ndarray, computed: np.ndarray) -> dict:
+    """Matmul work of one pair (L + 1 slots x R region sets). rows [R]: the positions each region
+    set's patch changes (from its first patched one on); computed [R]: how many ours computes
+    (`rows` bucketed). `needed`: vision + LM once for the clean and once for the cf image; each
+    variant patched at slot s < L runs layers s..L-2 at its `rows` (keys and values at every
+    position) and then the last layer at the read position only; slot L runs no layer; the head
+    at the read position. `ours`: the same at `computed` rows, and slot L restarts at the last
+    layer. `torch`: the hook loop, two cf forwards and one full forward (head on every position)
+    per variant."""
     f = mid.flop_parts(cfg, T, n_patches)
     L = cfg.text_config.num_hidden_layers
+    R = len(rows)
     full_lm = f["vision"] + L * f["layer"]
-    layer = f["last_row"] if last_token else f["layer"]
-    variants = R * sum((L - 1 - s) * layer + f["last_row"] for s in range(L))
+
+    def variants(rows):
+        return sum((L - 1 - s) * (f["kv"] + r * f["row"]) + f["last_row"] for r in rows for s in range(L))
+
     reads = R * (L + 1) * f["head_row"]
-    return dict(needed=2 * full_lm + variants + reads,
-                ours=2 * full_lm + variants + R * f["last_row"] + reads,
+    return dict(needed=2 * full_lm + variants(rows) + reads,
+                ours=2 * full_lm + variants(computed) + R * f["last_row"] + reads,
                 torch=(2 + R * (L + 1)) * (full_lm + T * f["head_row"]))
 
 
@@ -317,7 +321,8 @@ def main():
         rss = side_rss(args, args.hf_dir, converted)
 
     per_pair = (L + 1) * R
-    fl = sweep_flops(hf_config(args.small), T, GRID * GRID, R, last_token=args.sweep == "last_token")
+    rows = T - np.array([np.argmax(m[0] >= 0) for m in index_maps])  # causal: a patch changes what follows it
+    fl = sweep_flops(hf_config(args.small), T, GRID * GRID, rows, _row_bucket(rows, T))
     rate = max(rates)
     o_min, o_med = min(ours_t), statistics.median(ours_t)
     best = min(threads, key=lambda th: statistics.median(torch_t[th]))

@@ -130,7 +130,7 @@ def _start_layers(interventions: Sequence[Intervention], shape: tuple[int, ...],
     return start
 
 
-ROW_QUANTUM = 16  # computed rows: a power of two up to this, then a multiple of it
+ROW_QUANTUM = 8  # computed rows: a power of two up to this, then a multiple of it
 
 
 def _row_bucket(rows: np.ndarray, T: int) -> np.ndarray:
