@@ -119,6 +119,13 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None,
     return out.reshape(B, Hkv, G, T, -1).transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, -1)
 
 
+def cpu_attention_steps(B: int, heads: int, T: int, S: int) -> int:
+    """Steps `attention` takes a batch of B rows in on CPU: the fewest (a divisor of B) whose
+    float32 scores [B / steps, heads, T, S] fit CPU_SCORE_CHUNK_BYTES (one row a step at least)."""
+    per_step = max(1, CPU_SCORE_CHUNK_BYTES // (4 * heads * T * S))
+    return next(n for n in range(1, B + 1) if B % n == 0 and B // n <= per_step)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, scale: float) -> jax.Array:
     """Grouped-query attention with a boolean mask, softmax in float32.
 
@@ -132,9 +139,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | Non
     Elsewhere one batched call.
     """
     B, T, Hq, _ = q.shape
-    row_bytes = 4 * Hq * T * k.shape[1]
-    per_step = max(1, CPU_SCORE_CHUNK_BYTES // row_bytes)
-    steps = next(n for n in range(1, B + 1) if B % n == 0 and B // n <= per_step)
+    steps = cpu_attention_steps(B, Hq, T, k.shape[1])
     if steps == 1 or jax.default_backend() != "cpu":
         return _attend(q, k, v, allowed, scale)
 
