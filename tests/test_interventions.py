@@ -449,6 +449,10 @@ def test_each_variant_computes_from_its_own_first_changed_position(tiny, monkeyp
     res = sj.patch_sweep(model, clean, ivs, sj.Readout(read, tokens), chunk_size=4)
     assert sorted((c["start"], c["n"], c["x_start"][1]) for c in calls) == [(1, 1, 1), (1, 1, T), (2, 1, 1)]
     _assert_equals_loop(model, clean, ivs, res, read, tokens)
+    calls.clear()  # exact rows: the swap changes positions 3.. (T - 3 of them), not rounded up to T
+    exact = sj.patch_sweep(model, clean, ivs, sj.Readout(read, tokens), chunk_size=4, row_quantum=1)
+    assert sorted(c["x_start"][1] for c in calls) == [1, 1, T - 3]
+    np.testing.assert_allclose(exact.logits, res.logits, atol=1e-5)
 
 
 def test_row_buckets():
@@ -457,6 +461,9 @@ def test_row_buckets():
     rows = np.array([1, 2, 3, q - 1, q, q + 1, 6 * q + 4, 11 * q - 1, 11 * q])
     np.testing.assert_array_equal(sweep_mod._row_bucket(rows, 11 * q - 8),
                                   [1, 2, 4, q, q, 2 * q, 7 * q, 11 * q - 8, 11 * q - 8])
+    np.testing.assert_array_equal(sweep_mod._row_bucket(np.array([1, 3, 5, 100, 161]), 176, quantum=176),
+                                  [1, 4, 8, 128, 176])  # powers of two only
+    np.testing.assert_array_equal(sweep_mod._row_bucket(np.array([1, 3, 5, 100]), 176, quantum=1), [1, 3, 5, 100])
 
 
 def test_gemma_sweep_recomputes_image_tokens_before_a_patched_one(tiny_gemma, monkeypatch):

@@ -133,16 +133,17 @@ def _start_layers(interventions: Sequence[Intervention], shape: tuple[int, ...],
 ROW_QUANTUM = 8  # computed rows: a power of two up to this, then a multiple of it
 
 
-def _row_bucket(rows: np.ndarray, T: int) -> np.ndarray:
+def _row_bucket(rows: np.ndarray, T: int, quantum: int = ROW_QUANTUM) -> np.ndarray:
     """How many positions a variant computes for `rows` [n] it needs: the next power of two up
-    to ROW_QUANTUM, above it the next multiple of ROW_QUANTUM, at most T. A last-token patch
-    keeps one row; a region swap wastes at most ROW_QUANTUM - 1; the distinct compiled shapes
-    stay at most log2(ROW_QUANTUM) + T / ROW_QUANTUM, so a new mask seldom compiles a new one."""
+    to `quantum`, above it the next multiple of `quantum`, at most T. A last-token patch keeps
+    one row; a region swap wastes at most quantum - 1; the distinct compiled shapes stay at most
+    log2(quantum) + T / quantum, so a new mask seldom compiles a new one."""
     pow2 = 1 << np.ceil(np.log2(np.maximum(rows, 1))).astype(np.int64)
-    return np.minimum(T, np.where(rows <= ROW_QUANTUM, pow2, -(-rows // ROW_QUANTUM) * ROW_QUANTUM))
+    return np.minimum(T, np.where(rows <= quantum, pow2, -(-rows // quantum) * quantum))
 
 
-def _unchanged_prefixes(variants, readout: Readout, allowed: np.ndarray, n: int) -> np.ndarray:
+def _unchanged_prefixes(variants, readout: Readout, allowed: np.ndarray, n: int,
+                        quantum: int = ROW_QUANTUM) -> np.ndarray:
     """P [n]: how many leading positions variant i changes in no row, so that it computes only
     positions P..T-1 (T - P bucketed by `_row_bucket`). A change spreads only to the queries
     that may attend a changed key (allowed [B, T, T]: causal, and both ways within a Gemma 3
@@ -168,7 +169,7 @@ def _unchanged_prefixes(variants, readout: Readout, allowed: np.ndarray, n: int)
             break
         first = spread
     first = np.minimum(first.min(1), int(np.min(readout.position)))  # read positions are always computed
-    return T - _row_bucket(T - first, T)
+    return T - _row_bucket(T - first, T, quantum)
 
 
 def _variant_bytes(model: Model, batch: Batch, variants, n: int) -> int:
@@ -209,7 +210,7 @@ def _on_mesh(model: Model, mesh: jax.sharding.Mesh) -> Model:
 
 def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention], readout: Readout, *,
                 base: Sequence[Intervention] = (), chunk_size: int | None = None,
-                memory_budget_bytes: float = 2e9, progress: bool = False,
+                memory_budget_bytes: float = 2e9, row_quantum: int = ROW_QUANTUM, progress: bool = False,
                 mesh: jax.sharding.Mesh | None = None) -> SweepResult:
     """Runs every variant of a sweep and returns what `readout` asks for, shaped [*S, B, ...].
 
@@ -217,6 +218,9 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     the same leading variant shape S (np.broadcast_to makes shared ones free).
     base: interventions without a variant axis that apply in the clean run and in every variant,
     before the variant's own (e.g. an ablation under which the variants swap regions).
+    row_quantum: the granularity of the positions a variant computes (`_row_bucket`): smaller
+    computes fewer rows, larger compiles fewer shapes as masks change (on an accelerator, where a
+    compile costs more than some extra rows, raise it; at T and above only powers of two).
     mesh: the variants of each chunk are split over its `data` axis (the chunk size is rounded
     up to a multiple of it) and the params are used as sharded over `model`. Default: the mesh
     the model was loaded on (`sj.load(..., mesh=)`), if any; a different mesh places the params
@@ -251,7 +255,7 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
         starts = _start_layers(interventions, shape, model.config.num_layers)
         args = (batch, base) if mesh is None else (parallel.shard_batch(batch, mesh), parallel.put_tree(base, mesh))
         embeddings, outputs, allowed = parallel.to_host(_restart_points_jit(model.graphdef, model.params, *args))
-        prefixes = _unchanged_prefixes(variants, readout, allowed, n)
+        prefixes = _unchanged_prefixes(variants, readout, allowed, n, row_quantum)
 
     def prefix_of(P: int):
         """The clean residual entering each layer at the unchanged positions, [B, L, P, D]."""
