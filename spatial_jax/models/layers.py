@@ -134,9 +134,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | Non
 
     On CPU, XLA materialises the [B, Hq, T, S] scores and passes over them three times
     (softmax, then PV); batch rows are taken a few at a time so that a step's scores stay near
-    CPU_SCORE_CHUNK_BYTES (in cache): 2.7x faster for ten 576-patch images. Rows are taken
-    strided (step j: rows j, j + n, ...), so a batch sharded in contiguous blocks stays so.
-    Elsewhere one batched call.
+    CPU_SCORE_CHUNK_BYTES (in cache): ten 576-patch images one a step take ~0.55x the time of
+    one call (benchmarks/bench_attention.py). Step j takes rows j, j + steps, ..., so where
+    `steps` divides each device's block of a batch sharded over `data`, no row leaves its
+    device. Other backends: one batched call.
     """
     B, T, Hq, _ = q.shape
     steps = cpu_attention_steps(B, Hq, T, k.shape[1])
@@ -146,8 +147,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | Non
     def strided(x):  # [B, ...] -> [steps, B // steps, ...]: step j holds rows j, j + steps, ...
         return x.reshape((B // steps, steps) + x.shape[1:]).swapaxes(0, 1)
 
-    args = (q, k, v) if allowed is None else (q, k, v, allowed)
-    out = jax.lax.map(lambda t: _attend(*t[:3], t[3] if len(t) > 3 else None, scale), tuple(map(strided, args)))
+    operands = tuple(map(strided, (q, k, v) if allowed is None else (q, k, v, allowed)))
+    out = jax.lax.map(lambda t: _attend(*t[:3], None if allowed is None else t[3], scale), operands)
     return out.swapaxes(0, 1).reshape(q.shape[:3] + v.shape[-1:])
 
 
