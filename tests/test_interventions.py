@@ -309,13 +309,16 @@ def test_vision_site_sweep_equals_loop_and_new_masks_do_not_recompile(tiny):
 
 
 def _family(request, family):
-    """(model, clean batch, cf batch, image-token mask [B, T]) of a tiny model of `family`."""
+    """(model, clean batch, cf batch, image-token mask [B, T], the clean rows' last positions [B])
+    of a tiny model of `family`."""
     if family == "qwen2_vl":
         model, _ = request.getfixturevalue("tiny")
-        return model, _batch(0), _batch(1), _batch(0).input_ids == IMG
-    model, _, make_batch, fg = request.getfixturevalue("tiny_gemma")
-    clean = make_batch(0)
-    return model, clean, make_batch(1), np.asarray(clean.input_ids) == fg.IMG
+        clean, cf, img = _batch(0), _batch(1), IMG
+    else:
+        model, _, make_batch, fg = request.getfixturevalue("tiny_gemma")
+        clean, cf, img = make_batch(0), make_batch(1), fg.IMG
+    read = sj.last_positions(clean.with_defaults().attention_mask)
+    return model, clean, cf, np.asarray(clean.input_ids) == img, read
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
@@ -323,7 +326,7 @@ def test_sweep_applies_base_interventions_once(request, family):
     """Non-idempotent bases (add, amplify) at lm.resid_pre of a variant's restart layer, at its
     later sites and at vision.tokens, with variants at that layer and at every other: the sweep
     equals the loop of forwards with the bases first (a restart must not re-apply them)."""
-    model, clean, cf, at_img = _family(request, family)
+    model, clean, cf, at_img, read = _family(request, family)
     L, D = model.config.num_layers, model.config.hidden_size
     rng = np.random.default_rng(5)
     v = rng.standard_normal((3, D)).astype(np.float32)
@@ -339,12 +342,11 @@ def test_sweep_applies_base_interventions_once(request, family):
     variants = sj.Intervention(site="lm.resid_pre", op="replace", layer=np.arange(L),
                                index=np.broadcast_to(half, (L,) + half.shape), source=np.moveaxis(src, 1, 0))
     tokens = np.array([3, 7, 9])
-    position = sj.last_positions(clean.with_defaults().attention_mask)
-    res = sj.patch_sweep(model, clean, [variants], sj.Readout(position, tokens), base=base, chunk_size=1)
+    res = sj.patch_sweep(model, clean, [variants], sj.Readout(read, tokens), base=base, chunk_size=1)
     for layer in range(L):
         one = sj.Intervention(site="lm.resid_pre", op="replace", layer=layer, index=half, source=src[:, layer])
         logits = np.asarray(sj.forward(model, clean, interventions=[*base, one]).logits)
-        logits = logits[np.arange(len(position)), position]
+        logits = logits[np.arange(len(read)), read]
         np.testing.assert_allclose(res.logits[layer], logits[:, tokens], atol=1e-5, err_msg=f"layer {layer}")
         np.testing.assert_array_equal(res.argmax[layer], logits.argmax(-1))
 
@@ -377,12 +379,11 @@ def test_sweep_at_the_last_layer_and_final_equals_loop(request, family):
     """A sweep computes the last layer at the read positions only: variants at that layer's
     attn_out / mlp_out / resid_post and at lm.final, with token maps that include the read
     position, exclude it or point it elsewhere, equal the loop of full forwards."""
-    model, clean, cf, at_img = _family(request, family)
+    model, clean, cf, at_img, read = _family(request, family)
     L, D = model.config.num_layers, model.config.hidden_size
     B, T = at_img.shape
     rng = np.random.default_rng(8)
     n = 4
-    read = sj.last_positions(clean.with_defaults().attention_mask)
     index = np.where(rng.random((n, B, T)) < 0.5, rng.integers(0, T, (n, B, T)), -1)
     index[0, np.arange(B), read] = read  # variant 0 acts at the read position, 1 reads it from elsewhere,
     index[1, np.arange(B), read] = 0  # 2 leaves it (and acts elsewhere), 3 is random
@@ -405,12 +406,11 @@ def test_sweep_computes_only_the_changed_positions(request, family, monkeypatch)
     several layers) restart with positions T - 4..T - 1 (T - P = 3 rounded up to 4), the prefix's
     keys and values from the clean run, under base interventions that do act on the prefix:
     equal to the loop of full forwards."""
-    model, clean, cf, at_img = _family(request, family)
+    model, clean, cf, at_img, read = _family(request, family)
     L, D = model.config.num_layers, model.config.hidden_size
     B, T = at_img.shape
     rng = np.random.default_rng(9)
     n = 3
-    read = sj.last_positions(clean.with_defaults().attention_mask)
     index = np.full((n, B, T), -1)
     index[:, :, T - 3:] = rng.integers(0, T, (n, B, 3))
     src = rng.standard_normal((n, B, T, D)).astype(np.float32)

@@ -269,7 +269,7 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     keys = np.stack([starts, prefixes], 1)[order]
     groups = np.split(order, np.flatnonzero((keys[1:] != keys[:-1]).any(1)) + 1)
     calls = [(g[i:i + chunk]) for g in groups for i in range(0, len(g), chunk)]
-    placed = {}
+    placed = {int(P): prefix_of(int(P)) for P in np.unique(prefixes)}  # once per length, shared by its calls
     for idx in tqdm(calls, disable=not progress, desc="sweep", unit="chunk"):
         padded = np.concatenate([idx, np.full((_call_size(len(idx), chunk, mesh) - len(idx),), idx[-1])])
         which = np.unravel_index(padded, vshape)
@@ -280,8 +280,6 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
         if mesh is not None:  # variants over `data`, the rest replicated, all as global arrays
             args = (*parallel.put_tree(args[:3], mesh), parallel.put_tree(ivs, mesh, data_axis=0),
                     parallel.put_tree(readout, mesh), parallel.put_tree(base, mesh))
-        if P not in placed:  # placed once per prefix length, shared by its calls
-            placed[P] = prefix_of(P)
         args += (placed[P],)
         got = parallel.to_host(_variants_jit(model.graphdef, model.params, *args))
         for j, v in enumerate(idx):
