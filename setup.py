@@ -19,6 +19,10 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "tqdm==4.70.1",
     "jaxtyping==0.3.11",
+    # Imported by our code or lazily by transformers on our path (apply_chat_template needs jinja2);
+    # torch, a test-only extra, brings jinja2 along, so only a base-only install shows it missing.
+    "jinja2==3.1.6",
+    "ml_dtypes==0.7.0",
 ]
 
 setup(
