@@ -6,6 +6,10 @@ Entries whose caption is left/right/above/below are kept (the paper's 440: 279 h
 161 vertical). Each item is asked in both option orders ("lr", "rl"); an item counts as correct
 only if both are (`strict_outcome`). Images are `<image_dir>/%012d.jpg`; boxes, when an instances
 JSON is given, are the largest ground-truth box of the category named in the caption.
+
+The amplification experiment (paper Table 2, official `coco_amplification/src/common.py`) maps a
+box to visual tokens by any overlap (`overlap_tokens`), drops golden items whose boxes contradict
+the truth (`boxes_agree`), and labels the subject's and the object's tokens by side (`side_labels`).
 """
 from __future__ import annotations
 
@@ -13,14 +17,20 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 from PIL import Image
 
 from spatial_jax.data.files import open_rgb, read_json
 from spatial_jax.data.geometry import Box
 from spatial_jax.data.prompts import AXIS_OPTIONS, coco_prompt
-from spatial_jax.data.scoring import normalize
+from spatial_jax.data.scoring import norm_token
 
 AXES = {"left": "horizontal", "right": "horizontal", "above": "vertical", "below": "vertical"}
+# Outcomes of a strict item that failed, and the option orders ("listings") that failed in each:
+# a failure is fixed when every failed listing answers the truth.
+FAILED_ORDERS = {"fail_lr_only": ("lr",), "fail_rl_only": ("rl",), "fail_both": ("lr", "rl")}
 
 _CAPTION = re.compile(r"^A photo of (?P<subject>.+?) "
                       r"(?:to the (?P<side>left|right) of|(?P<level>above|below)(?: of)?) (?P<object>.+?)\.?$")
@@ -83,8 +93,9 @@ class CocoItem:
 
 def strict_outcome(item: CocoItem, prediction_lr: str, prediction_rl: str) -> str:
     """"golden" (both orders right), "fail_lr_only", "fail_rl_only", "fail_both", or "invalid"
-    (an answer off the item's axis; the paper drops such items)."""
-    predictions = normalize(prediction_lr), normalize(prediction_rl)
+    (an answer off the item's axis; the paper drops such items). Answers are compared after
+    `norm_token` ("Left." is "left")."""
+    predictions = norm_token(prediction_lr), norm_token(prediction_rl)
     if any(p not in AXIS_OPTIONS[item.axis] for p in predictions):
         return "invalid"
     right_lr, right_rl = (p == item.relation for p in predictions)
@@ -154,3 +165,64 @@ def _largest_box(boxes: dict[int, list[tuple[str, Box, float]]], image_id: int, 
     matches = [(area, box) for name, box, area in boxes.get(image_id, ()) if name == category.lower()]
     # the largest box, the first one on ties (as the official code picks it)
     return max(matches, key=lambda m: m[0])[1] if matches else None
+
+
+def cap_items(items: Sequence[CocoItem], max_items: int) -> list[CocoItem]:
+    """At most `max_items` items as the official --max-items takes them: the first item of each axis
+    (horizontal, then vertical), then the rest in file order (0: all)."""
+    if max_items <= 0 or max_items >= len(items):
+        return list(items)
+    if max_items < 2:
+        return list(items[:max_items])
+    chosen = [next(i for i, it in enumerate(items) if it.axis == axis)
+              for axis in ("horizontal", "vertical") if any(it.axis == axis for it in items)]
+    chosen += [i for i in range(len(items)) if i not in chosen][:max_items - len(chosen)]
+    return [items[i] for i in chosen]
+
+
+def overlap_tokens(box: Box, image_size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """Sorted int32 indices (row * n_cols + col) of every grid cell a pixel box overlaps.
+
+    The official COCO rule (`bbox_to_token_indices_gemma3`, `bbox_to_pixtral_token_indices`, and
+    Qwen2-VL's patch-level rule, which gives the same merged tokens): the box's corners, the far
+    one pulled in by 1e-3 px, scaled to the grid and floored, clamped to the grid; never empty.
+    `geometry.box_to_tokens` is the stricter centre rule.
+
+    Args:
+      box: (x0, y0, x1, y1) pixels of an image of `image_size` = (width, height).
+      grid: (n_rows, n_cols) of the visual tokens that image becomes.
+    """
+    width, height = image_size
+    n_rows, n_cols = grid
+    x0, y0, x1, y1 = box
+
+    def span(lo: float, hi: float, extent: float, n: int) -> range:
+        first = min(max(int(lo * n / extent), 0), n - 1)
+        last = int((hi - 1e-3) * n / extent) if hi > lo else first
+        return range(first, max(first, min(last, n - 1)) + 1)
+
+    return np.array([r * n_cols + c for r in span(y0, y1, height, n_rows) for c in span(x0, x1, width, n_cols)],
+                    dtype=np.int32)
+
+
+def boxes_agree(relation: str, subject_tokens: np.ndarray, object_tokens: np.ndarray, n_cols: int, *,
+                ties_agree_second: bool = False) -> bool:
+    """Whether the mean token centres of the subject and the object agree with `relation`.
+
+    The official probe data drops golden items whose boxes contradict the truth. Left/above needs the
+    subject's mean column/row strictly before the object's; right/below strictly after (Gemma 3's
+    rule) or, with ties_agree_second (Qwen2-VL's and Pixtral's `(truth is first) == (s < o)`), not
+    before.
+    """
+    along = (lambda t: t % n_cols) if AXES[relation] == "horizontal" else (lambda t: t // n_cols)
+    s, o = float(np.mean(along(subject_tokens))), float(np.mean(along(object_tokens)))
+    if relation in ("left", "above"):
+        return s < o
+    return s >= o if ties_agree_second else s > o
+
+
+def side_labels(item: CocoItem) -> tuple[int, int]:
+    """(subject label, object label) of the axis probe: 0 for the first option of the axis (left,
+    above), 1 for the second; the object takes the other side."""
+    first = AXIS_OPTIONS[item.axis][0]
+    return (0, 1) if item.relation == first else (1, 0)

@@ -11,6 +11,7 @@ jax arrays and return the same kind (they trace under jit).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -35,6 +36,14 @@ def is_single_token(tokenizer: Tokenizer, word: str) -> bool:
 
 def normalize(text: str) -> str:
     return text.strip().lower()
+
+
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def norm_token(s: str) -> str:
+    """The official `norm_token`: strip, lower-case, drop every non-alphanumeric ("Red." -> "red")."""
+    return _NON_ALNUM.sub("", s.strip().lower())
 
 
 def spellings(word: str) -> tuple[str, ...]:
