@@ -21,14 +21,15 @@ from spatial_jax import parallel
 from spatial_jax.data import scoring
 from spatial_jax.data.geometry import Geometry, get_geometry
 from spatial_jax.data.items import Item
-from spatial_jax.data.prompts import SYSTEM_TEXT
+from spatial_jax.data.prompts import HORIZONTAL, SYSTEM_TEXT
 from spatial_jax.data.synthetic import make_task
-from spatial_jax.data.whatsup import whatsup_items
+from spatial_jax.data.whatsup import WhatsupTask, whatsup_items, whatsup_task
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "checkpoints/organism", "Converted checkpoint dir or HF model dir.")
 flags.DEFINE_list("dataset", ["squares"], "Datasets: squares, shapes, objects (synthetic); whatsup (needs "
-                  "--whatsup_dir; behaviour only).")
+                  "--whatsup_dir; the experiments the official code runs it in: behaviour, probe_vision, "
+                  "last_token, criss_cross).")
 flags.DEFINE_string("whatsup_dir", "", "What'sUp controlled_images folder (<obj>_{left,right}_of_<middle>.jpeg).")
 flags.DEFINE_string("output_dir", "outputs", "Results go to <output_dir>/<experiment>/.")
 flags.DEFINE_string("geometry", "", "Canvas geometry name; empty: the checkpoint's (see geometry_of).")
@@ -64,9 +65,7 @@ def task_items(name: str, geometry: Geometry, max_items: int = 0, seed: int = 0,
     """A dataset's items; a seeded subsample of `max_items` if that is > 0. What'sUp reads
     --whatsup_dir and keeps the objects whose names are one token for `tokenizer`."""
     if name == "whatsup":
-        if not FLAGS.whatsup_dir:
-            raise ValueError("--dataset whatsup needs --whatsup_dir (the What'sUp controlled_images folder)")
-        items = whatsup_items(FLAGS.whatsup_dir, geometry, tokenizer=tokenizer)
+        items = whatsup_items(whatsup_dir(), geometry, tokenizer=tokenizer)
     else:
         items = make_task(name, geometry).items()
     if 0 < max_items < len(items):
@@ -148,18 +147,39 @@ class Results:
         write_atomic(self.path, json.dumps(self.data, indent=1, default=_jsonable))
 
 
+def whatsup_dir() -> str:
+    if not FLAGS.whatsup_dir:
+        raise ValueError("--dataset whatsup needs --whatsup_dir (the What'sUp controlled_images folder)")
+    return FLAGS.whatsup_dir
+
+
+def pair_pool(task, tuple_size: int, tokenizer):
+    """The entities pairs are drawn from: a synthetic task's names, What'sUp's middle -> sides."""
+    return task.pair_pool(tuple_size, tokenizer) if isinstance(task, WhatsupTask) else list(task.entities)
+
+
 def run_parts(name: str, subkeys: Sequence[str], measure: Callable[[sj.Model, Any, str], dict],
-              **config) -> tuple[str, dict[str, Any]]:
+              whatsup: dict | None = None, **config) -> tuple[str, dict[str, Any]]:
     """The resumable loop of the experiments measured per dataset and per direction (or
     orientation): for each --dataset and each of `subkeys` whose part is not in
     <output_dir>/<name>/results.json yet, measure(model, task, subkey) -> the JSON part stored
-    under "dataset|subkey". config: extra run settings a stored result must match to be resumed.
+    under "dataset|subkey". whatsup: the What'sUp task's options (size, regions) for an experiment
+    that runs on it (its subkeys are then the horizontal ones); None refuses --dataset whatsup.
+    config: extra run settings a stored result must match to be resumed.
     Returns the results dir and every part."""
+    if "whatsup" in FLAGS.dataset:
+        if whatsup is None:
+            raise ValueError(f"{name} does not run on What'sUp (the official code does not either)")
+        whatsup_dir()
     model, geometry = load_model()
     results = Results(experiment_dir(name), run_config(**config))
     for dataset in FLAGS.dataset:
-        task = make_task(dataset, geometry)
-        for sub in tqdm(subkeys, desc=f"{name} {dataset}"):
+        if dataset == "whatsup":
+            task = whatsup_task(whatsup_dir(), geometry, tokenizer=model.processor.tokenizer, **whatsup)
+            subkeys_here = [k for k in subkeys if k in (*HORIZONTAL, "horizontal")]
+        else:
+            task, subkeys_here = make_task(dataset, geometry), subkeys
+        for sub in tqdm(subkeys_here, desc=f"{name} {dataset}"):
             key = f"{dataset}|{sub}"
             if not results.done(key):
                 results.put(key, measure(model, task, sub))

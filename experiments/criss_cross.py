@@ -6,14 +6,18 @@ region and vice versa; the colour at each place is unchanged, only where its tok
 The flip rate is the fraction of pairs whose answer becomes the cf's answer (the entity now at
 the queried end), per slot and region set.
 
+What'sUp (left/right only) swaps the official hand-labelled object and strip regions of each middle
+object (Qwen2-VL and Gemma 3 grids; --whatsup_regions=bbox for other grids, not official).
+
     python -m experiments.criss_cross --checkpoint checkpoints/organism --dataset squares
+    python -m experiments.criss_cross --checkpoint ckpt --dataset whatsup --whatsup_dir DIR
 """
 from __future__ import annotations
 
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import app, flags, logging
 
 import spatial_jax as sj
 from experiments import common, plotting
@@ -24,6 +28,17 @@ from spatial_jax.data.prompts import DIRECTIONS
 FLAGS = common.FLAGS
 NAME = "criss_cross"
 REGION_SETS = ("object", "strip")
+flags.DEFINE_enum("whatsup_regions", "hand_labelled", ["hand_labelled", "bbox"],
+                  "What'sUp swap regions: the official hand-labelled tables (Qwen2-VL and Gemma 3 grids) or "
+                  "the probing boxes (any grid; not official).")
+
+
+def region_index(T: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[T] source map of the official swap: clean[a + b] <- cf[b + a], position by position (a
+    symmetric swap when a and b have equal sizes; official Gemma 3 What'sUp "table" strips do not)."""
+    index = np.full((T,), -1, np.int32)
+    index[np.concatenate([a, b])] = np.concatenate([b, a])
+    return index
 
 
 def region_swaps(model, batch, items) -> np.ndarray:
@@ -33,7 +48,7 @@ def region_swaps(model, batch, items) -> np.ndarray:
     maps = np.empty((len(REGION_SETS), len(items), T), np.int32)
     for b, it in enumerate(items):
         for r, regions in enumerate((it.regions.objects, it.regions.strips)):
-            maps[r, b] = sj.swap_index(T, [(pos[b, regions[0]], pos[b, regions[2]])])
+            maps[r, b] = region_index(T, pos[b, regions[0]], pos[b, regions[2]])
     return maps
 
 
@@ -58,7 +73,8 @@ def sweep_pairs(model, pairs, index_fn, batch_size, under=None):
 
 
 def golden_criss_cross_pairs(model, task, directions):
-    return pairs_lib.criss_cross_pairs(task.item, list(task.entities), common.pair_filter(model),
+    return pairs_lib.criss_cross_pairs(task.item, common.pair_pool(task, 3, model.processor.tokenizer),
+                                       common.pair_filter(model),
                                        directions=directions, n_per_direction=FLAGS.n_pairs, seed=FLAGS.seed)
 
 
@@ -72,7 +88,8 @@ def run() -> dict:
                      direction, len(pairs), flip[0, 1], flip[0, 0])
         return {"n_pairs": len(pairs), "flip": flip.tolist(), "keep": keep.tolist()}
 
-    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)
+    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure, whatsup={"regions": FLAGS.whatsup_regions},
+                                        whatsup_regions=FLAGS.whatsup_regions)
     plot(out_dir, summary, "Criss-cross swaps (paper Figs. 6, 7)")
     return summary
 

@@ -48,7 +48,8 @@ def candidate_probs(model, pairs, batch_size) -> np.ndarray:
 
 def run() -> dict:
     def measure(model, task, direction):
-        pairs = pairs_lib.last_token_pairs(task.item, list(task.entities), common.pair_filter(model),
+        pairs = pairs_lib.last_token_pairs(task.item, common.pair_pool(task, 5, model.processor.tokenizer),
+                                           common.pair_filter(model),
                                            directions=[direction], n_per_direction=FLAGS.n_pairs,
                                            seed=FLAGS.seed)[direction]
         logging.info("%s|%s: %d golden pairs", task.name, direction, len(pairs))
@@ -56,7 +57,7 @@ def run() -> dict:
             return {"n_pairs": 0}
         return {"n_pairs": len(pairs), "probs": candidate_probs(model, pairs, FLAGS.batch_size).tolist()}
 
-    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)
+    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure, whatsup={})
     plot(out_dir, summary)
     return summary
 

@@ -6,7 +6,13 @@ the image positions: the merger / projector output), trained on object tokens, 7
 image, one probe per orientation. Applied to every token of the test images it gives the "strip"
 heatmap: background tokens classified by the column (row) band they share with an object.
 
+What'sUp (horizontal only, paper App. C.7) as the official probe runs it: the first 120 of the
+shuffled (left, middle, right) tuples stitched at the synthetic canvas size (Pixtral 240 px), the
+first 75% of them train; each position's tokens from the official boxes (`bbox_norm_to_patches`),
+a token in two boxes once per box.
+
     python -m experiments.probe_vision --checkpoint checkpoints/organism --dataset squares
+    python -m experiments.probe_vision --checkpoint ckpt --dataset whatsup --whatsup_dir DIR
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
 from spatial_jax import probes
+from spatial_jax.data.whatsup import WhatsupTask, probe_items
 
 FLAGS = common.FLAGS
 NAME = "probe_vision"
@@ -70,6 +77,32 @@ def train_slot_probes(acts: np.ndarray, labels: np.ndarray, seed: int):
     return p, np.asarray(probes.accuracy(p, x, y, test)), train_img
 
 
+def region_samples(acts: np.ndarray, items, kind: str = "object") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """acts [n, S, Ni, D] -> (x [S, M, D], y [M] slot labels, image [M]): the tokens of every slot's
+    region, each region's tokens listed (so a token in two regions counts once for each)."""
+    x, y, image = [], [], []
+    for i, it in enumerate(items):
+        for slot, region in enumerate(it.regions.objects if kind == "object" else it.regions.strips):
+            x.append(acts[i][:, region])
+            y += [slot] * len(region)
+            image += [i] * len(region)
+    return np.concatenate(x, axis=1), np.array(y, np.int32), np.array(image)
+
+
+def whatsup_probe(model, task: WhatsupTask, seed: int) -> dict:
+    """The official What'sUp probe (see the module docstring)."""
+    items, n_train = probe_items(task.folder, task.geometry, seed)
+    acts = visual_residuals(model, items)
+    x, y, image = region_samples(acts, items)
+    train = image < n_train
+    p = probes.train_probes(x, y, train, 3, seed=seed)
+    acc = float(np.asarray(probes.accuracy(p, x, y, ~train))[0])
+    hm = heatmap(probe_at(p, 0), acts, np.arange(len(items)) >= n_train, items[0].regions.grid)
+    logging.info("whatsup: object-token probe test accuracy %.3f (%d train / %d test images)", acc, n_train,
+                 len(items) - n_train)
+    return {"n_images": len(items), "test_accuracy": acc, "heatmap": hm.tolist()}
+
+
 def heatmap(p, acts: np.ndarray, test_img: np.ndarray, grid) -> np.ndarray:
     """Mean class probabilities of every token over the test images: [rows, cols, 3]."""
     x = acts[test_img, 0]  # [n_test, Ni, D]
@@ -79,6 +112,8 @@ def heatmap(p, acts: np.ndarray, test_img: np.ndarray, grid) -> np.ndarray:
 
 def run() -> dict:
     def measure(model, task, orientation):
+        if isinstance(task, WhatsupTask):
+            return whatsup_probe(model, task, FLAGS.seed)
         items = images_of(task, orientation, FLAGS.max_items, FLAGS.seed)
         acts = visual_residuals(model, items)
         p, acc, train_img = train_slot_probes(acts, slot_labels(items, "object"), FLAGS.seed)
@@ -86,7 +121,7 @@ def run() -> dict:
         logging.info("%s|%s: object-token probe test accuracy %.3f", task.name, orientation, acc[0])
         return {"n_images": len(items), "test_accuracy": float(acc[0]), "heatmap": hm.tolist()}
 
-    out_dir, summary = common.run_parts(NAME, ORIENTATIONS, measure)
+    out_dir, summary = common.run_parts(NAME, ORIENTATIONS, measure, whatsup={})
     rows = [[k.split("|")[0], k.split("|")[1], v["n_images"], f"{v['test_accuracy']:.3f}"] for k, v in summary.items()]
     common.write_csv(os.path.join(out_dir, "accuracy.csv"), ["dataset", "orientation", "images", "test_accuracy"], rows)
     plot_heatmaps(out_dir, {k: np.array(v["heatmap"]) for k, v in summary.items()})

@@ -35,11 +35,11 @@ class Regions:
         return self.grid[0] * self.grid[1]
 
 
-def _block(grid: tuple[int, int], rows: range, cols: range) -> np.ndarray:
+def block(grid: tuple[int, int], rows: range, cols: range) -> np.ndarray:
     return np.array([r * grid[1] + c for r in rows for c in cols], dtype=np.int32)
 
 
-def _background(n_tokens: int, objects: Sequence[np.ndarray]) -> np.ndarray:
+def complement(n_tokens: int, objects: Sequence[np.ndarray]) -> np.ndarray:
     return np.setdiff1d(np.arange(n_tokens, dtype=np.int32), np.concatenate(objects)).astype(np.int32)
 
 
@@ -51,21 +51,27 @@ def layout_regions(geometry: Geometry, horizontal: bool, shift: tuple[int, int] 
     """
     n, s = geometry.n_tokens, geometry.object_tokens
     grid = (n, n)
-    objects = tuple(_block(grid, range(r, r + s), range(c, c + s))
+    objects = tuple(block(grid, range(r, r + s), range(c, c + s))
                     for r, c in geometry.slot_origins(horizontal, shift))
     everything = range(n)
-    strips = tuple(_block(grid, everything, range(a, b)) if horizontal else _block(grid, range(a, b), everything)
+    strips = tuple(block(grid, everything, range(a, b)) if horizontal else block(grid, range(a, b), everything)
                    for a, b in geometry.strip_bounds(shift[0]))
-    return Regions(grid=grid, objects=objects, strips=strips, background=_background(n * n, objects))
+    return Regions(grid=grid, objects=objects, strips=strips, background=complement(n * n, objects))
 
 
 def box_regions(boxes: Sequence[Box], image_size: tuple[int, int], grid: tuple[int, int]) -> Regions:
-    """Regions of a horizontal scene from pixel boxes (What'sUp): one box per slot, left to right.
+    """Regions of a horizontal scene from pixel boxes: one box per slot, left to right, each the
+    tokens whose centre it holds (`object_regions` gives the strips)."""
+    return object_regions(tuple(box_to_tokens(box, image_size, grid) for box in boxes), grid)
 
-    Objects are the tokens each box overlaps; strips are the full-height column bands the boxes
-    span (they need not tile the grid: photographed objects leave gaps between them).
+
+def object_regions(objects: Sequence[np.ndarray], grid: tuple[int, int]) -> Regions:
+    """Regions of a horizontal scene (What'sUp) from each slot's object tokens, left to right.
+
+    Strips are the full-height column bands the objects span (they need not tile the grid:
+    photographed objects leave gaps between them).
     """
-    objects = tuple(box_to_tokens(box, image_size, grid) for box in boxes)
-    strips = tuple(_block(grid, range(grid[0]), range(int(obj.min() % grid[1]), int(obj.max() % grid[1]) + 1))
+    strips = tuple(block(grid, range(grid[0]), range(int(obj.min() % grid[1]), int(obj.max() % grid[1]) + 1))
                    for obj in objects)
-    return Regions(grid=grid, objects=objects, strips=strips, background=_background(grid[0] * grid[1], objects))
+    return Regions(grid=grid, objects=tuple(objects), strips=strips,
+                   background=complement(grid[0] * grid[1], objects))

@@ -5,13 +5,21 @@ The folder holds What'sUp `controlled_images` files `<obj>_left_of_<middle>.jpeg
 `<left>_left_of_<middle>.jpeg` next to the right half of `<right>_right_of_<middle>.jpeg`, both first
 resized (bilinear) to size x size. Items: for each middle, every ordered (target, distractor) pair of
 its side objects x {left, right}; horizontal only.
+
+Per experiment, as the official code runs it: the stitched side is the model's native size
+(`Geometry.whatsup_px`: Qwen2-VL 336, Gemma 3 896, Pixtral 512) for behaviour, last-token and
+criss-cross, and its synthetic canvas (`Geometry.canvas_px`: 336, 896, Pixtral 240 = 15 x 15 tokens)
+for probing (`probe_items`); token regions come from the probing boxes ("bbox") or, for criss-cross,
+the hand-labelled tables ("hand_labelled"; see `whatsup_regions`).
 """
 from __future__ import annotations
 
 import functools
 import itertools
+import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from PIL import Image
 
@@ -21,20 +29,12 @@ from spatial_jax.data.items import Item
 from spatial_jax.data.prompts import HORIZONTAL, cloze_prompt
 from spatial_jax.data.regions import box_regions
 from spatial_jax.data.scoring import Tokenizer, is_single_token
+from spatial_jax.data.whatsup_regions import bbox_regions, hand_labelled_regions
 
 MIDDLES = ("chair", "table", "armchair")
-
-# Left, middle and right object boxes per middle, as fractions (x0, y0, x1, y1) of the stitched
-# image side: the official code's bounding boxes for What'sUp probing (paper App. C.7), drawn on
-# a 64x64 patch grid.
-DEFAULT_BOXES: dict[str, tuple[Box, Box, Box]] = {
-    "chair": ((12 / 64, 48 / 64, 24 / 64, 60 / 64), (24 / 64, 16 / 64, 40 / 64, 60 / 64),
-              (40 / 64, 48 / 64, 52 / 64, 60 / 64)),
-    "table": ((8 / 64, 40 / 64, 16 / 64, 60 / 64), (16 / 64, 20 / 64, 48 / 64, 60 / 64),
-              (48 / 64, 40 / 64, 56 / 64, 60 / 64)),
-    "armchair": ((8 / 64, 52 / 64, 20 / 64, 60 / 64), (20 / 64, 24 / 64, 44 / 64, 60 / 64),
-                 (44 / 64, 52 / 64, 56 / 64, 60 / 64)),
-}
+REGION_SOURCES = ("bbox", "hand_labelled")
+PROBE_TUPLES = 120  # the official probe's images: the first 120 shuffled tuples, 75% of them train
+PROBE_TRAIN_FRACTION = 0.75
 
 
 def photo_path(folder: str | Path, obj: str, direction: str, middle: str) -> Path:
@@ -74,22 +74,33 @@ def stitch(folder: str | Path, left: str, middle: str, right: str, size: int) ->
 
 
 def whatsup_item(folder: str | Path, geometry: Geometry, entities: Sequence[str], direction: str, *,
-                 size: int | None = None, boxes: Sequence[Box] | None = None) -> Item:
+                 size: int | None = None, boxes: Sequence[Box] | None = None, regions: str = "bbox") -> Item:
     """The scene (left, middle, right) = `entities`, asked about `direction` ("left"/"right") of the middle.
 
     Args:
       folder: the controlled_images folder.
-      geometry: the model's geometry; its token grid for the stitched size maps boxes to tokens.
+      geometry: the model's geometry; its token grid for the stitched size maps regions to tokens.
       size: stitched image side in pixels (default geometry.whatsup_px, the model's native size).
-      boxes: (left, middle, right) object boxes in pixels of the stitched image; default
-        DEFAULT_BOXES[middle] scaled to `size`.
+      boxes: (left, middle, right) object boxes in pixels of the stitched image (tokens whose centre
+        they hold); default: the official regions of `regions`.
+      regions: "bbox" (the official probing boxes) or "hand_labelled" (the official criss-cross
+        tables, Qwen2-VL and Gemma 3 grids only).
     """
     if direction not in HORIZONTAL:
         raise ValueError(f"What'sUp is horizontal only; got direction {direction!r}")
     left, middle, right = entities
     size = geometry.whatsup_px if size is None else size
-    if boxes is None:
-        boxes = [tuple(v * size for v in box) for box in DEFAULT_BOXES[middle]]
+    grid = geometry.token_grid((size, size))
+    if boxes is not None:
+        token_regions = box_regions(boxes, (size, size), grid)
+    elif regions == "bbox":
+        token_regions = bbox_regions(middle, grid[0])
+    elif regions == "hand_labelled":
+        token_regions = hand_labelled_regions(geometry.name, middle)
+    else:
+        raise ValueError(f"unknown What'sUp regions {regions!r}; expected one of {REGION_SOURCES}")
+    if token_regions.grid != grid:
+        raise ValueError(f"{geometry.name}: a {size}-px scene is a {grid} token grid, the regions are {token_regions.grid}")
     return Item(
         task="whatsup",
         prompt=cloze_prompt("whatsup", direction, middle),
@@ -97,31 +108,78 @@ def whatsup_item(folder: str | Path, geometry: Geometry, entities: Sequence[str]
         direction=direction,
         entities=(left, middle, right),
         attributes=(left, middle, right),
-        regions=box_regions(boxes, (size, size), geometry.token_grid((size, size))),
+        regions=token_regions,
         render=functools.partial(stitch, Path(folder), left, middle, right, size),
     )
 
 
-def whatsup_items(folder: str | Path, geometry: Geometry, *, tokenizer: Tokenizer | None = None,
-                  middles: Sequence[str] = MIDDLES, size: int | None = None,
-                  boxes: Mapping[str, Sequence[Box]] | None = None) -> list[Item]:
-    """All three-object What'sUp items of a folder (see `whatsup_item` for the arguments).
+@dataclass(frozen=True, eq=False)
+class WhatsupTask:
+    """What'sUp on one geometry, with the interface of a synthetic task (`item`, `items`, `name`).
 
-    Args:
-      tokenizer: if given, keep only side objects that are a single token (`single_token_objects`).
-      middles: reference objects to use; side objects are discovered per middle.
-      boxes: middle -> (left, middle, right) boxes in pixels of the stitched image.
-    Returns:
-      items, middle-major, then (target, distractor), then direction (left, right).
+    Attributes:
+      folder: the controlled_images folder.
+      geometry: the model's geometry.
+      sides: middle -> its side objects (those with both photos; single-token ones if a tokenizer
+        was given), sorted.
+      size: stitched side in pixels.
+      regions: "bbox" or "hand_labelled" (see `whatsup_item`).
     """
-    items = []
+
+    folder: Path
+    geometry: Geometry
+    sides: dict[str, tuple[str, ...]]
+    size: int
+    regions: str = "bbox"
+    name: str = "whatsup"
+
+    def item(self, names: Sequence[str], direction: str) -> Item:
+        return whatsup_item(self.folder, self.geometry, names, direction, size=self.size, regions=self.regions)
+
+    def items(self, directions: Sequence[str] = HORIZONTAL) -> list[Item]:
+        """Middle-major, then (target, distractor), then direction."""
+        out = []
+        for middle, sides in self.sides.items():
+            for target, distractor in itertools.permutations(sides, 2):
+                for direction in directions:
+                    entities = (target, middle, distractor) if direction == "left" else (distractor, middle, target)
+                    out.append(self.item(entities, direction))
+        return out
+
+    def pair_pool(self, tuple_size: int, tokenizer: Tokenizer) -> dict[str, tuple[str, ...]]:
+        """The official pair pool (`candidate_pool`): middles that are one token and have at least
+        `tuple_size` side objects (3 for criss-cross, 5 for last-token pairs), in MIDDLES order."""
+        return {m: s for m, s in self.sides.items() if is_single_token(tokenizer, m) and len(s) >= tuple_size}
+
+
+def whatsup_task(folder: str | Path, geometry: Geometry, *, tokenizer: Tokenizer | None = None,
+                 middles: Sequence[str] = MIDDLES, size: int | None = None, regions: str = "bbox") -> WhatsupTask:
+    """The What'sUp task of a folder; with a tokenizer, only single-token side objects."""
+    sides = {}
     for middle in middles:
-        sides = side_objects(folder, middle)
-        if tokenizer is not None:
-            sides = single_token_objects(sides, tokenizer)
-        for target, distractor in itertools.permutations(sides, 2):
-            for direction in HORIZONTAL:
-                entities = (target, middle, distractor) if direction == "left" else (distractor, middle, target)
-                items.append(whatsup_item(folder, geometry, entities, direction, size=size,
-                                          boxes=None if boxes is None else boxes[middle]))
-    return items
+        names = side_objects(folder, middle)
+        sides[middle] = tuple(single_token_objects(names, tokenizer) if tokenizer is not None else names)
+    return WhatsupTask(Path(folder), geometry, sides, geometry.whatsup_px if size is None else size, regions)
+
+
+def whatsup_items(folder: str | Path, geometry: Geometry, *, tokenizer: Tokenizer | None = None,
+                  middles: Sequence[str] = MIDDLES, size: int | None = None) -> list[Item]:
+    """All three-object What'sUp items of a folder, middle-major, then (target, distractor), then
+    direction (left, right); with a tokenizer, only single-token side objects."""
+    return whatsup_task(folder, geometry, tokenizer=tokenizer, middles=middles, size=size).items()
+
+
+def probe_items(folder: str | Path, geometry: Geometry, seed: int = 0,
+                max_tuples: int = PROBE_TUPLES) -> tuple[list[Item], int]:
+    """The official What'sUp probe images (`probing/src/whatsup.py`): every (left, middle, right)
+    tuple of side objects with both photos (no token filter), shuffled with random.Random(seed), the
+    first `max_tuples`, stitched at the synthetic canvas size with the probing boxes.
+
+    Returns:
+      (items, n_train): the first n_train = int(0.75 n) items are the training images.
+    """
+    task = whatsup_task(folder, geometry, size=geometry.canvas_px)
+    tuples = [(a, m, b) for m, sides in task.sides.items() for a, b in itertools.permutations(sides, 2)]
+    random.Random(seed).shuffle(tuples)
+    tuples = tuples[:max_tuples]
+    return [task.item(t, "left") for t in tuples], int(PROBE_TRAIN_FRACTION * len(tuples))
