@@ -7,9 +7,10 @@ Two COCO-spatial items on 640x480 photos (the commonest val2017 size: 17 x 23 = 
 tokens), one per axis. Times each phase of the binary, cold (with compiles) and warm:
   baseline: both listings of an item (one batch of 2);
   probe features: the "Describe the image." forward of a golden item;
-  sweep: both listings of a fail_both item x (Random, Probe) x alpha 0..15 = 64 patched runs.
+  sweep: both listings of a fail_both item x (Random, Probe) x --n_alpha alphas (the binary's
+    default, 16, is 64 patched runs per fail_both item; fewer alphas time the same per-run cost).
 
-    python benchmarks/bench_coco_item.py --dtype bfloat16
+    python benchmarks/bench_coco_item.py --dtype bfloat16 --n_alpha 2
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from spatial_jax.models.registry import FAMILIES
 from spatial_jax.processing.word_tokenizer import split_words, write_word_level_qwen2vl_processor
 
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype.")
+flags.DEFINE_integer("n_alpha", 16, "Alphas 0..n_alpha-1 in the timed sweep.")
 FLAGS = flags.FLAGS
 
 _VISION = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3, "patch_size": 14,
@@ -114,8 +116,9 @@ def main(argv):
                   lambda: coco.box_features(model, [item], "overlap", 2))
             d = model.config.hidden_size
             w = np.random.default_rng(0).standard_normal((2, d, 2)).astype(np.float32)
-            timed(f"sweep, one fail_both item (2 listings x 2 direction sets x 16 alphas), {rep}",
-                  lambda: coco.sweep(model, questions, {item.axis: w}, np.arange(16), "anchor", 2))
+            timed(f"sweep, one fail_both item (2 listings x 2 direction sets x {FLAGS.n_alpha} alphas = "
+                  f"{4 * FLAGS.n_alpha} patched runs), {rep}",
+                  lambda: coco.sweep(model, questions, {item.axis: w}, np.arange(FLAGS.n_alpha), "anchor", 2))
         print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 

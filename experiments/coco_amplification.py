@@ -262,8 +262,9 @@ def summarize(n_golden: dict, failure_axes: np.ndarray, fixed: np.ndarray) -> di
             g = sum(n_golden.values()) if scope == "overall" else n_golden[scope]
             t = sum(total.values()) if scope == "overall" else total[scope]
             f = int(mask.sum())
-            out[scope] = {"fixed": fixed_count[scope], "accuracy": (g + fixed_count[scope]) / max(t, 1),
-                          "fix_rate": fixed_count[scope] / max(f, 1)}
+            out[scope] = {"fixed": fixed_count[scope],  # NaN for a scope without items / failures
+                          "accuracy": (g + fixed_count[scope]) / t if t else math.nan,
+                          "fix_rate": fixed_count[scope] / f if f else math.nan}
         return out
 
     table = {"None": rates({s: 0 for s in scopes})}
@@ -400,8 +401,10 @@ def plot(out_dir: str, summary: dict) -> None:
     bars.bar(x - 0.2, ours, 0.4, label="ours", color="tab:red")
     bars.bar(x + 0.2, np.nan_to_num(paper), 0.4, label=PAPER_TRUST + (" " + summary["paper"]["model"] if summary[
         "paper"] else ": none for this family"), color="tab:gray")
-    for xi, v in zip(x, ours):
+    for xi, v, q in zip(x, ours, paper):
         bars.text(xi - 0.2, v + 0.01, f"{v:.2f}", ha="center", fontsize=7)
+        bars.text(xi + 0.2, (0 if np.isnan(q) else q) + 0.01, "n/a" if np.isnan(q) else f"{q:.2f}", ha="center",
+                  fontsize=7, color="dimgray")
     bars.set_xticks(x, COLUMNS)
     bars.set_ylim(0, 1.1)
     bars.set_ylabel("strict accuracy")
