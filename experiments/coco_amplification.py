@@ -4,7 +4,8 @@ The protocol of the official `coco_amplification/` (run_experiment.py, src/commo
 qwen.py, pixtral.py):
 1. Every spatial item of the QA file is asked in both option orders ("listings", lr and rl) with the
    family's prompt style (Gemma 3 "direct", Qwen2-VL and Pixtral "anchor"; no system turn; Gemma 3
-   asks the vertical items first). Answers are the decoded top-1 token after `norm_token`.
+   asks the vertical items first). Answers are the decoded top-1 token after `scoring.normalize` (the official
+   `norm_token`).
 2. Items with an answer off the item's axis are dropped; the rest are golden (both listings right)
    or fail_lr_only / fail_rl_only / fail_both. None's accuracy is golden / kept ("strict").
 3. Per axis, a 2-class probe (left/above = 0, right/below = 1) is trained on the mean of each box's
@@ -39,6 +40,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from absl import app, flags, logging
+from PIL import Image
 from tqdm.auto import tqdm
 
 import spatial_jax as sj
@@ -121,8 +123,7 @@ def _groups(images: Sequence, keys: Sequence, batch_size: int) -> list[list[int]
 
 
 def _photo_size(path) -> tuple[int, int]:
-    from PIL import Image
-    with Image.open(path) as im:
+    with Image.open(path) as im:  # reads the header only
         return im.size
 
 
@@ -133,7 +134,7 @@ def _prepare(model: sj.Model, questions: Sequence[Question], style: str) -> sj.B
 
 def _answers(model: sj.Model, token_ids) -> list[str]:
     tokenizer = model.processor.tokenizer
-    return [scoring.norm_token(scoring.decode_id(tokenizer, int(i))) for i in np.ravel(token_ids)]
+    return [scoring.normalize(scoring.decode_id(tokenizer, int(i))) for i in np.ravel(token_ids)]
 
 
 def ask(model: sj.Model, questions: Sequence[Question], style: str, batch_size: int) -> list[str]:
@@ -165,9 +166,8 @@ def box_features(model: sj.Model, items: Sequence[CocoItem], rule: str, batch_si
     y [2n], the kept items' indices, and counts of the items dropped (no box, boxes against the truth)."""
     data = {axis: {"x": [], "y": [], "items": [], "no_box": 0, "boxes_disagree": 0} for axis in AXES}
     with_boxes = [i for i, it in enumerate(items) if it.subject_box is not None and it.object_box is not None]
-    for i, it in enumerate(items):
-        if i not in with_boxes:
-            data[it.axis]["no_box"] += 1
+    for it in items:
+        data[it.axis]["no_box"] += it.subject_box is None or it.object_box is None
     for idx in tqdm(_groups([items[i].image_path for i in with_boxes], [0] * len(with_boxes), batch_size),
                     desc="probe features"):
         chunk = [items[with_boxes[j]] for j in idx]

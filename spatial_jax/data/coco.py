@@ -25,7 +25,7 @@ from PIL import Image
 from spatial_jax.data.files import open_rgb, read_json
 from spatial_jax.data.geometry import Box
 from spatial_jax.data.prompts import AXIS_OPTIONS, coco_prompt
-from spatial_jax.data.scoring import norm_token
+from spatial_jax.data.scoring import normalize
 
 AXES = {"left": "horizontal", "right": "horizontal", "above": "vertical", "below": "vertical"}
 # Outcomes of a strict item that failed, and the option orders ("listings") that failed in each:
@@ -94,8 +94,8 @@ class CocoItem:
 def strict_outcome(item: CocoItem, prediction_lr: str, prediction_rl: str) -> str:
     """"golden" (both orders right), "fail_lr_only", "fail_rl_only", "fail_both", or "invalid"
     (an answer off the item's axis; the paper drops such items). Answers are compared after
-    `norm_token` ("Left." is "left")."""
-    predictions = norm_token(prediction_lr), norm_token(prediction_rl)
+    `normalize`, the official `norm_token` ("Left." is "left")."""
+    predictions = normalize(prediction_lr), normalize(prediction_rl)
     if any(p not in AXIS_OPTIONS[item.axis] for p in predictions):
         return "invalid"
     right_lr, right_rl = (p == item.relation for p in predictions)

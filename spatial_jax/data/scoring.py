@@ -34,16 +34,12 @@ def is_single_token(tokenizer: Tokenizer, word: str) -> bool:
     return all(len(encode_ids(tokenizer, w)) == 1 for w in (word.lower(), word.capitalize()))
 
 
-def normalize(text: str) -> str:
-    return text.strip().lower()
-
-
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
-def norm_token(s: str) -> str:
-    """The official `norm_token`: strip, lower-case, drop every non-alphanumeric ("Red." -> "red")."""
-    return _NON_ALNUM.sub("", s.strip().lower())
+def normalize(text: str) -> str:
+    """The official `norm_token`: strip, lower-case, drop every non-alphanumeric character."""
+    return _NON_ALNUM.sub("", text.strip().lower())
 
 
 def spellings(word: str) -> tuple[str, ...]:
