@@ -22,7 +22,7 @@ from spatial_jax.data import scoring
 from spatial_jax.data.geometry import Geometry, get_geometry
 from spatial_jax.data.items import Item
 from spatial_jax.data.prompts import SYSTEM_TEXT
-from spatial_jax.data.synthetic import make_task
+from spatial_jax.data.synthetic import make_task, setup_task
 from spatial_jax.data.whatsup import whatsup_items
 
 FLAGS = flags.FLAGS
@@ -98,17 +98,15 @@ def predict(model: sj.Model, items: Sequence[Item], batch_size: int) -> list[str
     """Top-1 next token of each item, decoded and normalised."""
     out: list[str] = []
     for _, batch in batches(model, items, batch_size):
-        out += [scoring.normalize(w) for w in scoring.top1_tokens(np.asarray(sj.next_token_logits(model, batch)),
-                                                                  model.processor.tokenizer)]
+        out += scoring.top1_tokens(np.asarray(sj.next_token_logits(model, batch)), model.processor.tokenizer)
     return out
 
 
-def answer_token(model: sj.Model, word: str) -> int:
-    """The id the model would emit for `word` (its first single-token spelling)."""
-    ids = scoring.spelling_ids(model.processor.tokenizer, word)
-    if not ids:
-        raise ValueError(f"answer {word!r} is not a single token for this tokenizer")
-    return ids[0]
+def pair_pool(model: sj.Model, task) -> list[str]:
+    """The official candidate pool of a task's pairs (build_cf_pairs' candidate_pool): its entities,
+    for Squares and Objects only those whose answer is one token lower-case and Capitalized."""
+    tok = model.processor.tokenizer
+    return [name for name, e in task.entities.items() if task.name == "shapes" or scoring.is_single_token(tok, e.attribute)]
 
 
 def image_positions(model: sj.Model, batch: sj.Batch) -> np.ndarray:
@@ -149,16 +147,17 @@ class Results:
 
 
 def run_parts(name: str, subkeys: Sequence[str], measure: Callable[[sj.Model, Any, str], dict],
-              **config) -> tuple[str, dict[str, Any]]:
+              setup: str = "behaviour", **config) -> tuple[str, dict[str, Any]]:
     """The resumable loop of the experiments measured per dataset and per direction (or
     orientation): for each --dataset and each of `subkeys` whose part is not in
     <output_dir>/<name>/results.json yet, measure(model, task, subkey) -> the JSON part stored
-    under "dataset|subkey". config: extra run settings a stored result must match to be resumed.
+    under "dataset|subkey". setup: which official task set-up (`setup_task`) the tasks follow.
+    config: extra run settings a stored result must match to be resumed.
     Returns the results dir and every part."""
     model, geometry = load_model()
     results = Results(experiment_dir(name), run_config(**config))
     for dataset in FLAGS.dataset:
-        task = make_task(dataset, geometry)
+        task = setup_task(dataset, geometry, setup)
         for sub in tqdm(subkeys, desc=f"{name} {dataset}"):
             key = f"{dataset}|{sub}"
             if not results.done(key):
