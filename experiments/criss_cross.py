@@ -170,7 +170,7 @@ def plot(out_dir: str, summary: dict, title: str, region_sets=REGION_SETS) -> No
                 ax.set_ylim(-0.05, 1.05)
             row[0].set_ylabel("probability")
         axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        fig.suptitle(f"{title}: {name} swap, candidate probabilities (mean +- std over pairs)", fontsize=10)
+        fig.suptitle(f"{title}: {name} swap, candidate probabilities (mean ± std over pairs)", fontsize=10)
         plotting.save(fig, os.path.join(out_dir, f"probs_{name}.png"))
     _plot_flips(out_dir, datasets, title, region_sets)
     _write_csvs(out_dir, datasets, region_sets)
@@ -209,7 +209,7 @@ def _write_csvs(out_dir: str, datasets: dict, region_sets) -> None:
                 continue
             flip, mean, std = np.array(v["flip"]), np.array(v["probs_mean"]), np.array(v["probs_std"])
             rows += [[dataset, direction, name, s, f"{flip[s, r]:.3f}",
-                      *(f"{mean[s, r, k]:.3f} +- {std[s, r, k]:.3f}" for k in range(3)), v["n_pairs"]]
+                      *(f"{mean[s, r, k]:.3f} ± {std[s, r, k]:.3f}" for k in range(3)), v["n_pairs"]]
                      for r, name in enumerate(region_sets) for s in range(len(flip))]
             c = v["controls"]
             controls.append([dataset, direction, c["n_pairs"], f"{max(c['identity']['flip']):.3f}",

@@ -17,7 +17,7 @@ whether the ordering reaches tokens that are not in line with any object.
 
 Controls (results.json, beside the test accuracy [S, G]):
   train_accuracy and shuffled_test_accuracy (labels of the training tokens permuted: must sit at
-  chance), as probe_vision's;
+  chance, which for a group with unbalanced classes is its majority_baseline), as probe_vision's;
   empty_canvas_test_accuracy: the same probes on the same labels over an empty white canvas (no
   objects, same prompts): whatever this reaches is read off the token's position alone;
   cross_shift_test_accuracy: probes trained on the paper's layout and tested on the layout moved
@@ -70,16 +70,15 @@ def group_labels(items) -> np.ndarray:
 
 def sweep(acts: np.ndarray, labels: np.ndarray, train_img: np.ndarray, test_img: np.ndarray, seed: int) -> dict:
     """acts [n, S, Ni, D], labels [G, n, Ni], train / test image masks [n] -> accuracies [S, G]:
-    "test", "train", and "shuffled_test" (trained on the training labels permuted)."""
+    "test", "train", and "shuffled_test" (trained from zero weights on the training labels permuted)."""
     n, S, Ni, D = acts.shape
     valid = labels >= 0  # [G, n, Ni]
     train = (valid & train_img[None, :, None]).reshape(len(labels), -1)
     test = (valid & test_img[None, :, None]).reshape(len(labels), -1)
     x = np.moveaxis(acts, 1, 0).reshape(S, 1, n * Ni, D)  # shared across groups
     y = np.maximum(labels, 0).reshape(len(labels), -1)
-    ys = np.stack([y, shuffled(y, train, seed)])[:, None]  # [2, 1, G, N]
-    both = probes.train_probes(x[None], ys, train, 3, seed=seed)  # probes [2, S, G]
-    p, q = probes.Probes(both.w[0], both.b[0]), probes.Probes(both.w[1], both.b[1])
+    p = probes.train_probes(x, y, train, 3, seed=seed)  # probes [S, G]
+    q = probes.train_probes(x, shuffled(y, train, seed), train, 3, init="zeros")  # see probe_vision
     return {"test": np.asarray(probes.accuracy(p, x, y, test)), "train": np.asarray(probes.accuracy(p, x, y, train)),
             "shuffled_test": np.asarray(probes.accuracy(q, x, y, test))}
 
@@ -98,7 +97,10 @@ def run() -> dict:
         train_img = probes.shuffle_split(len(items), 0.75, FLAGS.seed)
         acc = sweep(acts, labels, train_img, ~train_img, FLAGS.seed)
         empty = visual_residuals(model, empty_canvas(items, task.geometry), layers="all")
+        test_labels = labels[:, ~train_img]  # [G, n_test, Ni]
         value = {"n_images": len(items), "test_accuracy": acc["test"], "train_accuracy": acc["train"],
+                 "majority_baseline": [float(np.bincount(l[l >= 0], minlength=3).max() / max((l >= 0).sum(), 1))
+                                       for l in test_labels],
                  "shuffled_test_accuracy": acc["shuffled_test"],
                  "empty_canvas_test_accuracy": sweep(empty, labels, train_img, ~train_img, FLAGS.seed)["test"]}
         (lo, hi), _ = task.geometry.max_shift()
@@ -122,11 +124,11 @@ def run() -> dict:
 
 CURVES = {"test_accuracy": ("-", "test"), "empty_canvas_test_accuracy": (":", "empty canvas"),
           "cross_shift_test_accuracy": ("--", "train shift 0, test moved"),
-          "shuffled_test_accuracy": ((0, (1, 3)), "shuffled labels")}
+          "shuffled_test_accuracy": ("-.", "shuffled labels")}
 
 
 def plot(out_dir: str, summary: dict) -> None:
-    fig, axes = plt.subplots(1, len(summary), figsize=(3.6 * len(summary), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 3.0), squeeze=False)
     rows = []
     for ax, (key, v) in zip(axes[0], summary.items()):
         acc = np.array(v["test_accuracy"])  # [S, G]
@@ -143,7 +145,7 @@ def plot(out_dir: str, summary: dict) -> None:
         ax.set_ylim(0, 1.03)
         ax.set_ylabel("slot-probe test accuracy")
         ax.set_title(key.replace("|", ", "), fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     plotting.save(fig, os.path.join(out_dir, "accuracy_by_layer.png"))
     common.write_csv(os.path.join(out_dir, "accuracy_by_layer.csv"),
                      ["dataset", "orientation", "tokens", "slot", "train_accuracy", *CURVES], rows)
@@ -157,6 +159,8 @@ def headline(summary: dict) -> str:
     best = acc.argmax(0)
     controls = "; ".join(f"{label} {', '.join(f'{g} {mean[f][s, i]:.2f}' for i, (g, s) in enumerate(zip(GROUPS, best)))}"
                          for f, (_, label) in list(CURVES.items())[1:] if f in mean)
+    majority = np.mean([v["majority_baseline"] for v in summary.values()], axis=0)
+    controls += "; majority class " + ", ".join(f"{g} {m:.2f}" for g, m in zip(GROUPS, majority))
     return (f"peak slot-probe test accuracy (mean of {len(summary)} parts): "
             + ", ".join(f"{g} {acc[s, i]:.2f} at {common.slot_text(s)}" for i, (g, s) in enumerate(zip(GROUPS, best)))
             + f"; at those slots, {controls}")
