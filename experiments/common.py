@@ -21,8 +21,8 @@ from spatial_jax import parallel
 from spatial_jax.data import scoring
 from spatial_jax.data.geometry import Geometry, get_geometry
 from spatial_jax.data.items import Item
-from spatial_jax.data.prompts import HORIZONTAL, SYSTEM_TEXT
-from spatial_jax.data.synthetic import make_task
+from spatial_jax.data.prompts import DIRECTIONS, HORIZONTAL, SYSTEM_TEXT
+from spatial_jax.data.synthetic import make_task, setup_task
 from spatial_jax.data.whatsup import WhatsupTask, whatsup_items, whatsup_task
 
 FLAGS = flags.FLAGS
@@ -97,17 +97,23 @@ def predict(model: sj.Model, items: Sequence[Item], batch_size: int) -> list[str
     """Top-1 next token of each item, decoded and normalised."""
     out: list[str] = []
     for _, batch in batches(model, items, batch_size):
-        out += [scoring.normalize(w) for w in scoring.top1_tokens(np.asarray(sj.next_token_logits(model, batch)),
-                                                                  model.processor.tokenizer)]
+        out += scoring.top1_tokens(np.asarray(sj.next_token_logits(model, batch)), model.processor.tokenizer)
     return out
 
 
-def answer_token(model: sj.Model, word: str) -> int:
-    """The id the model would emit for `word` (its first single-token spelling)."""
-    ids = scoring.spelling_ids(model.processor.tokenizer, word)
-    if not ids:
-        raise ValueError(f"answer {word!r} is not a single token for this tokenizer")
-    return ids[0]
+def directions_of(task) -> tuple[str, ...]:
+    """The directions a task asks: What'sUp left/right only, the synthetic tasks all four."""
+    return HORIZONTAL if isinstance(task, WhatsupTask) else DIRECTIONS
+
+
+def pair_pool(model: sj.Model, task) -> list[str] | dict[str, tuple[str, ...]]:
+    """The official candidate pool of a task's pairs (build_cf_pairs' candidate_pool): its entities,
+    for Squares and Objects only those whose answer is one token lower-case and Capitalized; for
+    What'sUp, middle -> side objects (`WhatsupTask.pair_pool`)."""
+    tok = model.processor.tokenizer
+    if isinstance(task, WhatsupTask):
+        return task.pair_pool(tok)
+    return [name for name, e in task.entities.items() if task.name == "shapes" or scoring.is_single_token(tok, e.attribute)]
 
 
 def image_positions(model: sj.Model, batch: sj.Batch) -> np.ndarray:
@@ -153,18 +159,15 @@ def whatsup_dir() -> str:
     return FLAGS.whatsup_dir
 
 
-def pair_pool(task, tuple_size: int, tokenizer):
-    """The entities pairs are drawn from: a synthetic task's names, What'sUp's middle -> sides."""
-    return task.pair_pool(tuple_size, tokenizer) if isinstance(task, WhatsupTask) else list(task.entities)
-
-
 def run_parts(name: str, subkeys: Sequence[str], measure: Callable[[sj.Model, Any, str], dict],
-              whatsup: dict | None = None, **config) -> tuple[str, dict[str, Any]]:
+              setup: str = "behaviour", whatsup: dict | None = None, **config) -> tuple[str, dict[str, Any]]:
     """The resumable loop of the experiments measured per dataset and per direction (or
     orientation): for each --dataset and each of `subkeys` whose part is not in
     <output_dir>/<name>/results.json yet, measure(model, task, subkey) -> the JSON part stored
-    under "dataset|subkey". whatsup: the What'sUp task's options (size, regions) for an experiment
-    that runs on it (its subkeys are then the horizontal ones); None refuses --dataset whatsup.
+    under "dataset|subkey". setup: which official task set-up (`setup_task`) the tasks follow.
+    whatsup: the What'sUp task's options (`whatsup_task`: size, regions, pair_sides) for an
+    experiment the official code runs on it (its subkeys are then the horizontal ones); None
+    refuses --dataset whatsup.
     config: extra run settings a stored result must match to be resumed.
     Returns the results dir and every part."""
     if "whatsup" in FLAGS.dataset:
@@ -178,7 +181,7 @@ def run_parts(name: str, subkeys: Sequence[str], measure: Callable[[sj.Model, An
             task = whatsup_task(whatsup_dir(), geometry, tokenizer=model.processor.tokenizer, **whatsup)
             subkeys_here = [k for k in subkeys if k in (*HORIZONTAL, "horizontal")]
         else:
-            task, subkeys_here = make_task(dataset, geometry), subkeys
+            task, subkeys_here = setup_task(dataset, geometry, setup), subkeys
         for sub in tqdm(subkeys_here, desc=f"{name} {dataset}"):
             key = f"{dataset}|{sub}"
             if not results.done(key):
