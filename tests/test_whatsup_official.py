@@ -110,9 +110,11 @@ def test_pair_pools_follow_the_official_candidate_pool(folder):
     from test_data_whatsup import word_tokenizer
     tok = word_tokenizer(["mug", "Mug", "book", "Book", "cap", "Cap", "bowl", "Bowl", "lemon", "Lemon",
                           "chair", "Chair", "table", "Table"])
-    task = whatsup_task(folder, get_geometry("qwen2_vl"), tokenizer=tok)
-    assert task.pair_pool(3, tok) == {"chair": tuple(sorted(SIDES["chair"])), "table": tuple(sorted(SIDES["table"]))}
-    assert task.pair_pool(5, tok) == {"chair": tuple(sorted(SIDES["chair"]))}  # last-token needs 5 sides
+    criss_cross_task = whatsup_task(folder, get_geometry("qwen2_vl"), tokenizer=tok, pair_sides=3)
+    assert criss_cross_task.pair_pool(tok) == {"chair": tuple(sorted(SIDES["chair"])),
+                                               "table": tuple(sorted(SIDES["table"]))}
+    last_token_task = whatsup_task(folder, get_geometry("qwen2_vl"), tokenizer=tok, pair_sides=5)
+    assert last_token_task.pair_pool(tok) == {"chair": tuple(sorted(SIDES["chair"]))}  # last-token needs 5 sides
 
 
 def test_swap_pairs_positions_as_the_official_code():

@@ -124,6 +124,8 @@ class WhatsupTask:
         was given), sorted.
       size: stitched side in pixels.
       regions: "bbox" or "hand_labelled" (see `whatsup_item`).
+      pair_sides: the fewest side objects a middle needs to enter the pair pool (the official
+        criss-cross pool 3, the last-token pool 5).
     """
 
     folder: Path
@@ -131,6 +133,7 @@ class WhatsupTask:
     sides: dict[str, tuple[str, ...]]
     size: int
     regions: str = "bbox"
+    pair_sides: int = 3
     name: str = "whatsup"
 
     def item(self, names: Sequence[str], direction: str) -> Item:
@@ -146,20 +149,22 @@ class WhatsupTask:
                     out.append(self.item(entities, direction))
         return out
 
-    def pair_pool(self, tuple_size: int, tokenizer: Tokenizer) -> dict[str, tuple[str, ...]]:
+    def pair_pool(self, tokenizer: Tokenizer) -> dict[str, tuple[str, ...]]:
         """The official pair pool (`candidate_pool`): middles that are one token and have at least
-        `tuple_size` side objects (3 for criss-cross, 5 for last-token pairs), in MIDDLES order."""
-        return {m: s for m, s in self.sides.items() if is_single_token(tokenizer, m) and len(s) >= tuple_size}
+        `pair_sides` side objects, in MIDDLES order."""
+        return {m: s for m, s in self.sides.items() if is_single_token(tokenizer, m) and len(s) >= self.pair_sides}
 
 
 def whatsup_task(folder: str | Path, geometry: Geometry, *, tokenizer: Tokenizer | None = None,
-                 middles: Sequence[str] = MIDDLES, size: int | None = None, regions: str = "bbox") -> WhatsupTask:
-    """The What'sUp task of a folder; with a tokenizer, only single-token side objects."""
+                 middles: Sequence[str] = MIDDLES, size: int | None = None, regions: str = "bbox",
+                 pair_sides: int = 3) -> WhatsupTask:
+    """The What'sUp task of a folder (see WhatsupTask); with a tokenizer, only single-token side objects."""
     sides = {}
     for middle in middles:
         names = side_objects(folder, middle)
         sides[middle] = tuple(single_token_objects(names, tokenizer) if tokenizer is not None else names)
-    return WhatsupTask(Path(folder), geometry, sides, geometry.whatsup_px if size is None else size, regions)
+    return WhatsupTask(Path(folder), geometry, sides, geometry.whatsup_px if size is None else size, regions,
+                       pair_sides)
 
 
 def whatsup_items(folder: str | Path, geometry: Geometry, *, tokenizer: Tokenizer | None = None,
