@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
@@ -64,10 +63,9 @@ flags.DEFINE_enum("box_tokens", "overlap", ["overlap", "centre"],
                   "Box -> visual tokens: every token the box overlaps (official) or the tokens whose centre it holds.")
 
 AXES = ("horizontal", "vertical")
-DIRECTION_SETS = ("Random", "Probe")  # the sweep's direction sets, in this order
-COLUMNS = ("None", "Random", "Random*", "Probe", "Probe*")
+DIRECTION_SETS = amplification.DIRECTION_SETS  # the sweep's direction sets, in this order
+COLUMNS = amplification.COLUMNS
 NEUTRAL_PROMPT = "Describe the image."
-TRAIN_FRACTION = 0.95
 # The paper's Table 2 as third-party notes quote it (medium trust), and the official repo's
 # bundled baselines (its results/*.pkl); accuracy = (golden + fixed) / items, fixes = fixed / failures.
 PAPER = {
@@ -193,21 +191,10 @@ def box_features(model: sj.Model, items: Sequence[CocoItem], rule: str, batch_si
     return data
 
 
-def item_split(n: int, seed: int) -> np.ndarray:
-    """[n] bool train mask over items: a seeded permutation, the first max(1, int(0.95 n)) (at most
-    n - 1) train, as the official split (which draws its permutation unseeded)."""
-    perm = list(range(n))
-    random.Random(seed).shuffle(perm)
-    n_train = min(max(1, int(TRAIN_FRACTION * n)), n - 1)
-    train = np.zeros(n, bool)
-    train[perm[:n_train]] = True
-    return train
-
-
 def train_axis_probe(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
     """x [2n, D] (rows in item pairs), y [2n] -> (directions [D, 2], accuracies of the probe and of
     the shuffled-label control)."""
-    rows_train = np.repeat(item_split(len(x) // 2, seed), 2)
+    rows_train = np.repeat(amplification.item_split(len(x) // 2, seed), 2)  # an item's two rows on one side
     p = probes.train_probes(x, y, rows_train, 2, seed=seed)
     shuffled = np.random.default_rng(seed).permutation(y)
     control = probes.train_probes(x, shuffled, rows_train, 2, seed=seed)
