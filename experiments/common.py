@@ -17,7 +17,7 @@ from absl import flags, logging
 from tqdm.auto import tqdm
 
 import spatial_jax as sj
-from spatial_jax import parallel
+from experiments import mesh_flags
 from spatial_jax.data import scoring
 from spatial_jax.data.geometry import Geometry, get_geometry
 from spatial_jax.data.items import Item
@@ -53,9 +53,9 @@ def geometry_of(model: sj.Model) -> Geometry:
 def load_model() -> tuple[sj.Model, Geometry]:
     if not os.path.isdir(FLAGS.checkpoint):
         raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint}: no such directory")
-    # Opt-in scale-out: with --mesh or --distributed (spatial_jax.parallel.flags) params go over
+    # Opt-in scale-out: with --mesh or --distributed (experiments/mesh_flags.py) params go over
     # `model` and sweep variants over `data`; without, everything runs on the default device.
-    mesh = parallel.setup_from_flags(model_path=FLAGS.checkpoint) if FLAGS.mesh or FLAGS.distributed else None
+    mesh = mesh_flags.setup_from_flags(model_path=FLAGS.checkpoint) if FLAGS.mesh or FLAGS.distributed else None
     model = sj.load(FLAGS.checkpoint, mesh=mesh)
     return model, geometry_of(model)
 

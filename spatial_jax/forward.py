@@ -120,7 +120,7 @@ def check_batch(model: Model, batch: Batch) -> None:
 
 def forward(model: Model, batch: Batch, cache: Sequence[str] = (),
             interventions: Optional[Sequence[Intervention]] = None, logits: bool = True) -> Output:
-    """Jitted `apply` on a loaded model. cache: site names; see DESIGN.md for shapes."""
+    """Jitted `apply` on a loaded model. cache: site names; see docs/design.md, "Sites", for shapes."""
     for s in cache:
         sites.check_site(s)
     check_batch(model, batch)

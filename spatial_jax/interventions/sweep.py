@@ -5,7 +5,7 @@ layers x regions); variant i applies every intervention's i-th slice together. T
 only what the metric reads (`Readout`): logits and probabilities of chosen tokens at one
 position per row, and the argmax.
 
-Where the speed comes from (DESIGN.md):
+Where the speed comes from (docs/design.md):
   * the vision tower and the layers below a variant's first patched layer run once, in a clean
     run; each variant restarts the LM from the clean residual entering that layer, taken before
     any of that layer's taps so that `base` interventions there apply exactly once;
