@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 import spatial_jax as sj
 from experiments import mesh_flags
+from spatial_jax.convert import hub
 from spatial_jax.data import scoring
 from spatial_jax.data.geometry import Geometry, get_geometry
 from spatial_jax.data.items import Item
@@ -26,7 +27,8 @@ from spatial_jax.data.synthetic import make_task
 from spatial_jax.data.whatsup import whatsup_items
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", "checkpoints/organism", "Converted checkpoint dir or HF model dir.")
+flags.DEFINE_string("checkpoint", "checkpoints/organism", "Converted checkpoint dir, HF model dir, or hub id "
+                    "org/name[@revision] (e.g. Qwen/Qwen2-VL-7B-Instruct; HF_HOME, HF_TOKEN, HF_HUB_OFFLINE apply).")
 flags.DEFINE_list("dataset", ["squares"], "Datasets: squares, shapes, objects (synthetic); whatsup (needs "
                   "--whatsup_dir; behaviour only).")
 flags.DEFINE_string("whatsup_dir", "", "What'sUp controlled_images folder (<obj>_{left,right}_of_<middle>.jpeg).")
@@ -51,12 +53,13 @@ def geometry_of(model: sj.Model) -> Geometry:
 
 
 def load_model() -> tuple[sj.Model, Geometry]:
-    if not os.path.isdir(FLAGS.checkpoint):
+    path = hub.resolve(FLAGS.checkpoint)
+    if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint}: no such directory")
     # Opt-in scale-out: with --mesh or --distributed (experiments/mesh_flags.py) params go over
     # `model` and sweep variants over `data`; without, everything runs on the default device.
-    mesh = mesh_flags.setup_from_flags(model_path=FLAGS.checkpoint) if FLAGS.mesh or FLAGS.distributed else None
-    model = sj.load(FLAGS.checkpoint, mesh=mesh)
+    mesh = mesh_flags.setup_from_flags(model_path=path) if FLAGS.mesh or FLAGS.distributed else None
+    model = sj.load(path, mesh=mesh)
     return model, geometry_of(model)
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from spatial_jax import parallel
 from spatial_jax.batch import Batch, last_positions
-from spatial_jax.convert import checkpoint
+from spatial_jax.convert import checkpoint, hub
 from spatial_jax.convert.convert import DTYPES, abstract_model, convert_hf, resolve_config
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
@@ -66,12 +66,16 @@ class Model:
 
 
 def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None) -> Model:
-    """A converted checkpoint dir, or a HF model dir (converted in memory, `dtype` default float32).
+    """A converted checkpoint dir, a HF model dir (converted in memory, `dtype` default float32),
+    or a hub id `org/name[@revision]` (fetched into the HF cache; `convert.hub.resolve`).
+
+    dtype: "float32" or "bfloat16" (or an alias such as "bf16", or the dtype itself).
 
     mesh: place every parameter with its family's sharding rule (spatial_jax.parallel.rules). A
     converted checkpoint is restored by Orbax straight into those shardings: each device reads
     only its own shard, and no full weight is ever assembled on one device.
     """
+    path = hub.resolve(path)
     shardings = None
     if mesh is not None:
         family, cfg, _ = resolve_config(path)
