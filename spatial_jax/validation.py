@@ -167,8 +167,10 @@ def check_readout(config: Any, input_shape: tuple[int, int], position, tokens) -
 def images_per_prompt(images, prompts) -> list[list[Image.Image]]:
     """`prepare`'s images and prompts: one entry per prompt (a PIL image, a list of them, or None),
     or images=None for text only -> one list of PIL images per prompt."""
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts: expected a list of strings (one per row), got {type(prompts).__name__}")
+    if isinstance(prompts, str):
+        raise TypeError("prompts: expected a list of strings (one per row), not a string")
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts: expected a list of strings (one per row), got a {type(prompts).__name__}")
     if not prompts:
         raise ValueError("prompts: expected at least one prompt, got an empty list")
     for i, prompt in enumerate(prompts):
@@ -192,5 +194,5 @@ def _as_image_list(entry, index: int) -> list[Image.Image]:
     for j, item in enumerate(items):
         if not isinstance(item, Image.Image):
             raise TypeError(f"images[{index}]" + (f"[{j}]" if isinstance(entry, (list, tuple)) else "")
-                            + f": expected a PIL.Image.Image, got a {type(item).__name__}")
+                            + f" is a {type(item).__name__}, expected a PIL.Image.Image")
     return items

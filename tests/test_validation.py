@@ -178,7 +178,7 @@ def test_prepare_counts_differ(setup):
 
 def test_prepare_prompt_is_a_string(setup):
     _, model, _, image = setup
-    with _raises(TypeError, "prompts", "list of strings"):
+    with _raises(TypeError, "prompts", "list of strings", "not a string"):
         model.prepare(images=[image], prompts="what is left of red")
 
 
