@@ -1,4 +1,4 @@
-"""spatial-jax-convert: HF safetensors checkpoint dir -> converted Orbax checkpoint dir.
+"""spatial-jax-convert: HF safetensors checkpoint (a local dir or a hub id) -> converted Orbax checkpoint dir.
 
   spatial-jax-convert --hf_dir DIR_OR_HUB_ID --output_dir DIR [--dtype float32|bfloat16]
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from spatial_jax import program
 from spatial_jax.convert.checkpoint import check_output_dir, write_converted
 from spatial_jax.convert.convert import DTYPES, convert_hf
 from spatial_jax.convert.hub import resolve
@@ -48,7 +49,8 @@ def _fail(message: str) -> None:
 
 
 def run():
-    app.run(main)
+    program.run(main, doc=__doc__, example="spatial-jax-convert --hf_dir Qwen/Qwen2-VL-7B-Instruct "
+                "--output_dir checkpoints/qwen2-vl-7b --dtype bfloat16")
 
 
 if __name__ == "__main__":
