@@ -242,6 +242,7 @@ def experiment_dir(name: str) -> str:
 
 def run_config(**extra) -> dict[str, Any]:
     """What a results file must match to be resumed."""
-    return {"checkpoint": os.path.abspath(FLAGS.checkpoint), "dataset": list(FLAGS.dataset),
+    checkpoint = os.path.abspath(FLAGS.checkpoint) if os.path.exists(FLAGS.checkpoint) else FLAGS.checkpoint  # hub id
+    return {"checkpoint": checkpoint, "dataset": list(FLAGS.dataset),
             "geometry": FLAGS.geometry, "max_items": FLAGS.max_items, "n_pairs": FLAGS.n_pairs,
             "seed": FLAGS.seed, "golden": FLAGS.golden, **extra}

@@ -121,7 +121,7 @@ def run(main: Callable[[Sequence[str]], Any], *, wrote: Optional[Callable[[], st
             sys.exit(2)
 
     def wrapped(args):
-        py_logging.getLogger("absl").addFilter(_DropLibraryInfo())
+        logging.get_absl_handler().addFilter(_DropLibraryInfo())  # every record, absl's or propagated
         out_dir = FLAGS["output_dir"].value if "output_dir" in FLAGS else None
         existed = out_dir is None or os.path.exists(out_dir)
         try:
