@@ -126,24 +126,18 @@ def run(main: Callable[[Sequence[str]], Any], *, wrote: Optional[Callable[[], st
         existed = out_dir is None or os.path.exists(out_dir)
         try:
             main(args)
-        except KeyboardInterrupt:
+        except BaseException as e:
             if not existed:
                 _remove_if_empty(out_dir)
-            sys.stdout.flush()
-            print(f"{name}: interrupted" + ("" if out_dir is None else
-                                            f"; finished parts are kept in {out_dir} (rerun to resume)"),
-                  file=sys.stderr)
-            os._exit(130)  # now: no second traceback from threads or atexit handlers torn down mid-run
-        except (ValueError, OSError) as e:
-            if FLAGS["verbosity"].value >= 1:
-                raise
-            if not existed:
-                _remove_if_empty(out_dir)
-            print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
-            sys.exit(1)
-        except BaseException:
-            if not existed:
-                _remove_if_empty(out_dir)
+            if isinstance(e, KeyboardInterrupt):
+                kept = out_dir is not None and os.path.isdir(out_dir)
+                sys.stdout.flush()
+                print(f"{name}: interrupted" + (f"; finished parts are kept in {out_dir} (rerun to resume)"
+                                                if kept else ""), file=sys.stderr)
+                os._exit(130)  # now: no second traceback from threads or atexit handlers torn down mid-run
+            if isinstance(e, (ValueError, OSError)) and FLAGS["verbosity"].value < 1:
+                print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+                sys.exit(1)
             raise
         if wrote is not None:
             print(f"wrote {os.path.abspath(wrote())}")
