@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import ORIENTATIONS, slot_labels, train_slot_probes, visual_residuals
 from spatial_jax import probes
 from spatial_jax.data.prompts import OPPOSITE
+from spatial_jax import program
 
 FLAGS = common.FLAGS
 NAME = "absolute_vs_relative"
@@ -128,4 +129,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

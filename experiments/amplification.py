@@ -26,7 +26,7 @@ import textwrap
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import spatial_jax as sj
 from experiments import common, plotting
@@ -34,6 +34,7 @@ from experiments.plotting import plt
 from experiments.probe_vision import visual_residuals
 from spatial_jax import probes
 from spatial_jax.data import scoring
+from spatial_jax import program
 
 FLAGS = common.FLAGS
 NAME = "amplification"
@@ -251,4 +252,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

@@ -13,12 +13,13 @@ image) are criss_cross's, every run under the ablation.
 from __future__ import annotations
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 import spatial_jax as sj
 from experiments import common, criss_cross
 from experiments.ablation import ablation_intervention
 from spatial_jax.data import scoring
+from spatial_jax import program
 from spatial_jax.data.prompts import DIRECTIONS
 
 FLAGS = common.FLAGS
@@ -72,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

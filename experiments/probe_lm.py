@@ -34,13 +34,14 @@ import functools
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import ORIENTATIONS, images_of, shuffled, slot_labels, visual_residuals
 from spatial_jax import probes
 from spatial_jax.data.synthetic import render_layout
+from spatial_jax import program
 
 FLAGS = common.FLAGS
 NAME = "probe_lm"
@@ -172,4 +173,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))
