@@ -38,14 +38,14 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image
 from tqdm.auto import tqdm
 
 import spatial_jax as sj
 from experiments import amplification, common, plotting
 from experiments.plotting import plt
-from spatial_jax import probes
+from spatial_jax import probes, program
 from spatial_jax.data import scoring
 from spatial_jax.data.coco import (FAILED_ORDERS, CocoItem, boxes_agree, cap_items, load_coco_spatial,
                                    overlap_tokens, side_labels, strict_outcome)
@@ -420,4 +420,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))
