@@ -106,7 +106,8 @@ def pair_pool(model: sj.Model, task) -> list[str]:
     """The official candidate pool of a task's pairs (build_cf_pairs' candidate_pool): its entities,
     for Squares and Objects only those whose answer is one token lower-case and Capitalized."""
     tok = model.processor.tokenizer
-    return [name for name, e in task.entities.items() if task.name == "shapes" or scoring.is_single_token(tok, e.attribute)]
+    return [name for name, e in task.entities.items()
+            if task.name == "shapes" or scoring.is_single_token(tok, e.attribute)]
 
 
 def image_positions(model: sj.Model, batch: sj.Batch) -> np.ndarray:
