@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import ORIENTATIONS, slot_labels, train_slot_probes, visual_residuals
 from spatial_jax import probes
+from spatial_jax import program
 from spatial_jax.data.prompts import OPPOSITE
 
 FLAGS = common.FLAGS
@@ -73,7 +74,7 @@ def run() -> dict:
                 "probe_absolute": float((pred == abs_labels)[on_objects].mean()),
                 "crossing": float((rel != abs_labels)[on_objects].mean()),
             }
-            logging.info("%s %s %s: %s", task.name, orientation, key, rows[key])
+            logging.info("%s %s %s: %s", task.name, orientation, key, common.brief(rows[key]))
         return rows
 
     out_dir, summary = common.run_parts(NAME, ORIENTATIONS, measure, setup="probing")
@@ -128,4 +129,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

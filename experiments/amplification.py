@@ -26,13 +26,14 @@ import textwrap
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import visual_residuals
 from spatial_jax import probes
+from spatial_jax import program
 from spatial_jax.data import scoring
 
 FLAGS = common.FLAGS
@@ -123,7 +124,7 @@ def run() -> dict:
             for name, f in zip(DIRECTION_SETS, fixed):
                 value[name] = {"fixed_by_alpha": f.sum(-1).tolist(), "oracle_by_alpha": oracle_curve(f).tolist()}
         logging.info("%s|%s: %d failures of %d; probe %s; alpha=0 replay %s", task.name, axis, len(failures),
-                     len(items), value.get("probe"), value.get("alpha0_replay"))
+                     len(items), common.brief(value.get("probe", {})), common.brief(value.get("alpha0_replay", {})))
         return value
 
     out_dir, summary = common.run_parts(NAME, list(AXES), measure, max_alpha=FLAGS.max_alpha)
@@ -257,4 +258,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

@@ -13,11 +13,12 @@ image) are criss_cross's, every run under the ablation.
 from __future__ import annotations
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 import spatial_jax as sj
 from experiments import common, criss_cross
 from experiments.ablation import ablation_intervention
+from spatial_jax import program
 from spatial_jax.data import scoring
 from spatial_jax.data.prompts import DIRECTIONS
 
@@ -53,7 +54,7 @@ def run() -> dict:
         if value["n_pairs"]:
             flip = np.asarray(value["flip"])
             logging.info("%s|%s: %d pairs; max object-swap flip %.2f at slot %d; controls %s", task.name, direction,
-                         value["n_pairs"], flip.max(), flip[:, 0].argmax(), value["controls"]["passed"])
+                         value["n_pairs"], flip.max(), flip[:, 0].argmax(), common.brief(value["controls"]["passed"]))
         return value
 
     out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)
@@ -72,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

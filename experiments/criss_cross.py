@@ -25,11 +25,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
+from spatial_jax import program
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.data import scoring
 from spatial_jax.data.prompts import DIRECTIONS
@@ -132,7 +133,7 @@ def run() -> dict:
         if value["n_pairs"]:
             logging.info("%s|%s: %d pairs; strip flip at slot 0 %.2f, object flip at slot 0 %.2f; controls %s",
                          task.name, direction, value["n_pairs"], value["flip"][0, 1], value["flip"][0, 0],
-                         value["controls"]["passed"])
+                         common.brief(value["controls"]["passed"]))
         return value
 
     out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)
@@ -251,4 +252,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))
