@@ -25,8 +25,8 @@ from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import ORIENTATIONS, slot_labels, train_slot_probes, visual_residuals
 from spatial_jax import probes
-from spatial_jax.data.prompts import OPPOSITE
 from spatial_jax import program
+from spatial_jax.data.prompts import OPPOSITE
 
 FLAGS = common.FLAGS
 NAME = "absolute_vs_relative"
@@ -74,7 +74,7 @@ def run() -> dict:
                 "probe_absolute": float((pred == abs_labels)[on_objects].mean()),
                 "crossing": float((rel != abs_labels)[on_objects].mean()),
             }
-            logging.info("%s %s %s: %s", task.name, orientation, key, rows[key])
+            logging.info("%s %s %s: %s", task.name, orientation, key, common.brief(rows[key]))
         return rows
 
     out_dir, summary = common.run_parts(NAME, ORIENTATIONS, measure, setup="probing")

@@ -33,8 +33,8 @@ from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import visual_residuals
 from spatial_jax import probes
-from spatial_jax.data import scoring
 from spatial_jax import program
+from spatial_jax.data import scoring
 
 FLAGS = common.FLAGS
 NAME = "amplification"
@@ -124,7 +124,7 @@ def run() -> dict:
             for name, f in zip(DIRECTION_SETS, fixed):
                 value[name] = {"fixed_by_alpha": f.sum(-1).tolist(), "oracle_by_alpha": oracle_curve(f).tolist()}
         logging.info("%s|%s: %d failures of %d; probe %s; alpha=0 replay %s", task.name, axis, len(failures),
-                     len(items), value.get("probe"), value.get("alpha0_replay"))
+                     len(items), common.brief(value.get("probe", {})), common.brief(value.get("alpha0_replay", {})))
         return value
 
     out_dir, summary = common.run_parts(NAME, list(AXES), measure, max_alpha=FLAGS.max_alpha)
@@ -229,20 +229,26 @@ def plot(out_dir: str, summary: dict) -> None:
     plotting.save(fig, os.path.join(out_dir, "accuracy_by_alpha.png"))
 
 
+def _cells(t: dict) -> str:
+    return ", ".join(f"{c} {t[c]['accuracy']:.2f}" + ("" if c == "None" else f" ({t[c]['fix_rate']:.2f})")
+                     for c in COLUMNS)
+
+
 def headline(summary: dict) -> str:
+    """Per dataset, Table 2's columns over both axes at the dataset's best alpha; where an axis has
+    no probe, each axis on its own."""
     out = []
     for dataset, rows in tables(summary).items():
         t = rows["overall"]
-        if "Probe" not in t:
-            why = "; ".join(f"{a}: {_why_no_probe(summary[f'{dataset}|{a}'])}" for a in rows if a != "overall")
-            out.append(f"{dataset}: accuracy {t['None']['accuracy']:.2f}, not amplified ({why})")
+        if "Probe" in t:
+            held_out = "/".join(rows[a].get("probe_test_acc", "-") for a in AXES if a in rows)
+            replay = "alpha=0 replays" if not t["alpha0_replay"] else f"alpha=0 CHANGED {t['alpha0_replay']} answers"
+            out.append(f"{dataset} ({t['failures']} failures of {t['n']}): {_cells(t)} at alpha "
+                       f"{t['best_alpha']['Probe']}; probe held-out acc h/v {held_out}; {replay}")
             continue
-        cells = ", ".join(f"{c} {t[c]['accuracy']:.2f}" + ("" if c == "None" else f" ({t[c]['fix_rate']:.2f})")
-                          for c in COLUMNS)
-        held_out = "/".join(rows[a].get("probe_test_acc", "-") for a in AXES if a in rows)
-        replay = "alpha=0 replays" if not t["alpha0_replay"] else f"alpha=0 CHANGED {t['alpha0_replay']} answers"
-        out.append(f"{dataset} ({t['failures']} failures of {t['n']}): {cells} at alpha {t['best_alpha']['Probe']}; "
-                   f"probe held-out acc h/v {held_out}; {replay}")
+        axes = [f"{a}: {_cells(rows[a])}" if "Probe" in rows[a] else f"{a}: {_why_no_probe(summary[f'{dataset}|{a}'])}"
+                for a in AXES if a in rows]
+        out.append(f"{dataset}: accuracy {t['None']['accuracy']:.2f} ({'; '.join(axes)})")
     return "accuracy (fix rate) " + "; ".join(out)
 
 

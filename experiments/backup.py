@@ -18,8 +18,8 @@ from absl import logging
 import spatial_jax as sj
 from experiments import common, criss_cross
 from experiments.ablation import ablation_intervention
-from spatial_jax.data import scoring
 from spatial_jax import program
+from spatial_jax.data import scoring
 from spatial_jax.data.prompts import DIRECTIONS
 
 FLAGS = common.FLAGS
@@ -54,7 +54,7 @@ def run() -> dict:
         if value["n_pairs"]:
             flip = np.asarray(value["flip"])
             logging.info("%s|%s: %d pairs; max object-swap flip %.2f at slot %d; controls %s", task.name, direction,
-                         value["n_pairs"], flip.max(), flip[:, 0].argmax(), value["controls"]["passed"])
+                         value["n_pairs"], flip.max(), flip[:, 0].argmax(), common.brief(value["controls"]["passed"]))
         return value
 
     out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)

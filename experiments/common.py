@@ -127,7 +127,8 @@ def pair_pool(model: sj.Model, task) -> list[str] | dict[str, tuple[str, ...]]:
     tok = model.processor.tokenizer
     if isinstance(task, WhatsupTask):
         return task.pair_pool(tok)
-    return [name for name, e in task.entities.items() if task.name == "shapes" or scoring.is_single_token(tok, e.attribute)]
+    return [name for name, e in task.entities.items()
+            if task.name == "shapes" or scoring.is_single_token(tok, e.attribute)]
 
 
 def image_positions(model: sj.Model, batch: sj.Batch) -> np.ndarray:

@@ -150,7 +150,7 @@ def run() -> dict:
         if value["n_pairs"]:
             logging.info("%s|%s: %d pairs; strip flip at slot 0 %.2f, object flip at slot 0 %.2f; controls %s",
                          task.name, direction, value["n_pairs"], value["flip"][0, 1], value["flip"][0, 0],
-                         value["controls"]["passed"])
+                         common.brief(value["controls"]["passed"]))
         return value
 
     out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure, whatsup={"regions": FLAGS.whatsup_regions},

@@ -40,8 +40,8 @@ from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import ORIENTATIONS, images_of, shuffled, slot_labels, visual_residuals
 from spatial_jax import probes
-from spatial_jax.data.synthetic import render_layout
 from spatial_jax import program
+from spatial_jax.data.synthetic import render_layout
 
 FLAGS = common.FLAGS
 NAME = "probe_lm"
@@ -114,8 +114,9 @@ def run() -> dict:
             value["cross_shift_test_accuracy"] = sweep(both, np.concatenate([labels, group_labels(moved)], axis=1),
                                                        np.concatenate([train_img, none]),
                                                        np.concatenate([none, ~train_img]), FLAGS.seed)["test"]
-        logging.info("%s|%s: probe accuracy by slot (rows: %s) %s; empty canvas %s", task.name, orientation, GROUPS,
-                     np.round(acc["test"].T, 2), np.round(value["empty_canvas_test_accuracy"].T, 2))
+        logging.info("%s|%s: probe test accuracy by slot: %s; empty canvas: %s", task.name, orientation,
+                     *("; ".join(f"{g} " + " ".join(f"{a:.2f}" for a in row) for g, row in zip(GROUPS, v.T))
+                       for v in (acc["test"], value["empty_canvas_test_accuracy"])))
         return value
 
     out_dir, summary = common.run_parts(NAME, ORIENTATIONS, measure, setup="probing", groups=list(GROUPS))

@@ -263,7 +263,7 @@ def test_amplification_figure_and_headline_cover_parts_without_a_probe(tmp_path)
     amplification.plot(str(tmp_path), summary)
     assert os.path.getsize(tmp_path / "accuracy_by_alpha.png") > 5000
     line = amplification.headline(summary)
-    assert "shapes: accuracy 0.38, not amplified (horizontal: 6 failures, but fewer than 4" in line
+    assert "shapes: accuracy 0.38 (horizontal: 6 failures, but fewer than 4 items to train a probe on; vertical: None 0.50, Random 0.62 (0.25)" in line
     assert ("squares (4 failures of 16): None 0.75, Random 0.81 (0.25), Random* 0.88 (0.50), Probe 0.88 (0.50), "
             "Probe* 0.94 (0.75) at alpha 2; probe held-out acc h/v 0.50/-; alpha=0 replays") in line
 

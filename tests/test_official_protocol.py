@@ -242,3 +242,20 @@ def test_criss_cross_control_verdicts():
     assert criss_cross.control_verdicts(noop)["whole_image"] is False
     leaky = {"identity": {"flip": [0.0, 0.1, 0.0]}, "whole_image": {"flip": [1.0, 1.0, 1.0]}}
     assert criss_cross.control_verdicts(leaky)["identity"] is False
+
+
+def test_criss_cross_controls_on_the_organism_and_a_no_op_index_map(monkeypatch):
+    """The organism answers correctly: the whole image from the reversed image flips its answers at
+    the LM input and the identity swap flips none; with a no-op index map the positive control
+    flips nothing and its verdict fails."""
+    import spatial_jax as sj
+    model = sj.load("checkpoints/organism")
+    task = make_task("squares", "organism")
+    pairs = pairs_lib.criss_cross_pairs(task.item, list(task.entities), lambda items: [i.answer for i in items],
+                                        directions=["left"], n_per_direction=4)["left"]
+    controls = criss_cross.control_sweeps(model, pairs, 4)
+    assert controls["passed"] == {"identity": True, "whole_image": True}
+    assert max(controls["identity"]["flip"]) == 0 and controls["whole_image"]["flip"][0] == 1.0
+    monkeypatch.setattr(criss_cross, "image_map", lambda m, batch: np.full((1,) + np.shape(batch.input_ids), -1, np.int32))
+    broken = criss_cross.control_sweeps(model, pairs, 4)
+    assert broken["passed"]["whole_image"] is False and max(broken["whole_image"]["flip"]) == 0
