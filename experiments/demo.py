@@ -33,15 +33,15 @@ WEAK = "checkpoints/organism_vision_strip_weak"
 # Per experiment, the flags of the demo run (4 directions x 3 datasets = 12 parts: n_pairs 17 gives
 # <= 204 golden pairs per swap experiment; last-token patching is only read for its shape).
 SETTINGS = {
-    "behaviour": {"max_items": 240},
-    "probe_vision": {"max_items": 96},
-    "probe_lm": {"max_items": 96},
-    "last_token": {"n_pairs": 4},
+    "behaviour": {"max_items": 120},
+    "probe_vision": {"max_items": 64},
+    "probe_lm": {"max_items": 48},
+    "last_token": {"n_pairs": 2},
     "criss_cross": {"n_pairs": 17},
-    "ablation": {"max_items": 240},
+    "ablation": {"max_items": 120},
     "backup": {"n_pairs": 17},
-    "amplification": {"max_items": 240},
-    "absolute_vs_relative": {"max_items": 48},
+    "amplification": {"max_items": 120},
+    "absolute_vs_relative": {"max_items": 24},
 }
 
 

@@ -49,7 +49,7 @@ def test_training_forward_equals_model_forward(setup, shuffle):
     interventions = ()
     n = encoder.geometry.n_visual_tokens
     src = batch["token_src"]
-    np.testing.assert_array_equal(src // n, batch["image_of_row"][:, None])  # no extra image is read
+    np.testing.assert_array_equal(src // n, np.repeat(batch["image_of_row"][:, None], n, 1))  # no extra image read
     if shuffle:  # the same as permuting each image's visual tokens (site vision.tokens) before the LM
         perm = src % n
         assert not (perm == np.arange(perm.shape[1])).all()
