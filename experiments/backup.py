@@ -3,15 +3,23 @@ counterfactual runs (vision ordering signal erased at the LM input), object-toke
 swaps at every slot. Flips in middle layers mean the LM rebuilt an ordering on the object tokens
 itself. Strip swaps are pointless here: the ablation made every background token identical.
 
+As the official criss_cross_wo_ve_oi, the golden pairs are the ones the *ablated* model answers
+correctly (clean and cf), from the same official stream as criss_cross; the metrics (candidate
+probabilities mean +- std, flip rate) and the controls (identity, whole image from the reversed
+image) are criss_cross's, every run under the ablation.
+
     python -m experiments.backup --checkpoint checkpoints/organism --dataset squares
 """
 from __future__ import annotations
 
-from absl import app, logging
+import numpy as np
+from absl import logging
 
+import spatial_jax as sj
 from experiments import common, criss_cross
 from experiments.ablation import ablation_intervention
-from experiments.criss_cross import golden_criss_cross_pairs, plot, region_swaps, sweep_pairs
+from spatial_jax import program
+from spatial_jax.data import scoring
 from spatial_jax.data.prompts import DIRECTIONS
 
 FLAGS = common.FLAGS
@@ -20,23 +28,38 @@ REGION_SETS = criss_cross.REGION_SETS[:1]  # object swaps only
 
 
 def object_swaps(model, batch, items):
-    return region_swaps(model, batch, items)[:len(REGION_SETS)]
+    return criss_cross.region_swaps(model, batch, items)[:len(REGION_SETS)]
+
+
+def ablated_predict(model, task):
+    """predict(items) -> the ablated model's decoded, normalised top-1 answers (the pair filter)."""
+    def predict(items):
+        out = []
+        for chunk, batch in common.batches(model, items, FLAGS.batch_size):
+            logits = sj.next_token_logits(model, batch, [ablation_intervention(model, task, chunk, batch)])
+            out += scoring.top1_tokens(np.asarray(logits), model.processor.tokenizer)
+        return out
+    return predict
 
 
 def run() -> dict:
+    golden = {}  # dataset -> direction -> pairs, golden under the ablation
+
     def measure(model, task, direction):
-        pairs = golden_criss_cross_pairs(model, task, [direction])[direction]
-        if not pairs:
-            return {"n_pairs": 0}
+        if task.name not in golden:
+            keep = ablated_predict(model, task) if FLAGS.golden else common.pair_filter(model)
+            golden[task.name] = criss_cross.golden_pairs(model, task, keep)
         ablate = lambda items, batch: [ablation_intervention(model, task, items, batch)]
-        flip, keep = sweep_pairs(model, pairs, object_swaps, FLAGS.batch_size, under=ablate)
-        logging.info("%s|%s: %d pairs; max object-swap flip %.2f at slot %d", task.name, direction, len(pairs),
-                     flip.max(), flip[:, 0].argmax())
-        return {"n_pairs": len(pairs), "flip": flip.tolist(), "keep": keep.tolist()}
+        value = criss_cross.measure_direction(model, golden[task.name][direction], object_swaps, under=ablate)
+        if value["n_pairs"]:
+            flip = np.asarray(value["flip"])
+            logging.info("%s|%s: %d pairs; max object-swap flip %.2f at slot %d; controls %s", task.name, direction,
+                         value["n_pairs"], flip.max(), flip[:, 0].argmax(), common.brief(value["controls"]["passed"]))
+        return value
 
     out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)
-    plot(out_dir, summary, "Object swaps under ablation: the backup mechanism (paper Fig. 9)",
-         region_sets=REGION_SETS)
+    criss_cross.plot(out_dir, summary, "Object swaps under ablation: the backup mechanism (paper Fig. 9)",
+                     region_sets=REGION_SETS)
     return summary
 
 
@@ -50,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

@@ -3,8 +3,20 @@
 The counterfactual is the clean image reversed with the same prompt. At each slot (the LM input,
 then each layer's output), the clean run's left (top) region takes the cf run's right (bottom)
 region and vice versa; the colour at each place is unchanged, only where its tokens came from.
-The flip rate is the fraction of pairs whose answer becomes the cf's answer (the entity now at
-the queried end), per slot and region set.
+Recorded per slot and region set, as the official code and the paper's figures have them: the
+mean and std over pairs of the probabilities of c0 (clean answer), c1 (reference) and c2 (cf
+answer), each summed over its spellings; and the flip rate, the fraction of pairs whose decoded,
+normalised top-1 token becomes c2 (keep: stays c0).
+
+Controls, on the first --batch_size pairs of each direction (results.json "controls"):
+  identity:    every image token replaced by itself from the clean run (must flip none: a broken
+               patching path shows here);
+  whole_image: every image token from the reversed image (the cf run): at the LM input this is the
+               cf image itself, so it must flip most answers of a model that answers correctly; an
+               all-zero curve next to a flat region-swap curve means the index map is broken.
+
+Pairs come from the official stream (spatial_jax.data.pairs) over the model's palette, all four
+directions in the official order, golden under the model's own answers.
 
     python -m experiments.criss_cross --checkpoint checkpoints/organism --dataset squares
 """
@@ -13,17 +25,23 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
+from spatial_jax import program
 from spatial_jax.data import pairs as pairs_lib
+from spatial_jax.data import scoring
 from spatial_jax.data.prompts import DIRECTIONS
 
 FLAGS = common.FLAGS
 NAME = "criss_cross"
 REGION_SETS = ("object", "strip")
+CONTROLS = ("identity", "whole_image")
+CANDIDATES = ("c0 (clean answer)", "c1 (reference)", "c2 (cf answer)")
+CANDIDATE_COLOURS = ("tab:red", "tab:green", "tab:blue")
+MIN_WHOLE_IMAGE_FLIP = 0.5  # the positive control's bar at the LM input
 
 
 def region_swaps(model, batch, items) -> np.ndarray:
@@ -37,75 +55,187 @@ def region_swaps(model, batch, items) -> np.ndarray:
     return maps
 
 
-def sweep_pairs(model, pairs, index_fn, batch_size, under=None):
-    """Runs a region-swap sweep over golden pairs; returns (flip, keep) rates [L+1, R].
+def image_map(model, batch) -> np.ndarray:
+    """[1, B, T]: every visual token reads the same position of the source run (the controls)."""
+    pos = common.image_positions(model, batch)
+    index = np.full(np.shape(batch.input_ids), -1, np.int32)
+    np.put_along_axis(index, pos, pos, axis=1)
+    return index[None]
+
+
+def _sweep(model, chunk, index_fn, under, source_is_clean=False):
+    """One region-swap sweep over a chunk of pairs -> (probs [S, R, B, 3], flipped, kept [S, R, B])."""
+    tok = model.processor.tokenizer
+    clean_items, cf_items = [p.clean for p in chunk], [p.counterfactual for p in chunk]
+    clean = common.prepare(model, clean_items)
+    cf = clean if source_is_clean else common.prepare(model, cf_items)
+    cands = scoring.Candidates.of(tok, [p.candidates for p in chunk])
+    extra = {} if under is None else dict(clean_interventions=under(clean_items, clean),
+                                          cf_interventions=under(clean_items if source_is_clean else cf_items, cf))
+    res = sj.region_swap_sweep(model, clean, cf, index_fn(model, clean, clean_items), cands.readout, **extra)
+    return (cands.probs(res.probs), scoring.answers_match(res.argmax, cands.column(2), tok),
+            scoring.answers_match(res.argmax, cands.column(0), tok))
+
+
+def sweep_pairs(model, pairs, index_fn, batch_size, under=None) -> dict:
+    """Region-swap sweeps over golden pairs -> per slot and region set: flip / keep rates [S, R]
+    and the candidates' probabilities, mean and std over pairs [S, R, 3].
 
     under(items, batch) -> interventions applied to the clean and the cf runs alike (Fig. 9).
     """
-    flips, keeps, n = 0.0, 0.0, 0
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        clean_items, cf_items = [p.clean for p in chunk], [p.counterfactual for p in chunk]
-        clean, cf = common.prepare(model, clean_items), common.prepare(model, cf_items)
-        tokens = np.array([[common.answer_token(model, w) for w in p.candidates] for p in chunk])
-        extra = {} if under is None else dict(clean_interventions=under(clean_items, clean),
-                                              cf_interventions=under(cf_items, cf))
-        res = sj.region_swap_sweep(model, clean, cf, index_fn(model, clean, clean_items), tokens, **extra)
-        flips = flips + (res.argmax == tokens[None, None, :, 2]).sum(-1)
-        keeps = keeps + (res.argmax == tokens[None, None, :, 0]).sum(-1)
-        n += len(chunk)
-    return flips / n, keeps / n
+    parts = [_sweep(model, pairs[i:i + batch_size], index_fn, under) for i in range(0, len(pairs), batch_size)]
+    probs, flipped, kept = (np.concatenate(x, axis=-2 if k == 0 else -1) for k, x in enumerate(zip(*parts)))
+    return {"flip": flipped.mean(-1), "keep": kept.mean(-1), "probs_mean": probs.mean(-2),
+            "probs_std": probs.std(-2)}
 
 
-def golden_criss_cross_pairs(model, task, directions):
-    return pairs_lib.criss_cross_pairs(task.item, list(task.entities), common.pair_filter(model),
-                                       directions=directions, n_per_direction=FLAGS.n_pairs, seed=FLAGS.seed)
+def control_sweeps(model, pairs, batch_size, under=None) -> dict:
+    """The identity and whole-image controls on the first `batch_size` pairs: flip and keep rates
+    per slot [S] of each, and whether each passed."""
+    chunk = pairs[:batch_size]
+    identity = _sweep(model, chunk, lambda m, batch, items: image_map(m, batch), under, source_is_clean=True)
+    whole = _sweep(model, chunk, lambda m, batch, items: image_map(m, batch), under)
+    out = {"n_pairs": len(chunk)}
+    for name, (_, flipped, kept) in zip(CONTROLS, (identity, whole)):
+        out[name] = {"flip": flipped[:, 0].mean(-1), "keep": kept[:, 0].mean(-1)}
+    out["passed"] = control_verdicts(out)
+    return out
+
+
+def control_verdicts(controls: dict) -> dict[str, bool]:
+    """identity: no pair flips at any slot; whole_image: at least MIN_WHOLE_IMAGE_FLIP of the pairs
+    flip at the LM input."""
+    return {"identity": bool(np.max(controls["identity"]["flip"]) == 0),
+            "whole_image": bool(controls["whole_image"]["flip"][0] >= MIN_WHOLE_IMAGE_FLIP)}
+
+
+def golden_pairs(model, task, predict) -> dict:
+    """direction -> golden criss-cross pairs, all directions from one official stream."""
+    return pairs_lib.criss_cross_pairs(task.item, common.pair_pool(model, task), predict,
+                                       n_per_direction=FLAGS.n_pairs, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
+
+
+def measure_direction(model, pairs, index_fn, under=None) -> dict:
+    """One results.json part: the sweep's metrics and the controls."""
+    if not pairs:
+        return {"n_pairs": 0}
+    return {"n_pairs": len(pairs), **sweep_pairs(model, pairs, index_fn, FLAGS.batch_size, under),
+            "controls": control_sweeps(model, pairs, FLAGS.batch_size, under)}
 
 
 def run() -> dict:
+    golden = {}  # dataset -> direction -> pairs: one stream for all four directions
+
     def measure(model, task, direction):
-        pairs = golden_criss_cross_pairs(model, task, [direction])[direction]
-        if not pairs:
-            return {"n_pairs": 0}
-        flip, keep = sweep_pairs(model, pairs, region_swaps, FLAGS.batch_size)
-        logging.info("%s|%s: %d pairs; strip flip at slot 0 %.2f, object flip at slot 0 %.2f", task.name,
-                     direction, len(pairs), flip[0, 1], flip[0, 0])
-        return {"n_pairs": len(pairs), "flip": flip.tolist(), "keep": keep.tolist()}
+        if task.name not in golden:
+            golden[task.name] = golden_pairs(model, task, common.pair_filter(model))
+        value = measure_direction(model, golden[task.name][direction], region_swaps)
+        if value["n_pairs"]:
+            logging.info("%s|%s: %d pairs; strip flip at slot 0 %.2f, object flip at slot 0 %.2f; controls %s",
+                         task.name, direction, value["n_pairs"], value["flip"][0, 1], value["flip"][0, 0],
+                         common.brief(value["controls"]["passed"]))
+        return value
 
     out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)
     plot(out_dir, summary, "Criss-cross swaps (paper Figs. 6, 7)")
     return summary
 
 
+def _by_dataset(summary: dict) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for key, v in summary.items():
+        dataset, direction = key.split("|")
+        out.setdefault(dataset, {})[direction] = v
+    return out
+
+
 def plot(out_dir: str, summary: dict, title: str, region_sets=REGION_SETS) -> None:
-    """Flip rate per slot: one panel per dataset, a line per region set (mean over directions,
-    weighted by pairs), thin lines per direction; also a CSV."""
-    datasets = sorted({k.split("|")[0] for k in summary})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False)
-    rows = []
-    for ax, dataset in zip(axes[0], datasets):
-        parts = {k.split("|")[1]: v for k, v in summary.items() if k.startswith(dataset + "|") and v["n_pairs"]}
+    """Per region set, the paper's figure: a panel per (dataset, direction), the probabilities of
+    c0, c1, c2 per slot, mean +- std over pairs; and the flip rates with the controls; CSVs."""
+    datasets = _by_dataset(summary)
+    for r, name in enumerate(region_sets):
+        fig, axes = plt.subplots(len(datasets), len(DIRECTIONS), figsize=(3.3 * len(DIRECTIONS), 2.8 * len(datasets)),
+                                 squeeze=False, sharey=True)
+        for row, (dataset, parts) in zip(axes, datasets.items()):
+            for ax, direction in zip(row, DIRECTIONS):
+                v = parts.get(direction, {"n_pairs": 0})
+                ax.set_title(f"{dataset}, {direction} ({v['n_pairs']} pairs)", fontsize=8)
+                if not v["n_pairs"]:
+                    continue
+                mean, std = np.array(v["probs_mean"])[:, r], np.array(v["probs_std"])[:, r]  # [S, 3]
+                slots = np.arange(len(mean))
+                for k, (label, colour) in enumerate(zip(CANDIDATES, CANDIDATE_COLOURS)):
+                    ax.plot(slots, mean[:, k], color=colour, lw=1.6, label=label)
+                    ax.fill_between(slots, mean[:, k] - std[:, k], mean[:, k] + std[:, k], color=colour, alpha=0.18, lw=0)
+                plotting.slot_axis(ax, len(mean), "slot")
+                ax.set_ylim(-0.05, 1.05)
+            row[0].set_ylabel("probability")
+        axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle(f"{title}: {name} swap, candidate probabilities (mean ± std over pairs)", fontsize=10)
+        plotting.save(fig, os.path.join(out_dir, f"probs_{name}.png"))
+    _plot_flips(out_dir, datasets, title, region_sets)
+    _write_csvs(out_dir, datasets, region_sets)
+
+
+def _plot_flips(out_dir: str, datasets: dict, title: str, region_sets) -> None:
+    """Flip rate per slot: a panel per dataset, a line per region set (pair-weighted mean over
+    directions) and the two controls (dashed)."""
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 3.3), squeeze=False)
+    for ax, (dataset, parts) in zip(axes[0], datasets.items()):
+        parts = {d: v for d, v in parts.items() if v["n_pairs"]}
         if not parts:
             ax.set_title(f"{dataset}: no golden pairs")
             continue
-        mean = common.pair_weighted_mean(list(parts.values()), "flip")  # [L+1, R]
+        mean = common.pair_weighted_mean(list(parts.values()), "flip")  # [S, R]
         for r, name in enumerate(region_sets):
-            line, = ax.plot(mean[:, r], marker="o", ms=3, label=f"{name} swap")
-            for d, v in parts.items():
-                ax.plot(np.array(v["flip"])[:, r], color=line.get_color(), alpha=0.25, lw=0.8)
-                rows += [[dataset, d, name, s, f"{f:.3f}", v["n_pairs"]] for s, f in enumerate(np.array(v["flip"])[:, r])]
+            ax.plot(mean[:, r], marker="o", ms=3, label=f"{name} swap")
+        controls = [v["controls"] for v in parts.values()]
+        for name, style in zip(CONTROLS, (":", "--")):
+            curve = common.pair_weighted_mean([{"n_pairs": c["n_pairs"], **c[name]} for c in controls], "flip")
+            ax.plot(curve, color="gray", ls=style, lw=1.2, label=f"control: {name.replace('_', ' ')}")
         plotting.slot_axis(ax, len(mean))
-        ax.set_ylabel("flip rate")
+        ax.set_ylabel("flip rate (top-1 = c2)")
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(f"{dataset} ({sum(v['n_pairs'] for v in parts.values())} pairs)")
         ax.legend(fontsize=7)
     fig.suptitle(title)
     plotting.save(fig, os.path.join(out_dir, "flip_rate.png"))
-    common.write_csv(os.path.join(out_dir, "flip_rate.csv"), ["dataset", "direction", "regions", "slot", "flip_rate", "n_pairs"], rows)
+
+
+def _write_csvs(out_dir: str, datasets: dict, region_sets) -> None:
+    rows, controls = [], []
+    for dataset, parts in datasets.items():
+        for direction, v in parts.items():
+            if not v["n_pairs"]:
+                continue
+            flip, mean, std = np.array(v["flip"]), np.array(v["probs_mean"]), np.array(v["probs_std"])
+            rows += [[dataset, direction, name, s, f"{flip[s, r]:.3f}",
+                      *(f"{mean[s, r, k]:.3f} ± {std[s, r, k]:.3f}" for k in range(3)), v["n_pairs"]]
+                     for r, name in enumerate(region_sets) for s in range(len(flip))]
+            c = v["controls"]
+            controls.append([dataset, direction, c["n_pairs"], f"{max(c['identity']['flip']):.3f}",
+                             f"{c['whole_image']['flip'][0]:.3f}", "pass" if all(c["passed"].values()) else "FAIL"])
+    common.write_csv(os.path.join(out_dir, "flip_rate.csv"),
+                     ["dataset", "direction", "regions", "slot", "flip_rate", "p_c0", "p_c1", "p_c2", "n_pairs"], rows)
+    common.write_csv(os.path.join(out_dir, "controls.csv"),
+                     ["dataset", "direction", "n_pairs", "identity_max_flip (must be 0)",
+                      f"whole_image_flip_at_emb (>= {MIN_WHOLE_IMAGE_FLIP})", "verdict"], controls)
+
+
+def controls_text(summary: dict) -> str:
+    """The controls over every part, in words."""
+    parts = [v["controls"] for v in summary.values() if v["n_pairs"]]
+    if not parts:
+        return "no controls (no pairs)"
+    identity = max(max(c["identity"]["flip"]) for c in parts)
+    whole = common.pair_weighted_mean([{"n_pairs": c["n_pairs"], **c["whole_image"]} for c in parts], "flip")[0]
+    failed = sum(not all(c["passed"].values()) for c in parts)
+    return (f"controls: identity flips {identity:.2f} (must be 0), whole image from the reversed image flips "
+            f"{whole:.2f} at emb" + (f"; {failed} of {len(parts)} parts FAIL a control" if failed else ", all pass"))
 
 
 def headline(summary: dict, region_sets=REGION_SETS) -> str:
-    """Per region set, the flip rate at the LM input and its peak over slots, over all pairs."""
+    """Per region set, the flip rate at the LM input and its peak over slots, over all pairs; the controls."""
     parts = list(summary.values())
     n = sum(v["n_pairs"] for v in parts)
     if not n:
@@ -113,7 +243,7 @@ def headline(summary: dict, region_sets=REGION_SETS) -> str:
     flip = common.pair_weighted_mean(parts, "flip")  # [L+1, R]
     return f"{n} pairs; " + "; ".join(
         f"{name} swap flips {flip[0, r]:.2f} at emb, peak {flip[:, r].max():.2f} at {common.slot_text(int(flip[:, r].argmax()))}"
-        for r, name in enumerate(region_sets))
+        for r, name in enumerate(region_sets)) + "; " + controls_text(summary)
 
 
 def main(argv):
@@ -122,4 +252,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

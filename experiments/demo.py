@@ -20,10 +20,11 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import run_all, validation
 from experiments.random_checkpoint import write_random_checkpoint
+from spatial_jax import program
 from spatial_jax.organism import checkpoint
 
 FLAGS = flags.FLAGS
@@ -116,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: os.path.join(FLAGS.output_dir, "report.md"), example="python -m experiments.demo --output_dir outputs/demo --dataset squares,shapes,objects")

@@ -5,7 +5,9 @@ opposite direction answers c3 (layouts mirrored for right/below, paper section 4
 cf's last-token residual into the clean run at slot s shows, as s grows, the clean answer c0,
 then c2 (the clean image's entity at the cf's queried ordinal position: the "ordering" layers),
 then c3 (the cf's answer itself: the "attribute" layers). Probabilities are summed over
-spellings, as the paper reports them.
+spellings, as the paper reports them. Pairs come from the official last_token_exp stream: Squares
+draws from the 7 colours of its COLOR_RGB (the palette plus Orange) for every model, one
+random.Random(seed) across the four directions in the official order.
 
     python -m experiments.last_token --checkpoint checkpoints/organism --dataset squares
 """
@@ -14,11 +16,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
+from spatial_jax import program
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.data import scoring
 from spatial_jax.data.prompts import DIRECTIONS
@@ -30,33 +33,34 @@ CANDIDATES = ("c0 (clean answer)", "c1 (reference)", "c2 (clean entity at cf's p
 
 
 def candidate_probs(model, pairs, batch_size) -> np.ndarray:
-    """Mean probability [L+1, 5] of (c0..c4) at each slot over `pairs`."""
+    """Mean probability [L+1, 5] of (c0..c4) at each slot over `pairs`, each summed over its spellings."""
     total, n = 0.0, 0
-    tokenizer = model.processor.tokenizer
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        ids, mask = scoring.spelling_table(tokenizer, [p.candidates for p in chunk])  # [B, 5, M]
-        B, K, M = ids.shape
+        cands = scoring.Candidates.of(model.processor.tokenizer, [p.candidates for p in chunk])
         clean = common.prepare(model, [p.clean for p in chunk])
         cf = common.prepare(model, [p.counterfactual for p in chunk])
-        res = sj.last_token_sweep(model, clean, cf, ids.reshape(B, K * M))
-        probs = (res.probs.reshape(-1, B, K, M) * mask).sum(-1)  # [L+1, B, 5]
-        total = total + probs.sum(1)
-        n += B
+        res = sj.last_token_sweep(model, clean, cf, cands.readout)
+        total = total + cands.probs(res.probs).sum(1)  # [L+1, 5]
+        n += len(chunk)
     return total / n
 
 
 def run() -> dict:
+    golden = {}  # dataset -> direction -> pairs: one official stream for all four directions
+
     def measure(model, task, direction):
-        pairs = pairs_lib.last_token_pairs(task.item, list(task.entities), common.pair_filter(model),
-                                           directions=[direction], n_per_direction=FLAGS.n_pairs,
-                                           seed=FLAGS.seed)[direction]
+        if task.name not in golden:
+            golden[task.name] = pairs_lib.last_token_pairs(
+                task.item, common.pair_pool(model, task), common.pair_filter(model), n_per_direction=FLAGS.n_pairs,
+                seed=FLAGS.seed, batch_size=FLAGS.batch_size)
+        pairs = golden[task.name][direction]
         logging.info("%s|%s: %d golden pairs", task.name, direction, len(pairs))
         if not pairs:
             return {"n_pairs": 0}
         return {"n_pairs": len(pairs), "probs": candidate_probs(model, pairs, FLAGS.batch_size).tolist()}
 
-    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure)
+    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure, setup="last_token")
     plot(out_dir, summary)
     return summary
 
@@ -102,4 +106,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
 from spatial_jax import probes
+from spatial_jax import program
 
 FLAGS = common.FLAGS
 NAME = "probe_vision"
@@ -57,17 +58,36 @@ def slot_labels(items, kind: str) -> np.ndarray:
     return labels
 
 
+SHUFFLED_MARGIN = 0.2  # a shuffled-label probe above chance + this is flagged
+
+
+def shuffled(labels: np.ndarray, train: np.ndarray, seed: int) -> np.ndarray:
+    """labels [..., N] with the training examples' labels permuted among themselves (per row)."""
+    out = np.array(labels)
+    rng = np.random.default_rng(seed)
+    for row, mask in zip(out.reshape(-1, out.shape[-1]), np.broadcast_to(train, out.shape).reshape(-1, out.shape[-1])):
+        row[mask] = rng.permutation(row[mask])
+    return out
+
+
 def train_slot_probes(acts: np.ndarray, labels: np.ndarray, seed: int):
-    """acts [n, S, Ni, D], labels [n, Ni] -> (probes [S], test accuracy [S], test image mask [n])."""
+    """acts [n, S, Ni, D], labels [n, Ni] -> (probes [S], {"test", "train", "shuffled_test"}
+    accuracies [S], train image mask [n]). The shuffled-label probe starts from zero weights: with
+    the recipe's step budget a probe moves little from its init, and a random init alone can score
+    far from chance on features with a strong structure; from zero it scores what the shuffled
+    labels taught it."""
     n, S, Ni, D = acts.shape
-    train_img = probes.split_by_group(np.arange(n), 0.25, seed)
+    train_img = probes.shuffle_split(n, 0.75, seed)
     valid = labels >= 0
     train = (valid & train_img[:, None]).reshape(-1)
     test = (valid & ~train_img[:, None]).reshape(-1)
     x = np.moveaxis(acts, 1, 0).reshape(S, n * Ni, D)
     y = np.maximum(labels, 0).reshape(-1)
     p = probes.train_probes(x, y, train, 3, seed=seed)
-    return p, np.asarray(probes.accuracy(p, x, y, test)), train_img
+    q = probes.train_probes(x, shuffled(y, train, seed), train, 3, init="zeros")
+    acc = {"test": np.asarray(probes.accuracy(p, x, y, test)), "train": np.asarray(probes.accuracy(p, x, y, train)),
+           "shuffled_test": np.asarray(probes.accuracy(q, x, y, test))}
+    return p, acc, train_img
 
 
 def heatmap(p, acts: np.ndarray, test_img: np.ndarray, grid) -> np.ndarray:
@@ -83,12 +103,21 @@ def run() -> dict:
         acts = visual_residuals(model, items)
         p, acc, train_img = train_slot_probes(acts, slot_labels(items, "object"), FLAGS.seed)
         hm = heatmap(probe_at(p, 0), acts, ~train_img, items[0].regions.grid)
-        logging.info("%s|%s: object-token probe test accuracy %.3f", task.name, orientation, acc[0])
-        return {"n_images": len(items), "test_accuracy": float(acc[0]), "heatmap": hm.tolist()}
+        value = {"n_images": len(items), "n_train_images": int(train_img.sum()), "test_accuracy": float(acc["test"][0]),
+                 "train_accuracy": float(acc["train"][0]), "shuffled_test_accuracy": float(acc["shuffled_test"][0]),
+                 "heatmap": hm.tolist()}
+        value["shuffled_at_chance"] = bool(value["shuffled_test_accuracy"] <= plotting.CHANCE + SHUFFLED_MARGIN)
+        logging.info("%s|%s: object-token probe accuracy test %.3f, train %.3f, shuffled labels %.3f", task.name,
+                     orientation, value["test_accuracy"], value["train_accuracy"], value["shuffled_test_accuracy"])
+        return value
 
-    out_dir, summary = common.run_parts(NAME, ORIENTATIONS, measure)
-    rows = [[k.split("|")[0], k.split("|")[1], v["n_images"], f"{v['test_accuracy']:.3f}"] for k, v in summary.items()]
-    common.write_csv(os.path.join(out_dir, "accuracy.csv"), ["dataset", "orientation", "images", "test_accuracy"], rows)
+    out_dir, summary = common.run_parts(NAME, ORIENTATIONS, measure, setup="probing")
+    rows = [[*k.split("|"), v["n_images"], v["n_train_images"], f"{v['train_accuracy']:.3f}", f"{v['test_accuracy']:.3f}",
+             f"{v['shuffled_test_accuracy']:.3f}", "pass" if v["shuffled_at_chance"] else "FAIL"]
+            for k, v in summary.items()]
+    common.write_csv(os.path.join(out_dir, "accuracy.csv"),
+                     ["dataset", "orientation", "images", "train_images", "train_accuracy", "test_accuracy",
+                      "shuffled_label_test_accuracy", "shuffled_at_chance"], rows)
     plot_heatmaps(out_dir, {k: np.array(v["heatmap"]) for k, v in summary.items()})
     return summary
 
@@ -110,8 +139,11 @@ def plot_heatmaps(out_dir: str, maps: dict) -> None:
 
 
 def headline(summary: dict) -> str:
-    return "object-token slot probe test accuracy " + ", ".join(
-        f"{k.replace('|', ' ')} {v['test_accuracy']:.2f}" for k, v in summary.items())
+    failed = [k for k, v in summary.items() if not v["shuffled_at_chance"]]
+    return ("object-token slot probe test (train; shuffled-label) accuracy " + ", ".join(
+        f"{k.replace('|', ' ')} {v['test_accuracy']:.2f} ({v['train_accuracy']:.2f}; {v['shuffled_test_accuracy']:.2f})"
+        for k, v in summary.items())
+        + (f"; shuffled-label control ABOVE CHANCE in {failed}" if failed else "; shuffled labels at chance"))
 
 
 def main(argv):
@@ -120,4 +152,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

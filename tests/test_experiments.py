@@ -18,7 +18,8 @@ import pytest
 from absl import flags
 
 import spatial_jax as sj
-from experiments import ablation, amplification, behaviour, common, demo, probe_lm, report, run_all
+from experiments import (ablation, absolute_vs_relative, amplification, behaviour, common, demo, probe_lm,
+                         probe_vision, report, run_all)
 from experiments.random_checkpoint import write_random_checkpoint
 from spatial_jax.data.geometry import get_geometry
 from spatial_jax.data.prompts import DIRECTIONS
@@ -228,33 +229,108 @@ def test_amplification_at_alpha_zero_changes_nothing(nine):
     parts = [p for p in _parts(nine.out, "amplification").values() if "Probe" in p]
     assert parts  # the untrained model fails most items: there is something to fix
     for part in parts:
-        assert part["replay_fixed_at_alpha0"] == 0  # failures stay failures at alpha = 0
+        assert part["alpha0_replay"] == {"n": part["failures"], "mismatches": 0}  # answers replayed exactly
+        assert 0 <= part["probe"]["test_acc"] <= 1 and 0 <= part["probe"]["train_acc"] <= 1
         for name in ("Random", "Probe"):
-            at_alpha, oracle = np.array(part[name + "_by_alpha"]), np.array(part[name + "*_by_alpha"])
-            assert at_alpha[0] == 0 and oracle[0] == 0
-            assert part[name] == at_alpha[1:].max() and part[name + "*"] == oracle[-1]
-            assert np.all(np.diff(oracle) >= 0) and np.all(oracle >= at_alpha)
+            at_alpha, oracle = np.array(part[name]["fixed_by_alpha"]), np.array(part[name]["oracle_by_alpha"])
+            assert at_alpha[0] == 0 and oracle[0] == 0  # failures stay failures at alpha = 0
+            assert np.all(np.diff(oracle) >= 0) and np.all(oracle >= at_alpha) and oracle[-1] <= part["failures"]
+
+
+def test_amplification_uses_one_best_alpha_per_dataset_and_reports_accuracy():
+    def part(golden, failures, probe):
+        return {"n": golden + failures, "golden": golden, "failures": failures, "alpha0_replay": {"mismatches": 0},
+                "probe": {"test_acc": 1.0, "train_acc": 1.0},
+                "Probe": {"fixed_by_alpha": probe, "oracle_by_alpha": list(np.maximum.accumulate(probe))},
+                "Random": {"fixed_by_alpha": [0, 1, 0], "oracle_by_alpha": [0, 1, 1]}}
+    # horizontal alone would pick alpha 1, vertical alpha 2; over both axes alpha 2 fixes more (2 + 3 > 3 + 0)
+    summary = {"squares|horizontal": part(4, 4, [0, 3, 2]), "squares|vertical": part(6, 4, [0, 0, 3])}
+    t = amplification.tables(summary)["squares"]
+    assert t["overall"]["best_alpha"] == {"Probe": 2, "Random": 1}
+    assert t["horizontal"]["Probe"] == {"accuracy": (4 + 2) / 8, "fix_rate": 2 / 4, "fixed": 2}
+    assert t["vertical"]["Probe"]["fixed"] == 3 and t["overall"]["Probe"]["fixed"] == 5
+    assert t["overall"]["Probe*"]["fixed"] == 3 + 3 and t["overall"]["None"]["accuracy"] == 10 / 18
 
 
 def test_amplification_figure_and_headline_cover_parts_without_a_probe(tmp_path):
-    curve = {"Random": 0.25, "Random*": 0.5, "Probe": 0.5, "Probe*": 0.75, "None": 0.0, "Random_best_alpha": 1,
-             "Probe_best_alpha": 2, "Random_by_alpha": [0, 0.25, 0.0], "Random*_by_alpha": [0, 0.25, 0.5],
-             "Probe_by_alpha": [0, 0.25, 0.5], "Probe*_by_alpha": [0, 0.5, 0.75]}
+    curve = {"alpha0_replay": {"n": 4, "mismatches": 0}, "probe": {"test_acc": 0.5, "train_acc": 1.0},
+             "Probe": {"fixed_by_alpha": [0, 1, 2], "oracle_by_alpha": [0, 1, 3]},
+             "Random": {"fixed_by_alpha": [0, 1, 0], "oracle_by_alpha": [0, 1, 2]}}
     summary = {"squares|horizontal": {"n": 8, "golden": 4, "failures": 4, **curve},
                "squares|vertical": {"n": 8, "golden": 8, "failures": 0},
                "shapes|horizontal": {"n": 8, "golden": 2, "failures": 6},
                "shapes|vertical": {"n": 8, "golden": 4, "failures": 4, **curve}}
     amplification.plot(str(tmp_path), summary)
-    assert os.path.getsize(tmp_path / "fix_rate_by_alpha.png") > 5000
+    assert os.path.getsize(tmp_path / "accuracy_by_alpha.png") > 5000
     line = amplification.headline(summary)
-    assert "squares vertical: no failures;" in line and "shapes horizontal: 6 failures, but fewer than 4" in line
-    assert "squares horizontal (4 failures): None 0.00, Random 0.25, Random* 0.50, Probe 0.50, Probe* 0.75" in line
+    assert "shapes: accuracy 0.38 (horizontal: 6 failures, but fewer than 4 items to train a probe on; vertical: None 0.50, Random 0.62 (0.25)" in line
+    assert ("squares (4 failures of 16): None 0.75, Random 0.81 (0.25), Random* 0.88 (0.50), Probe 0.88 (0.50), "
+            "Probe* 0.94 (0.75) at alpha 2; probe held-out acc h/v 0.50/-; alpha=0 replays") in line
 
 
-def test_absolute_vs_relative_covers_every_shift(nine):
+def test_amplification_raises_when_alpha_zero_changes_an_answer(flag_values, monkeypatch):
+    out = flag_values("--dataset=squares")
+    real = amplification.sweep_alphas
+
+    def broken(*args):  # a deliberately broken amplification: alpha = 0 moves every answer
+        fixed, argmax = real(*args)
+        return fixed, np.where(np.arange(argmax.shape[1])[None, :, None] == 0, argmax + 1, argmax)
+
+    monkeypatch.setattr(amplification, "sweep_alphas", broken)
+    with pytest.raises(RuntimeError, match="alpha = 0 changed the unintervened answers"):
+        amplification.run()
+    parts = _parts(out, "amplification")
+    assert any(p.get("alpha0_replay", {}).get("mismatches") for p in parts.values())  # recorded before raising
+
+
+def test_probe_controls(nine):
+    for part in _parts(nine.out, "probe_vision").values():
+        assert 0 <= part["train_accuracy"] <= 1 and part["shuffled_at_chance"] in (True, False)
+    for part in _parts(nine.out, "probe_lm").values():
+        for field in ("train_accuracy", "shuffled_test_accuracy", "empty_canvas_test_accuracy",
+                      "cross_shift_test_accuracy"):
+            assert np.array(part[field]).shape == (N_SLOTS, len(probe_lm.GROUPS)), field
+        assert part["cross_shift"] == 1
+
+
+def test_shuffled_label_probe_sits_at_chance_and_a_broken_shuffle_does_not():
+    """On features that give the slot away, the true-label probe is right, the shuffled-label one at
+    chance; a 'shuffle' that leaves the labels in place scores far above chance, and is flagged."""
+    rng = np.random.default_rng(0)
+    n, ni, d = 60, 9, 128
+    labels = np.tile(np.repeat([0, 1, 2], 3), (n, 1))  # [n, Ni]
+    acts = 0.3 * rng.normal(size=(n, 1, ni, d)).astype(np.float32) + 3 * np.eye(d, dtype=np.float32)[labels][:, None]
+    _, acc, _ = probe_vision.train_slot_probes(acts, labels, 0)
+    assert acc["test"][0] > 0.85 and acc["train"][0] > 0.95
+    assert abs(acc["shuffled_test"][0] - 1 / 3) < probe_vision.SHUFFLED_MARGIN
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(probe_vision, "shuffled", lambda y, train, seed: np.array(y))  # broken: no shuffle
+        _, broken, _ = probe_vision.train_slot_probes(acts, labels, 0)
+    assert broken["shuffled_test"][0] > 1 / 3 + probe_vision.SHUFFLED_MARGIN
+
+
+def test_absolute_vs_relative_moves_objects_across_strips(nine):
     parts = _parts(nine.out, "absolute_vs_relative")
-    for dataset in DATASETS:
-        assert sorted(parts[dataset], key=int) == ["0", "1"]  # the organism geometry allows shifts 0..1
+    assert set(parts) == {f"{d}|{o}" for d in DATASETS for o in ("horizontal", "vertical")}
+    for by_layout in parts.values():
+        # the organism's 6 tokens: the spaced layout shifts by +1 only (inside its strips), the
+        # packed one sits at 4 positions, each with objects across a strip boundary
+        assert list(by_layout) == ["spaced +1", "packed -1", "packed +0", "packed +1", "packed +2"]
+        assert by_layout["spaced +1"]["crossing"] == 0
+        assert all(by_layout[k]["crossing"] > 0 for k in by_layout if k.startswith("packed"))
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "gemma3", "organism"])
+def test_moved_layouts_cross_strips_in_both_orientations(name):
+    g = get_geometry(name)
+    task = make_task("squares", g)
+    for orientation, direction in (("horizontal", "left"), ("vertical", "above")):
+        strips = probe_vision.slot_labels([task.item(("red", "green", "blue"), direction)], "strip")[0]
+        crossing = []
+        for layout, shift in absolute_vs_relative.layouts(g):
+            item = task.item(("red", "green", "blue"), direction, (shift, 0), absolute_vs_relative.LAYOUTS[layout])
+            crossing.append(any((strips[region] != slot).any() for slot, region in enumerate(item.regions.objects)))
+        assert any(crossing), (name, orientation)
 
 
 def test_behaviour_on_whatsup_folder(tmp_path, flag_values):

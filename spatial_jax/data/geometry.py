@@ -9,6 +9,7 @@ them to the language model.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -65,36 +66,49 @@ class Geometry:
         """Tokens the row of three objects spans along its axis."""
         return 3 * self.object_tokens + 2 * self.spacing
 
+    def _spaced(self, spacing: int | None) -> "Geometry":
+        """This geometry with another spacing between the objects (None: its own)."""
+        if spacing is None or spacing == self.spacing:
+            return self
+        if spacing < 0:
+            raise ValueError(f"spacing must be >= 0, got {spacing}")
+        return dataclasses.replace(self, spacing=spacing)
+
     def _start(self) -> tuple[int, int]:
         # (along, across) origin of the unshifted layout, the paper's floor-rounded centring
         return (self.n_tokens - self.span) // 2, (self.n_tokens - self.object_tokens) // 2
 
-    def max_shift(self) -> tuple[tuple[int, int], tuple[int, int]]:
+    def max_shift(self, spacing: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
         """Allowed layout shifts ((along_lo, along_hi), (across_lo, across_hi)), inclusive.
 
         `along` moves the row of three objects along its own axis, `across` moves it
-        perpendicular to it; both keep every object inside the canvas.
+        perpendicular to it; both keep every object inside the canvas. spacing: of a layout with
+        another spacing between its objects (e.g. 0: packed), centred the same way.
         """
-        along0, across0 = self._start()
-        return ((-along0, self.n_tokens - self.span - along0),
-                (-across0, self.n_tokens - self.object_tokens - across0))
+        g = self._spaced(spacing)
+        along0, across0 = g._start()
+        return ((-along0, g.n_tokens - g.span - along0),
+                (-across0, g.n_tokens - g.object_tokens - across0))
 
-    def slot_origins(self, horizontal: bool, shift: tuple[int, int] = (0, 0)) -> tuple[tuple[int, int], ...]:
+    def slot_origins(self, horizontal: bool, shift: tuple[int, int] = (0, 0),
+                     spacing: int | None = None) -> tuple[tuple[int, int], ...]:
         """(row, col) token origin of the 3 slots, slot 0 = left (horizontal) or top (vertical).
 
         Paper section 2: y = (N - S)//2, x0 = (N - (3S + 2sp))//2, x_i = x0 + i(S + sp) for the
-        horizontal case; the vertical case is the transpose. `shift` = (along, across) tokens.
+        horizontal case; the vertical case is the transpose. `shift` = (along, across) tokens;
+        `spacing` replaces sp (e.g. 0 packs the objects, so shifts can carry them across strips).
         """
-        (along_lo, along_hi), (across_lo, across_hi) = self.max_shift()
+        g = self._spaced(spacing)
+        (along_lo, along_hi), (across_lo, across_hi) = g.max_shift()
         along, across = shift
         if not (along_lo <= along <= along_hi and across_lo <= across <= across_hi):
             raise ValueError(f"{self.name}: shift {shift} moves objects off the {self.n_tokens}-token canvas")
-        along0, across0 = self._start()
-        starts = [along0 + along + i * self.pitch for i in range(3)]
+        along0, across0 = g._start()
+        starts = [along0 + along + i * g.pitch for i in range(3)]
         fixed = across0 + across
         return tuple((fixed, s) if horizontal else (s, fixed) for s in starts)
 
-    def strip_bounds(self, along_shift: int = 0) -> tuple[tuple[int, int], ...]:
+    def strip_bounds(self, along_shift: int = 0, spacing: int | None = None) -> tuple[tuple[int, int], ...]:
         """[start, stop) of the 3 strips along the layout axis; they tile 0..N.
 
         Each column (row, for vertical layouts) belongs to the object whose centre is nearest,
@@ -105,9 +119,10 @@ class Geometry:
         Gemma (5,6,5), Pixtral (5,5,5). Column j (centre j + 1/2) is in the middle strip iff
         |2j + 1 - (N + 2 shift)| <= S + sp; the arithmetic below is that test, doubled to stay integral.
         """
+        pitch = self._spaced(spacing).pitch
         twice_centre = self.n_tokens + 2 * along_shift
-        lo = -((-(twice_centre - self.pitch - 1)) // 2)  # ceil
-        hi = (twice_centre + self.pitch - 1) // 2 + 1
+        lo = -((-(twice_centre - pitch - 1)) // 2)  # ceil
+        hi = (twice_centre + pitch - 1) // 2 + 1
         lo, hi = (min(max(b, 0), self.n_tokens) for b in (lo, hi))
         return ((0, lo), (lo, hi), (hi, self.n_tokens))
 

@@ -43,19 +43,21 @@ def _background(n_tokens: int, objects: Sequence[np.ndarray]) -> np.ndarray:
     return np.setdiff1d(np.arange(n_tokens, dtype=np.int32), np.concatenate(objects)).astype(np.int32)
 
 
-def layout_regions(geometry: Geometry, horizontal: bool, shift: tuple[int, int] = (0, 0)) -> Regions:
+def layout_regions(geometry: Geometry, horizontal: bool, shift: tuple[int, int] = (0, 0),
+                   spacing: int | None = None) -> Regions:
     """Regions of the synthetic three-slot layout (Squares, Shapes, Objects).
 
     Objects are the S x S token blocks at `geometry.slot_origins`; strips are the bands of
-    `geometry.strip_bounds` (they partition the canvas); `shift` = (along, across) tokens.
+    `geometry.strip_bounds` (they partition the canvas); `shift` = (along, across) tokens;
+    `spacing` (None: the geometry's) between the objects.
     """
     n, s = geometry.n_tokens, geometry.object_tokens
     grid = (n, n)
     objects = tuple(_block(grid, range(r, r + s), range(c, c + s))
-                    for r, c in geometry.slot_origins(horizontal, shift))
+                    for r, c in geometry.slot_origins(horizontal, shift, spacing))
     everything = range(n)
     strips = tuple(_block(grid, everything, range(a, b)) if horizontal else _block(grid, range(a, b), everything)
-                   for a, b in geometry.strip_bounds(shift[0]))
+                   for a, b in geometry.strip_bounds(shift[0], spacing))
     return Regions(grid=grid, objects=objects, strips=strips, background=_background(n * n, objects))
 
 

@@ -1,8 +1,13 @@
-"""Answer scoring as the paper does it, from next-token logits [B, V].
+"""Answer scoring as the official code does it (behavioral_analysis/src/eval.py), from next-token logits.
 
-- top-1: the arg-max next token, decoded and normalised (strip, lower-case), equals the answer;
+- top-1: the arg-max next token, decoded and normalised (`normalize`: strip, lower-case, drop every
+  non-alphanumeric character, the official `norm_token`), equals the normalised answer. Every
+  decision that compares an answer with a word (behaviour, golden-pair filters, flips, fixes) goes
+  through `normalize` of the decoded arg-max, never through one token id: a model that answers
+  "Red" or " Red." answers "red".
 - answer probability: the next-token probability summed over the spellings
-  {lower, Capitalized, " "+lower, " "+Capitalized} of the answer that are a single token.
+  {lower, Capitalized, " "+lower, " "+Capitalized} of the answer that are a single token, each
+  distinct id once (the official `logit_prob` gathers the four ids without deduplicating).
 
 Tokenizers: anything with `encode(text, add_special_tokens=False)` (a `tokenizers.Tokenizer`, whose
 result has `.ids`, or a transformers tokenizer, which returns a list) or a callable text -> ids; for
@@ -11,6 +16,8 @@ jax arrays and return the same kind (they trace under jit).
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -33,8 +40,12 @@ def is_single_token(tokenizer: Tokenizer, word: str) -> bool:
     return all(len(encode_ids(tokenizer, w)) == 1 for w in (word.lower(), word.capitalize()))
 
 
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
 def normalize(text: str) -> str:
-    return text.strip().lower()
+    """The official `norm_token`: strip, lower-case, drop every non-alphanumeric character."""
+    return _NON_ALNUM.sub("", text.strip().lower())
 
 
 def spellings(word: str) -> tuple[str, ...]:
@@ -109,11 +120,60 @@ def answer_probs(logits, ids, mask):
     return (gathered * mask).sum(axis=-1)
 
 
+def decode_normalized(ids, tokenizer: Tokenizer | Callable[[int], str]) -> np.ndarray:
+    """Token ids of any shape -> the same shape of normalised decoded words (object array);
+    each distinct id is decoded once."""
+    ids = np.asarray(ids)
+    distinct, inverse = np.unique(ids, return_inverse=True)
+    words = np.array([normalize(decode_id(tokenizer, int(i))) for i in distinct], dtype=object)
+    return words[inverse.reshape(ids.shape)]
+
+
+def answers_match(ids, words: Sequence[str], tokenizer: Tokenizer | Callable[[int], str]) -> np.ndarray:
+    """ids [..., B] arg-max token ids, words [B] -> [..., B] bool: the decoded, normalised token
+    is the normalised word (how the official code counts a right answer, a flip or a fix)."""
+    target = np.array([normalize(w) for w in words], dtype=object)
+    return decode_normalized(ids, tokenizer) == target
+
+
 def top1_tokens(logits, tokenizer: Tokenizer | Callable[[int], str]) -> list[str]:
     """[B] decoded, normalised arg-max tokens of next-token logits [B, V]."""
-    return [normalize(decode_id(tokenizer, int(i))) for i in np.asarray(logits).argmax(axis=-1)]
+    return list(decode_normalized(np.asarray(logits).argmax(axis=-1), tokenizer))
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The spelling ids of K candidate words per row, as a sweep reads them.
+
+    ids, mask: [B, K, M] from `spelling_table`; `readout` is the [B, K * M] token list a
+    `Readout` carries, and `probs` folds a sweep's probabilities of those tokens back to [.., B, K].
+    """
+
+    words: tuple[tuple[str, ...], ...]
+    ids: np.ndarray
+    mask: np.ndarray
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, words: Sequence[Sequence[str]]) -> "Candidates":
+        ids, mask = spelling_table(tokenizer, [list(w) for w in words])
+        return cls(tuple(tuple(w) for w in words), ids, mask)
+
+    @property
+    def readout(self) -> np.ndarray:
+        return self.ids.reshape(self.ids.shape[0], -1)
+
+    def probs(self, token_probs) -> np.ndarray:
+        """token_probs [..., B, K * M] -> [..., B, K] probabilities summed over each word's spellings."""
+        token_probs = np.asarray(token_probs)
+        return (token_probs.reshape(token_probs.shape[:-1] + self.ids.shape[1:]) * self.mask).sum(-1)
+
+    def column(self, k: int) -> list[str]:
+        """[B] the k-th candidate word of every row."""
+        return [w[k] for w in self.words]
 
 
 def top1_correct(logits, answers: Sequence[str], tokenizer: Tokenizer | Callable[[int], str]) -> np.ndarray:
     """[B] bool: the arg-max next token, normalised, equals the normalised answer."""
-    return np.array([p == normalize(a) for p, a in zip(top1_tokens(logits, tokenizer), answers, strict=True)])
+    if len(answers) != np.shape(logits)[0]:
+        raise ValueError(f"{len(answers)} answers for {np.shape(logits)[0]} rows of logits")
+    return answers_match(np.asarray(logits).argmax(axis=-1), answers, tokenizer)

@@ -1,12 +1,14 @@
 """Entity sprites: RGBA images, transparent outside the drawing, that fill one object slot.
 
-Squares are solid blocks; the 6 shapes and the 8 objects are drawn procedurally with PIL so that
-the datasets build offline (the official Objects task uses stickpng thumbnails; a folder of
-`<object>.png` files can replace the drawings). Every drawing reaches into each token cell of its
-slot at the registered geometries (1x1, 2x2 and 3x3 tokens), so an object's token region is
-exactly the set of tokens holding its pixels.
+Squares are solid blocks; the 6 shapes are drawn exactly as the official shared/images.py draws
+them (pixel for pixel: tests/test_data_synthetic.py checks them against the official vertex lists).
+The 8 objects are drawn procedurally with PIL so that the datasets build offline (the official
+Objects task uses stickpng thumbnails; a folder of `<object>.png` files can replace the drawings);
+every object drawing reaches into each token cell of its slot at the registered geometries (1x1,
+2x2 and 3x3 tokens). The official shapes need not (a triangle leaves its top corner cells of a
+3x3 slot empty); an object's token region is its S x S slot either way, as in the official code.
 
-Coordinates below are fractions of the sprite side, (0, 0) = top-left.
+Object coordinates are fractions of the sprite side, (0, 0) = top-left.
 """
 from __future__ import annotations
 
@@ -53,48 +55,61 @@ class _Pen:
 
 # ---------------------------------------------------------------- shapes (one colour each)
 
-def _square(pen: _Pen, colour: RGB) -> None:
-    pen.rect(0.1, 0.1, 0.9, 0.9, colour)
+# The six shapes are drawn as the official shared/images.py draws them, in pixels of a sprite of
+# side `size` (PIL boxes include their last pixel, hence the "- 1"s).
+
+def _square(draw: ImageDraw.ImageDraw, size: int, colour: RGB) -> None:
+    side = 0.8 * size
+    start = (size - side) / 2
+    draw.rectangle([start, start, start + side - 1, start + side - 1], fill=colour)
 
 
-def _circle(pen: _Pen, colour: RGB) -> None:
-    pen.ellipse(0.05, 0.05, 0.95, 0.95, colour)
+def _circle(draw: ImageDraw.ImageDraw, size: int, colour: RGB) -> None:
+    side = 0.9 * size
+    start = (size - side) / 2
+    draw.ellipse([start, start, start + side - 1, start + side - 1], fill=colour)
 
 
-def _triangle(pen: _Pen, colour: RGB) -> None:
-    # The apex sits just above the sprite (clipped to a small flat top) so that a 3x3-token
-    # triangle's sides pass through its top corner tokens.
-    pen.polygon([(0.5, -0.12), (1.0, 0.94), (0.0, 0.94)], colour)
+def _triangle(draw: ImageDraw.ImageDraw, size: int, colour: RGB) -> None:
+    # equilateral, apex at the top centre, base at height sqrt(3)/2 of the side
+    base = size * math.sqrt(3) / 2
+    draw.polygon([(size / 2, 0), (0, base), (size - 1, base)], fill=colour)
 
 
-def _star(pen: _Pen, colour: RGB) -> None:
-    # Outer radius 0.6 (tips slightly clipped by the sprite) puts the side arms' top edge at
-    # y = 0.31, inside the top third, so a 3x3-token star reaches its corner tokens.
-    radius, inner = 0.6, 0.6 * 0.382
-    points = []
-    for k in range(10):
-        angle = -math.pi / 2 + k * math.pi / 5
-        r = radius if k % 2 == 0 else inner
-        points.append((0.5 + r * math.cos(angle), 0.5 + r * math.sin(angle)))
-    pen.polygon(points, colour)
+STAR_INNER_RADIUS = 0.381966  # inner / outer radius of the five-pointed star
 
 
-def _cross(pen: _Pen, colour: RGB) -> None:
-    # Bars wider than a third of the side reach the corner tokens of a 3x3 slot.
-    half = 0.21
-    pen.rect(0.5 - half, 0.0, 0.5 + half, 1.0, colour)
-    pen.rect(0.0, 0.5 - half, 1.0, 0.5 + half, colour)
+def _star(draw: ImageDraw.ImageDraw, size: int, colour: RGB) -> None:
+    # ten vertices from the top, alternating outer and inner radius; x is stretched so that the
+    # widest points touch the sprite's sides, y keeps the unit radius
+    centre = radius = (size - 1) / 2
+    unit = [((1.0 if k % 2 == 0 else STAR_INNER_RADIUS) * math.cos(k * math.pi / 5 - math.pi / 2),
+             (1.0 if k % 2 == 0 else STAR_INNER_RADIUS) * math.sin(k * math.pi / 5 - math.pi / 2)) for k in range(10)]
+    stretch = 1.0 / max(abs(x) for x, _ in unit)
+    draw.polygon([(centre + x * radius * stretch, centre + y * radius) for x, y in unit], fill=colour)
 
 
-def _heart(pen: _Pen, colour: RGB) -> None:
-    ts = [2 * math.pi * k / 120 for k in range(120)]
+def _cross(draw: ImageDraw.ImageDraw, size: int, colour: RGB) -> None:
+    bar = size // 3
+    start = (size - bar) / 2
+    draw.rectangle([start, 0, start + bar - 1, size - 1], fill=colour)
+    draw.rectangle([0, start, size - 1, start + bar - 1], fill=colour)
+
+
+HEART_SAMPLES = 100
+
+
+def _heart(draw: ImageDraw.ImageDraw, size: int, colour: RGB) -> None:
+    # the classic parametric heart, scaled to fill the sprite (y up in the curve, down in pixels)
+    ts = [2 * math.pi * k / HEART_SAMPLES for k in range(HEART_SAMPLES)]
     xs = [16 * math.sin(t) ** 3 for t in ts]
     ys = [13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t) for t in ts]
     x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
-    pen.polygon([((x - x_lo) / (x_hi - x_lo), (y_hi - y) / (y_hi - y_lo)) for x, y in zip(xs, ys)], colour)
+    draw.polygon([((x - x_lo) / (x_hi - x_lo) * (size - 1), (1 - (y - y_lo) / (y_hi - y_lo)) * (size - 1))
+                  for x, y in zip(xs, ys)], fill=colour)
 
 
-SHAPE_PAINTERS: dict[str, Callable[[_Pen, RGB], None]] = {
+SHAPE_PAINTERS: dict[str, Callable[[ImageDraw.ImageDraw, int, RGB], None]] = {
     "square": _square, "circle": _circle, "triangle": _triangle,
     "star": _star, "cross": _cross, "heart": _heart,
 }
@@ -194,10 +209,10 @@ def square_sprite(colour: RGB, size: int) -> Image.Image:
 
 @functools.lru_cache(maxsize=512)
 def shape_sprite(shape: str, colour: RGB, size: int) -> Image.Image:
-    """[size, size] RGBA drawing of one of SHAPE_PAINTERS in `colour`."""
-    pen = _Pen(size)
-    SHAPE_PAINTERS[shape](pen, colour)
-    return pen.image
+    """[size, size] RGBA drawing of one of SHAPE_PAINTERS in `colour`, as the official code draws it."""
+    image = Image.new("RGBA", (size, size), CLEAR)
+    SHAPE_PAINTERS[shape](ImageDraw.Draw(image), size, colour)
+    return image
 
 
 @functools.lru_cache(maxsize=512)

@@ -1,7 +1,9 @@
 """Squares, Shapes and Objects: three equal entities on a white canvas, one cloze question each.
 
 Every ordered triple of distinct entities x 4 directions: Squares 6 colours -> 480 items,
-Shapes 6 (shape, colour) pairs -> 480, Objects 8 objects -> 1344 (paper section 2). The default
+Shapes 6 (shape, colour) pairs -> 480, Objects 8 objects -> 1344 (paper section 2); on Pixtral's
+geometry the official palette swaps Brown for Orange (Squares and the Shapes cross) and the
+official object set drops the bomb (840 items). The default
 items involve no randomness; `jitter` (random whole-token layout shifts, seeded per item) and
 extra colours are opt-in for training the model organism and leave the default items unchanged.
 
@@ -28,15 +30,23 @@ from spatial_jax.data.regions import layout_regions
 
 TASKS = ("squares", "shapes", "objects")
 
+# The official palettes (shared/palette.py): the default, and Pixtral's, which has Orange for Brown.
 SQUARE_COLOURS: dict[str, sprites.RGB] = {
     "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
     "black": (0, 0, 0), "brown": (150, 75, 0), "gray": (128, 128, 128),
 }
-SHAPES: tuple[tuple[str, str], ...] = (
-    ("square", "red"), ("circle", "green"), ("triangle", "blue"),
-    ("star", "black"), ("cross", "brown"), ("heart", "gray"),
-)
+PIXTRAL_COLOURS: dict[str, sprites.RGB] = {
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
+    "black": (0, 0, 0), "orange": (255, 165, 0), "gray": (128, 128, 128),
+}
+# The colour pool of the official last-token pairs (last_token_exp COLOR_RGB without White), for
+# every model: the default palette plus Orange.
+LAST_TOKEN_COLOURS: dict[str, sprites.RGB] = {**SQUARE_COLOURS, "orange": (255, 165, 0)}
+# Shape i is painted in colour i of the palette (the official zip of shapes and palette).
+SHAPE_NAMES: tuple[str, ...] = ("square", "circle", "triangle", "star", "cross", "heart")
+SHAPES: tuple[tuple[str, str], ...] = tuple(zip(SHAPE_NAMES, SQUARE_COLOURS))
 OBJECTS: tuple[str, ...] = ("orange", "apple", "pot", "bell", "hat", "rose", "key", "bomb")
+PIXTRAL_OBJECTS: tuple[str, ...] = tuple(o for o in OBJECTS if o != "bomb")
 
 Triple = tuple[str, str, str]
 
@@ -68,10 +78,12 @@ class SyntheticTask:
         """Every ordered triple of distinct entity names, slot 0 first."""
         return list(itertools.permutations(self.entities, 3))
 
-    def item(self, names: Sequence[str], direction: str, shift: tuple[int, int] = (0, 0)) -> Item:
+    def item(self, names: Sequence[str], direction: str, shift: tuple[int, int] = (0, 0),
+             spacing: int | None = None) -> Item:
         """The item with entities `names` in slots 0, 1, 2, asked about `direction` of slot 1.
 
-        `shift` = (along, across) moves the whole layout by whole tokens (see Geometry.slot_origins).
+        `shift` = (along, across) moves the whole layout by whole tokens, `spacing` (None: the
+        geometry's) sets the tokens between objects (see Geometry.slot_origins).
         """
         if len(names) != 3:
             raise ValueError(f"expected 3 entity names, got {names}")
@@ -84,9 +96,9 @@ class SyntheticTask:
             direction=direction,
             entities=tuple(e.name for e in entities),
             attributes=tuple(e.attribute for e in entities),
-            regions=layout_regions(self.geometry, horizontal, shift),
+            regions=layout_regions(self.geometry, horizontal, shift, spacing),
             render=functools.partial(render_layout, self.geometry, tuple(e.sprite for e in entities),
-                                     horizontal, shift),
+                                     horizontal, shift, spacing),
         )
 
     def items(self, triples: Sequence[Sequence[str]] | None = None, directions: Sequence[str] = DIRECTIONS,
@@ -114,31 +126,62 @@ class SyntheticTask:
 
 
 def render_layout(geometry: Geometry, slot_sprites: Sequence[Callable[[int], Image.Image]], horizontal: bool,
-                  shift: tuple[int, int] = (0, 0)) -> Image.Image:
+                  shift: tuple[int, int] = (0, 0), spacing: int | None = None) -> Image.Image:
     """White [canvas_px, canvas_px] RGB canvas with one sprite pasted at each slot origin."""
     canvas = Image.new("RGB", (geometry.canvas_px, geometry.canvas_px), (255, 255, 255))
     side = geometry.object_tokens * geometry.token_px
-    for (row, col), sprite in zip(geometry.slot_origins(horizontal, shift), slot_sprites):
+    for (row, col), sprite in zip(geometry.slot_origins(horizontal, shift, spacing), slot_sprites):
         image = sprite(side)
         canvas.paste(image, (col * geometry.token_px, row * geometry.token_px), image)
     return canvas
 
 
-def make_task(name: str, geometry: Geometry | str, *, colours: Mapping[str, sprites.RGB] = SQUARE_COLOURS,
-              shapes: Sequence[tuple[str, str]] = SHAPES, objects: Sequence[str] = OBJECTS,
+def palette_for(geometry: Geometry) -> dict[str, sprites.RGB]:
+    """The official Squares/Shapes palette of a model's geometry (Pixtral's has Orange for Brown)."""
+    return dict(PIXTRAL_COLOURS if geometry.name == "pixtral" else SQUARE_COLOURS)
+
+
+def objects_for(geometry: Geometry) -> tuple[str, ...]:
+    """The official object set of a model's geometry (Pixtral's has no bomb)."""
+    return PIXTRAL_OBJECTS if geometry.name == "pixtral" else OBJECTS
+
+
+# How the official code builds a task in the experiments that differ from behaviour's default:
+# probing/ uses the default palette and all 8 objects for every model; last_token_exp's Squares
+# pool is LAST_TOKEN_COLOURS for every model.
+SETUPS = ("behaviour", "probing", "last_token")
+
+
+def setup_task(name: str, geometry: Geometry | str, setup: str = "behaviour") -> "SyntheticTask":
+    """`make_task` with the entities the official code uses in `setup` (one of SETUPS)."""
+    if setup == "probing":
+        return make_task(name, geometry, colours=SQUARE_COLOURS, objects=OBJECTS)
+    if setup == "last_token" and name == "squares":
+        return make_task(name, geometry, colours=LAST_TOKEN_COLOURS)
+    if setup not in SETUPS:
+        raise ValueError(f"unknown setup {setup!r}; expected one of {SETUPS}")
+    return make_task(name, geometry)
+
+
+def make_task(name: str, geometry: Geometry | str, *, colours: Mapping[str, sprites.RGB] | None = None,
+              shapes: Sequence[tuple[str, str]] | None = None, objects: Sequence[str] | None = None,
               thumbnail_dir: str | Path | None = None) -> SyntheticTask:
     """A synthetic task.
 
     Args:
       name: "squares", "shapes" or "objects".
       geometry: a Geometry or its registry name.
-      colours: colour name -> RGB; the Squares palette, and the colours Shapes are painted in.
-        Pass a superset of SQUARE_COLOURS to add colours (e.g. for training).
-      shapes: (shape, colour) pairs of the Shapes task; shapes from sprites.SHAPE_PAINTERS.
-      objects: object names of the Objects task.
+      colours: colour name -> RGB; the Squares palette, and the colours Shapes are painted in;
+        default `palette_for(geometry)`. Pass a superset to add colours (e.g. for training).
+      shapes: (shape, colour) pairs of the Shapes task, shapes from sprites.SHAPE_PAINTERS;
+        default: shape i of SHAPE_NAMES in colour i of `colours`.
+      objects: object names of the Objects task; default `objects_for(geometry)`.
       thumbnail_dir: a folder of `<object>.png` thumbnails to use instead of the drawings.
     """
     geometry = get_geometry(geometry) if isinstance(geometry, str) else geometry
+    colours = palette_for(geometry) if colours is None else colours
+    shapes = tuple(zip(SHAPE_NAMES, colours)) if shapes is None else shapes
+    objects = objects_for(geometry) if objects is None else objects
     if name == "squares":
         entities = [Entity(c, c, functools.partial(sprites.square_sprite, rgb)) for c, rgb in colours.items()]
     elif name == "shapes":

@@ -1,6 +1,7 @@
 """Linear probes trained with optax, vmapped over many probes (see `linear` for conventions)."""
 from spatial_jax.probes.linear import (INITS, Probes, accuracy, class_directions, logits, loss, predict,
-                                       predict_proba, random_directions, split_by_group, train_probes)
+                                       predict_proba, random_directions, shuffle_split, split_by_group,
+                                       train_probes)
 
 __all__ = ["INITS", "Probes", "accuracy", "class_directions", "logits", "loss", "predict", "predict_proba",
-           "random_directions", "split_by_group", "train_probes"]
+           "random_directions", "shuffle_split", "split_by_group", "train_probes"]

@@ -30,8 +30,9 @@ Conventions
 returns w, and `class_directions(probes)[l, g]` is the [D, C] `directions` of an
 `sj.Intervention(op="amplify")`.
 
-Initialisation (one choice, documented): init="normal" (default) draws W ~ N(0, 1/D) (the
-`randn(D, C) / sqrt(D)` of the amplification probes, §6) and b = 0, from `jax.random.key(seed)`.
+Initialisation (one choice, documented): init="normal" (default) draws W and b ~ N(0, 1/D) (the
+`randn(D, C) / sqrt(D)` and `randn(C) / sqrt(D)` of the official probing/ and amplification
+probes), from `jax.random.key(seed)`.
 Every probe gets the same draw from its seed, as when each probe is trained alone with seed 0
 (pass `seed` as an int array of shape broadcastable to P for per-probe seeds). The values differ
 from torch.randn(seed 0); only the distribution is the paper's. init="uniform" is torch's
@@ -65,6 +66,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import random
 from typing import Callable, Sequence
 
 import jax
@@ -153,7 +155,9 @@ def _probe_map(fn: Callable, args: Sequence, n_trailing: Sequence[int], chunk: i
 
 def _init(key: jax.Array, d: int, c: int, init: str):
     if init == "normal":
-        return jax.random.normal(key, (d, c), jnp.float32) / math.sqrt(d), jnp.zeros((c,), jnp.float32)
+        kw, kb = jax.random.split(key)
+        return (jax.random.normal(kw, (d, c), jnp.float32) / math.sqrt(d),
+                jax.random.normal(kb, (c,), jnp.float32) / math.sqrt(d))
     if init == "uniform":
         kw, kb = jax.random.split(key)
         bound = 1.0 / math.sqrt(d)
@@ -237,7 +241,7 @@ def train_probes(x, y, train_mask, n_classes: int, *, epochs: int = 200, lr=1e-3
       epochs: full-batch AdamW steps (static), scanned with `lax.scan`.
       lr, weight_decay: AdamW hyperparameters (traced: a new value does not recompile).
       seed: int, or int array broadcastable to P: the init seed of each probe.
-      init: "normal" (W ~ N(0, 1/D), b = 0; default), "uniform" (torch nn.Linear) or "zeros".
+      init: "normal" (W, b ~ N(0, 1/D); default), "uniform" (torch nn.Linear) or "zeros".
       init_params: Probes(w [*Pw, D, C], b [*Pw, C]) to start from instead of `init` and `seed`
         (broadcast over the probe axes like x; e.g. a torch nn.Linear's weight.T and bias). With
         standardize=True they are initial weights in standardised coordinates.
@@ -326,6 +330,16 @@ def random_directions(key: jax.Array, d: int, k: int = 2) -> jax.Array:
     """The paper's Random control: k fresh unit-norm Gaussian directions, [D, K] float32."""
     v = jax.random.normal(key, (d, k), jnp.float32)
     return v / jnp.linalg.norm(v, axis=0, keepdims=True)
+
+
+def shuffle_split(n: int, train_fraction: float = 0.75, seed: int = 0) -> np.ndarray:
+    """The official probing/ split of n images: indices shuffled with `random.Random(seed)`, the
+    first int(train_fraction * n) train (120 images at 0.75 -> 90 / 30). Returns train_mask [n]."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    train = np.zeros(n, bool)
+    train[order[:int(train_fraction * n)]] = True
+    return train
 
 
 def split_by_group(groups, test_fraction: float = 0.25, seed: int = 0) -> np.ndarray:
