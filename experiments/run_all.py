@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional, Sequence
 
 from absl import flags, logging
 
@@ -23,9 +24,10 @@ flags.DEFINE_list("only", [], f"Run only these experiments, of {list(EXPERIMENTS
 FLAGS = flags.FLAGS
 
 
-def run_all() -> tuple[str, dict[str, str]]:
-    """Runs the experiments in order; returns the report's path and each experiment's headline."""
-    names = FLAGS.only or list(EXPERIMENTS)
+def run_all(names: Sequence[str] = (), settings: Optional[dict[str, dict]] = None) -> tuple[str, dict[str, str]]:
+    """Runs the experiments in order (`names`, else --only, else all); returns the report's path and
+    each experiment's headline. settings: experiment -> {flag: value} set for that experiment only."""
+    names = list(names) or FLAGS.only or list(EXPERIMENTS)
     unknown = set(names) - set(EXPERIMENTS)
     if unknown:
         raise ValueError(f"unknown experiments {sorted(unknown)}; known: {list(EXPERIMENTS)}")
@@ -34,12 +36,21 @@ def run_all() -> tuple[str, dict[str, str]]:
         start = time.perf_counter()
         logging.info("=== %s", name)
         module = EXPERIMENTS[name]
-        headlines[name] = module.headline(module.run())
+        changed = (settings or {}).get(name, {})
+        saved = {flag: FLAGS[flag].value for flag in changed}
+        try:
+            for flag, value in changed.items():
+                FLAGS[flag].value = value
+            headlines[name] = module.headline(module.run())
+        finally:
+            for flag, value in saved.items():
+                FLAGS[flag].value = value
         timings.append((name, time.perf_counter() - start))
         logging.info("%s: %s", name, headlines[name])
     header = (f"Checkpoint `{FLAGS.checkpoint}`, datasets {', '.join(FLAGS.dataset)}, "
               f"{'golden pairs only' if FLAGS.golden else 'all pairs (--nogolden)'}, seed {FLAGS.seed}.\n\n"
-              + "\n".join(f"- {n}: {t:.0f} s" for n, t in timings))
+              + "\n".join(f"- {n}: {t:.0f} s" for n, t in timings)
+              + "".join(f"\n\n{n} ran with {v}" for n, v in (settings or {}).items() if n in names))
     return report.write_report(FLAGS.output_dir, names, header, headlines), headlines
 
 

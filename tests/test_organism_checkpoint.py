@@ -1,10 +1,8 @@
-"""The shipped model organism (checkpoints/organism): loads in transformers and in our port with
-equal logits, its processor equals the HF one saved with it, it answers held-out items, and a
-left/right swap of visual tokens at the LM input flips its answers.
-
-The second organism (checkpoints/organism_shuffled, trained with visual tokens in random order) is
-checked the same way where it is shipped, except that the swap is expected *not* to flip it: its LM
-cannot read layout from token positions, so it reads it from the vision tower's content.
+"""The shipped model organisms (checkpoints/organism*, issues 7 and 16): each loads in transformers
+and in our port with equal logits, its processor equals the HF one saved with it, it answers
+held-out items, and its certificate (accuracy with the visual tokens shuffled, Table-5-ablated,
+and both, at the LM input), recomputed here, agrees with its organism.json and with its mechanism.
+The lm_position organism also flips when the left and right thirds of its visual tokens swap.
 """
 from __future__ import annotations
 
@@ -20,9 +18,21 @@ from spatial_jax.organism import checkpoint
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 ORGANISM = os.path.join(ROOT, "organism")
-SHUFFLED = os.path.join(ROOT, "organism_shuffled")
+# mechanism -> checkpoint dir; organisms not (yet) shipped are skipped
+SHIPPED = {"lm_position": ORGANISM, "vision_strip": os.path.join(ROOT, "organism_vision_strip"),
+           "vision_object": os.path.join(ROOT, "organism_vision_object"), "dual": os.path.join(ROOT, "organism_dual")}
+# The issue's certificate, per mechanism: (lo, hi) of the mean over tasks of each condition.
+EXPECTED = {
+    "lm_position": {"clean": (0.95, 1), "shuffled": (0, 0.55), "ablated": (0.9, 1), "ablated_shuffled": (0, 0.55)},
+    "vision_strip": {"clean": (0.95, 1), "shuffled": (0.9, 1), "ablated": (0, 0.55), "ablated_shuffled": (0, 0.55)},
+    "vision_object": {"clean": (0.95, 1), "shuffled": (0.9, 1), "ablated": (0, 0.55), "ablated_shuffled": (0, 0.55)},
+    "dual": {"clean": (0.95, 1), "shuffled": (0.85, 1), "ablated": (0.45, 0.95), "ablated_shuffled": (0, 0.55)},
+}
 TOL = 1e-4
 PER_TASK = 48  # held-out (test-split) items per task checked here
+organisms = pytest.mark.parametrize("mechanism", [
+    pytest.param(m, marks=pytest.mark.skipif(not os.path.isdir(p), reason=f"{p} not shipped"))
+    for m, p in SHIPPED.items()])
 
 
 _models: dict = {}
@@ -43,15 +53,21 @@ def _sample(path: str) -> dict:
     return out
 
 
-def test_shipped_files():
+@organisms
+def test_shipped_files(mechanism):
+    path = SHIPPED[mechanism]
+    meta = checkpoint.read_meta(path)
+    assert meta["mechanism"] == mechanism and set(meta["geometry_spec"]) >= {
+        "n_tokens", "token_px", "object_tokens", "spacing"}
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "chat_template.jinja", "preprocessor_config.json", checkpoint.META_FILE):
-        assert os.path.isfile(os.path.join(ORGANISM, name)), name
-    size = sum(os.path.getsize(os.path.join(ORGANISM, f)) for f in os.listdir(ORGANISM))
+        assert os.path.isfile(os.path.join(path, name)), name
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     assert size < 10 * 2**20
 
 
-def test_transformers_and_port_agree():
+@organisms
+def test_transformers_and_port_agree(mechanism):
     """Qwen2VLForConditionalGeneration (eager, float32) and `sj.load` give the same logits on
     prompts made by the HF processor saved with the checkpoint; our processor gives the same
     pixel_values and input_ids."""
@@ -59,10 +75,10 @@ def test_transformers_and_port_agree():
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     with hr.without_video_processor():
-        processor = AutoProcessor.from_pretrained(ORGANISM)
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(ORGANISM, attn_implementation="eager").eval()
-    model = _model(ORGANISM)
-    items = [its[i] for its in _sample(ORGANISM).values() for i in (0, 5, 11)]
+        processor = AutoProcessor.from_pretrained(SHIPPED[mechanism])
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(SHIPPED[mechanism], attn_implementation="eager").eval()
+    model = _model(SHIPPED[mechanism])
+    items = [its[i] for its in _sample(SHIPPED[mechanism]).values() for i in (0, 5, 11)]
     texts = [processor.apply_chat_template(
         [{"role": "system", "content": SYSTEM_TEXT},
          {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.prompt}]}],
@@ -78,15 +94,20 @@ def test_transformers_and_port_agree():
     got = np.asarray(sj.forward(model, ours).logits)
     mask = ref["attention_mask"].numpy().astype(bool)
     assert not mask.all()  # the prompts of different tasks differ in length: left padding is exercised
-    np.testing.assert_allclose(got[mask], hf_logits[mask], rtol=0, atol=TOL)
+    # At the answer position: TOL. At every position: 2 * TOL, since the trained vision organisms'
+    # logits reach |15| where float32 summation order (torch vs XLA) alone moves a few of them by
+    # up to 1.9e-4 (vision_strip: 12 of 64,410 elements above 1e-4).
+    np.testing.assert_allclose(got[:, -1], hf_logits[:, -1], rtol=0, atol=TOL)
+    np.testing.assert_allclose(got[mask], hf_logits[mask], rtol=0, atol=2 * TOL)
     # and both answer the same
     np.testing.assert_array_equal(got[:, -1].argmax(-1), hf_logits[:, -1].argmax(-1))
 
 
-def test_held_out_accuracy():
+@organisms
+def test_held_out_accuracy(mechanism):
     """At least 95% on held-out (never trained) triples of every task, prompts by `model.prepare`."""
-    model = _model(ORGANISM)
-    for name, items in _sample(ORGANISM).items():
+    model = _model(SHIPPED[mechanism])
+    for name, items in _sample(SHIPPED[mechanism]).items():
         acc = checkpoint.accuracy(model, items)
         assert acc >= 0.95, (name, acc)
 
@@ -104,13 +125,17 @@ def test_left_right_swap_flips_and_identity_swap_does_not():
     assert identity["flip"] <= 0.05 and identity["orig"] == pytest.approx(clean), identity
 
 
-@pytest.mark.skipif(not os.path.isdir(SHUFFLED), reason="no checkpoints/organism_shuffled")
-def test_shuffled_organism_reads_layout_from_content():
-    model = _model(SHUFFLED)
-    items = [it for its in _sample(SHUFFLED).values() for it in its]
-    meta = checkpoint.read_meta(SHUFFLED)
-    assert meta["data"] and any(r.get("seed") == meta["seed"] for r in meta["runs"])
-    acc = checkpoint.accuracy(model, items)
-    swapped = checkpoint.swap_rates(model, items)
-    assert acc >= 0.9, acc
-    assert swapped["flip"] <= 0.25, swapped
+@organisms
+def test_certificate_matches_organism_json_and_mechanism(mechanism):
+    """The certificate recomputed here on the test split is within 0.05 of organism.json's, per task
+    and condition (the split is small, 80-128 items per task, so a subsample's binomial noise alone
+    would exceed 0.05 where a figure is near 0.5); its task means lie in the mechanism's ranges."""
+    path = SHIPPED[mechanism]
+    meta = checkpoint.read_meta(path)
+    got = checkpoint.certificate(_model(path), meta["geometry"], checkpoint.held_out_items(path, "test"))
+    for task, figures in got.items():
+        for condition, value in figures.items():
+            assert abs(value - meta["certificate"][task][condition]) <= 0.05, (task, condition, value)
+    for condition, (lo, hi) in EXPECTED[mechanism].items():
+        mean = float(np.mean([meta["certificate"][t][condition] for t in meta["certificate"]]))
+        assert lo <= mean <= hi, (condition, mean)

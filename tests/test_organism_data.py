@@ -45,7 +45,7 @@ def test_cells_give_the_processors_pixels_and_prompts_its_ids(prep, encoder):
 def test_paired_rows_share_one_image(encoder):
     sampler = odata.Sampler(encoder, odata.DataConfig(), batch_size=16, seed=0)
     batch = sampler.next()
-    assert batch["cells"].shape == (8, 36)
+    assert batch["cells"].shape == (9, 36)  # 8 images + the empty canvas (`treat` reads it for some treatments)
     np.testing.assert_array_equal(batch["image_of_row"], np.arange(16) // 2)
     examples = odata.Sampler(encoder, odata.DataConfig(), batch_size=16, seed=0).examples(8)
     for a, b in zip(examples[::2], examples[1::2]):
@@ -71,11 +71,12 @@ def test_held_out_triples_never_trained(encoder):
 
 
 def test_sampling_is_deterministic(encoder):
-    a = odata.Sampler(encoder, odata.DataConfig(), batch_size=8, seed=7, shuffle_tokens=True)
-    b = odata.Sampler(encoder, odata.DataConfig(), batch_size=8, seed=7, shuffle_tokens=True)
+    treatments = (("own/shuffled", 0.5), ("ablated", 0.25), ("bgother/shuffled", 0.25))
+    a, b = (odata.Sampler(encoder, odata.DataConfig(), batch_size=8, seed=7, treatments=treatments, aux="strip",
+                          aux_on=("own/shuffled",)) for _ in range(2))
     for _ in range(3):
         x, y = a.next(), b.next()
-        assert x.keys() == y.keys() and "token_perm" in x
+        assert x.keys() == y.keys() and {"token_src", "aux_strip", "aux_weight"} <= set(x)
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
 
@@ -101,3 +102,49 @@ def test_curriculum_draws_warm_tasks_first(encoder):
     assert seen[3] | seen[4] == {"squares", "shapes", "objects"}
     with pytest.raises(ValueError, match="warm_tasks"):
         odata.Sampler(encoder, odata.DataConfig(warm_tasks=("coco",)), batch_size=32, seed=0)
+
+
+def test_treatments_route_visual_tokens(encoder):
+    """`treat`: which image and token fills each LM image slot. own = itself; ablated = the empty
+    canvas, each object from its isolated image's middle slot; bgother = own objects on another
+    image's background (its objects replaced by the empty canvas); objother = own background, slot
+    k's object from another image's slot k; /shuffled = a permutation of the unshuffled map."""
+    n = encoder.geometry.n_visual_tokens
+    examples = [("squares", ("red", "green", "blue"), "left", (0, 0), SYSTEM_TEXT),
+                ("shapes", ("red circle", "green square", "blue triangle"), "above", (1, 0), SYSTEM_TEXT)]
+    examples = [(t, tuple(encoder.tasks[t].standard.triples()[0]), d, s, y) for t, _, d, s, y in examples]
+    batch = encoder.encode(examples)
+    objs = [encoder.object_tokens(d == "left", s) for _, _, d, s, _ in examples]
+    own = np.arange(2)[:, None] * n + np.arange(n)
+    rng = np.random.default_rng(0)
+
+    def src(treatments):
+        out = odata.treat(encoder, batch, examples, treatments, rng)
+        return out["token_src"], out["cells"]
+
+    s, cells = src(["own", "own"])
+    np.testing.assert_array_equal(s, own)
+    assert len(cells) == 3  # + the empty canvas
+    s, cells = src(["ablated", "own"])
+    assert len(cells) == 6 and not cells[2].any()
+    background = np.setdiff1d(np.arange(n), objs[0].ravel())
+    np.testing.assert_array_equal(s[0, background], 2 * n + background)
+    middle = encoder.object_tokens(True)[1]
+    for k in range(3):
+        np.testing.assert_array_equal(s[0, objs[0][k]], (3 + k) * n + middle)
+        task, triple = examples[0][:2]
+        np.testing.assert_array_equal(cells[3 + k], encoder.isolated_cells(task, triple[k], True))
+    np.testing.assert_array_equal(s[1], own[1])
+    s, _ = src(["bgother", "own"])
+    np.testing.assert_array_equal(s[0, objs[0].ravel()], own[0, objs[0].ravel()])
+    other_objects = np.setdiff1d(objs[1].ravel(), objs[0].ravel())
+    np.testing.assert_array_equal(s[0, other_objects], 2 * n + other_objects)
+    rest = np.setdiff1d(np.arange(n), np.concatenate([objs[0].ravel(), objs[1].ravel()]))
+    np.testing.assert_array_equal(s[0, rest], own[1, rest])
+    s, _ = src(["objother", "own"])
+    np.testing.assert_array_equal(s[0, objs[0]], own[1, objs[1]])
+    np.testing.assert_array_equal(s[0, background], own[0, background])
+    s, _ = src(["objother/shuffled", "own"])
+    unshuffled, _ = src(["objother", "own"])
+    assert not np.array_equal(s[0], unshuffled[0])
+    np.testing.assert_array_equal(np.sort(s[0]), np.sort(unshuffled[0]))

@@ -1,6 +1,8 @@
 """The organism's training step: its forward equals the model's, and training is deterministic."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import spatial_jax as sj
 from spatial_jax.organism import data as odata
 from spatial_jax.organism import spec
 from spatial_jax.organism import train as otrain
+from spatial_jax.organism.recipes import RECIPES, Recipe
 from spatial_jax.processing.qwen2_vl import Qwen2VLPrep
 from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
 
@@ -34,7 +37,8 @@ def test_training_forward_equals_model_forward(setup, shuffle):
     """`organism_logits` (cell-table patch embedding, shared images, last-position-only last layer,
     optional token shuffle) == `sj.apply` on the processor-equal pixels, at the last position."""
     cfg, encoder, data_cfg = setup
-    trainer = otrain.Trainer(cfg, encoder, data_cfg, otrain.TrainConfig(batch_size=8, shuffle_tokens=shuffle))
+    recipe = Recipe("vision_strip", treatments=(("own/shuffled" if shuffle else "own", 1.0),))
+    trainer = otrain.Trainer(cfg, encoder, data_cfg, otrain.TrainConfig(batch_size=8, recipe=recipe))
     params = _perturbed(trainer.params)
     batch = trainer.sampler.next()
     got = np.asarray(trainer._predict(params, trainer.cell_table, batch))
@@ -43,8 +47,11 @@ def test_training_forward_equals_model_forward(setup, shuffle):
     full = sj.Batch(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels,
                     image_grid_thw=np.tile(encoder.grid_thw, (8, 1)))
     interventions = ()
+    n = encoder.geometry.n_visual_tokens
+    src = batch["token_src"]
+    np.testing.assert_array_equal(src // n, np.repeat(batch["image_of_row"][:, None], n, 1))  # no extra image read
     if shuffle:  # the same as permuting each image's visual tokens (site vision.tokens) before the LM
-        perm = batch["token_perm"]
+        perm = src % n
         assert not (perm == np.arange(perm.shape[1])).all()
         tokens = sj.apply(trainer.graphdef, params, full, cache=("vision.tokens",), logits=False).cache["vision.tokens"]
         index = (perm + perm.shape[1] * np.arange(8)[:, None]).reshape(1, -1)
@@ -53,21 +60,24 @@ def test_training_forward_equals_model_forward(setup, shuffle):
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
 
 
-def test_training_is_deterministic(setup):
-    """Two runs of 200 steps from one seed give bit-identical parameters (and losses)."""
+@pytest.mark.parametrize("mechanism", list(RECIPES))
+def test_training_is_deterministic(setup, mechanism):
+    """For every recipe (from random init), two runs of 200 steps from one seed give bit-identical
+    parameters, auxiliary heads and losses."""
     cfg, encoder, data_cfg = setup
+    recipe = dataclasses.replace(RECIPES[mechanism], init_from="")
 
     def run(seed):
-        trainer = otrain.Trainer(cfg, encoder, data_cfg, otrain.TrainConfig(seed=seed, batch_size=8))
+        trainer = otrain.Trainer(cfg, encoder, data_cfg, otrain.TrainConfig(seed=seed, batch_size=8, recipe=recipe))
         init = jax.device_get(trainer.params)
         losses = [float(trainer.step()[0]) for _ in range(200)]
-        return init, jax.device_get(trainer.params), losses
+        return init, jax.device_get((trainer.params, trainer.heads)), losses
 
     (init, a, la), (_, b, lb) = run(0), run(0)
     assert la == lb and la[-1] < la[0]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
-    assert all(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(init)))
+    assert all(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a[0]), jax.tree.leaves(init)))
 
 
 def test_chunked_prediction_equals_model(setup):
@@ -77,8 +87,10 @@ def test_chunked_prediction_equals_model(setup):
     trainer = otrain.Trainer(cfg, encoder, data_cfg, otrain.TrainConfig(batch_size=8))
     params = _perturbed(trainer.params, 0.3)
     task = encoder.tasks["squares"]
-    arrays = encoder.encode(odata.eval_examples(task, task.split.val)[:40])
-    got = trainer.predict(arrays, chunk=16, params=params)
+    examples = odata.eval_examples(task, task.split.val)[:40]
+    arrays = encoder.encode(examples)
+    got, labels = trainer.predict(examples, chunk=16, params=params)
+    np.testing.assert_array_equal(labels, arrays["labels"])
     pixels = encoder.cell_table[arrays["cells"]].reshape(-1, encoder.cell_table.shape[-1])
     ref = sj.apply(trainer.graphdef, params, sj.Batch(
         input_ids=arrays["input_ids"], attention_mask=arrays["attention_mask"], pixel_values=pixels,

@@ -13,6 +13,7 @@ import shutil
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 import spatial_jax as sj
 from spatial_jax.convert.checkpoint import partial_dir
@@ -21,7 +22,7 @@ from spatial_jax.data import scoring
 from spatial_jax.data.geometry import get_geometry
 from spatial_jax.data.items import Item
 from spatial_jax.data.prompts import SYSTEM_TEXT
-from spatial_jax.data.synthetic import make_task
+from spatial_jax.data.synthetic import SyntheticTask, make_task, render_layout
 from spatial_jax.organism.spec import GEOMETRY, GEOMETRY_KEY
 from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
 
@@ -53,6 +54,14 @@ def save(out_dir: str, cfg, params: dict, words: Sequence[str], meta: dict[str, 
 def read_meta(model_dir: str) -> dict[str, Any]:
     with open(os.path.join(model_dir, META_FILE)) as f:
         return json.load(f)
+
+
+def write_meta(model_dir: str, meta: dict[str, Any]) -> None:
+    """Rewrites organism.json (through a temp file: never half-written)."""
+    path = os.path.join(model_dir, META_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def held_out_items(model_dir: str, split: str = "test", tasks: Optional[Sequence[str]] = None) -> dict[str, list[Item]]:
@@ -112,3 +121,70 @@ def swap_rates(model: sj.Model, items: Sequence[Item], identity: bool = False, b
     return {"orig": float(np.mean([p == it.answer for p, it in zip(preds, items)])),
             "flip": float(np.mean([p == o for p, o in zip(preds, other)]))}
 
+
+
+# Certificate conditions (organism/recipes.py CONDITIONS) measured through the public API.
+CERTIFICATE = ("clean", "shuffled", "ablated", "ablated_shuffled")
+
+
+def _lm_input(model: sj.Model, images, prompts, system) -> np.ndarray:
+    batch = model.prepare(images=list(images), prompts=list(prompts), system=system)
+    return np.asarray(sj.forward(model, batch, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"][:, 0])
+
+
+def _transparent(side: int) -> Image.Image:
+    return Image.new("RGBA", (side, side), (0, 0, 0, 0))
+
+
+def certificate_interventions(task: SyntheticTask, condition: str, rng: np.random.Generator):
+    """An `interventions(model, items, batch)` builder for one certificate condition, at the LM
+    input (resid_pre of layer 0), independent of the experiment binaries:
+
+    shuffled: the visual tokens' contents are permuted at random among the image positions (each
+      position keeps its M-RoPE position); ablated: Table 5 (each object's tokens <- the middle-slot
+      tokens of its isolated-at-centre image, every other visual token <- the empty canvas's);
+      ablated_shuffled: both, ablation first. clean: none.
+    """
+    if condition not in CERTIFICATE:
+        raise ValueError(f"unknown condition {condition!r}; known: {CERTIFICATE}")
+
+    def build(model: sj.Model, items: Sequence[Item], batch: sj.Batch):
+        if condition == "clean":
+            return None
+        ids = np.asarray(batch.input_ids)
+        prompts = [it.prompt for it in items]
+        source = np.asarray(sj.forward(model, batch, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"][:, 0])
+        positions = [np.flatnonzero(row == model.config.image_token_id) for row in ids]
+        if condition.startswith("ablated"):
+            g = task.geometry
+            empty = _lm_input(model, [render_layout(g, (), it.horizontal) for it in items], prompts, SYSTEM_TEXT)
+            ablated = source.copy()
+            for b, pos in enumerate(positions):
+                ablated[b, pos] = empty[b, pos]
+            for slot in range(3):
+                isolated = [render_layout(g, (_transparent, task.entities[it.entities[slot]].sprite, _transparent),
+                                          it.horizontal) for it in items]
+                acts = _lm_input(model, isolated, prompts, SYSTEM_TEXT)
+                for b, (pos, it) in enumerate(zip(positions, items)):
+                    ablated[b, pos[it.regions.objects[slot]]] = acts[b, pos[it.regions.objects[1]]]
+            source = ablated
+        index = np.full(ids.shape, -1, np.int32)
+        for b, pos in enumerate(positions):
+            index[b, pos] = rng.permutation(pos) if condition.endswith("shuffled") else pos
+        return [sj.Intervention(site="lm.resid_pre", layer=0, op="replace", source=source, index=index)]
+
+    return build
+
+
+def certificate(model: sj.Model, geometry: str, items_by_task: dict[str, Sequence[Item]], seed: int = 0,
+                batch_size: int = 64, system: Optional[str] = SYSTEM_TEXT) -> dict[str, dict[str, float]]:
+    """Per task, top-1 accuracy under each CERTIFICATE condition (permutations seeded by `seed`)."""
+    out = {}
+    for name, items in items_by_task.items():
+        task = make_task(name, get_geometry(geometry))
+        out[name] = {}
+        for condition in CERTIFICATE:
+            build = certificate_interventions(task, condition, np.random.default_rng(seed))
+            preds = predictions(model, items, batch_size, system, build)
+            out[name][condition] = float(np.mean([p == scoring.normalize(it.answer) for p, it in zip(preds, items)]))
+    return out

@@ -31,6 +31,7 @@ from spatial_jax.data.geometry import Geometry, get_geometry
 from spatial_jax.data.prompts import DIRECTIONS, SYSTEM_TEXT, cloze_prompt, is_horizontal, target_slot
 from spatial_jax.data.synthetic import SHAPES, make_task, split_triples
 from spatial_jax.processing.qwen2_vl import Qwen2VLPrep, preprocess_image
+from spatial_jax.organism.recipes import parse_treatment
 from spatial_jax.organism.spec import training_colours
 
 Triple = tuple[str, str, str]
@@ -157,6 +158,8 @@ class Encoder:
                     table.append(patches[k * per_token:(k + 1) * per_token])
                 self.sprite_cells[task.name, name] = np.asarray(ids, np.int32)
         self.cell_table = np.stack(table).astype(np.float32)  # [n_cells, merge^2, patch_dim]
+        # class ids of the auxiliary entity head: every (task, entity) the encoder can draw
+        self.entity_ids = {key: i for i, key in enumerate(self.sprite_cells)}
         self._prompts: dict[tuple[str, Optional[str]], np.ndarray] = {}
         for task in tasks:
             for system in SYSTEMS:
@@ -193,6 +196,42 @@ class Encoder:
         for (row, col), name in zip(g.slot_origins(is_horizontal(direction), tuple(shift)), triple):
             out[row:row + s, col:col + s] = self.sprite_cells[task, name].reshape(s, s)
         return out.reshape(-1)
+
+    def object_tokens(self, horizontal: bool, shift=(0, 0)) -> np.ndarray:
+        """[3, S*S] raster indices of each slot's object tokens."""
+        g, s = self.geometry, self.geometry.object_tokens
+        return np.asarray([[(row + dr) * g.n_tokens + col + dc for dr in range(s) for dc in range(s)]
+                           for row, col in g.slot_origins(horizontal, tuple(shift))], np.int32)
+
+    def isolated_cells(self, task: str, name: str, horizontal: bool) -> np.ndarray:
+        """[N*N] cells of `name` alone in the middle slot of the unshifted layout (Table 5's image)."""
+        out = np.zeros(self.geometry.n_visual_tokens, np.int32)
+        out[self.object_tokens(horizontal)[1]] = self.sprite_cells[task, name]
+        return out
+
+    def aux_labels(self, task: str, triple: Sequence[str], horizontal: bool, shift, mode: str
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Targets of the auxiliary heads for one image: strip [N*N], entity [N*N], weight [N*N].
+
+        mode "strip": every token, its strip along the layout axis (`Geometry.strip_bounds` of the
+        shifted layout) and the entity in that strip; "object": the object tokens only, their slot
+        and entity (weight 0 elsewhere)."""
+        g = self.geometry
+        strip = np.zeros(g.n_visual_tokens, np.int32)
+        weight = np.zeros(g.n_visual_tokens, np.float32)
+        if mode == "strip":
+            along = np.arange(g.n_visual_tokens) % g.n_tokens if horizontal else np.arange(g.n_visual_tokens) // g.n_tokens
+            for k, (lo, hi) in enumerate(g.strip_bounds(shift[0])):
+                strip[(along >= lo) & (along < hi)] = k
+            weight[:] = 1.0
+        elif mode == "object":
+            for k, toks in enumerate(self.object_tokens(horizontal, shift)):
+                strip[toks] = k
+                weight[toks] = 1.0
+        else:
+            raise ValueError(f"aux mode must be strip or object, got {mode!r}")
+        ids = np.asarray([self.entity_ids[task, n] for n in triple], np.int32)
+        return strip, ids[strip], weight
 
     def encode(self, examples: Sequence[tuple], rows_per_image: int = 1, seq_len: Optional[int] = None
                ) -> dict[str, np.ndarray]:
@@ -235,17 +274,81 @@ def shift_range(geometry: Geometry, jitter: int) -> tuple[tuple[int, int], tuple
     return tuple((max(lo, -jitter), min(hi, jitter)) for lo, hi in geometry.max_shift())
 
 
-class Sampler:
-    """A deterministic stream of training batches (numpy arrays) from one seed."""
+def treat(encoder: Encoder, batch: dict[str, np.ndarray], examples: Sequence[tuple], treatments: Sequence[str],
+          rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """What the LM is shown of each image (organism/recipes.py names the treatments).
 
-    def __init__(self, encoder: Encoder, cfg: DataConfig, batch_size: int, seed: int, shuffle_tokens: bool = False):
+    batch: `encode(examples, rows_per_image=q)`; treatments: one per image. Appends to `cells` the
+    extra images the treatments read (the empty canvas, then 3 isolated images per "ablated" image)
+    and adds token_src [B, N*N] int32: LM image slot j of row b gets visual token
+    token_src[b, j] of the flattened [n_images * N*N] tokens of every image in `cells`.
+    """
+    cells = batch["cells"]
+    n_img, n = cells.shape
+    if len(treatments) != n_img:
+        raise ValueError(f"{len(treatments)} treatments for {n_img} images")
+    q = len(examples) // n_img
+    meta = [examples[i * q] for i in range(n_img)]  # (task, triple, direction, shift, system)
+    objects = [encoder.object_tokens(is_horizontal(d), sh) for _, _, d, sh, _ in meta]
+    extra = [np.zeros(n, np.int32)]  # the empty canvas
+    empty = n_img * n + np.arange(n)
+    own = np.arange(n_img)[:, None] * n + np.arange(n)
+    src = own.copy()
+    for i, name in enumerate(treatments):
+        content, _ = parse_treatment(name)
+        other = (i + 1) % n_img
+        if content == "ablated":
+            task, triple, direction, _, _ = meta[i]
+            middle = encoder.object_tokens(is_horizontal(direction))[1]
+            src[i] = empty
+            for k in range(3):
+                src[i, objects[i][k]] = (n_img + len(extra)) * n + middle
+                extra.append(encoder.isolated_cells(task, triple[k], is_horizontal(direction)))
+        elif content == "bgother":
+            src[i] = own[other]
+            src[i, objects[other].ravel()] = empty[objects[other].ravel()]
+            src[i, objects[i].ravel()] = own[i, objects[i].ravel()]
+        elif content == "objother":
+            src[i, objects[i]] = own[other, objects[other]]
+    rows = []
+    for b in range(len(examples)):
+        i = b // q
+        row = src[i]
+        if parse_treatment(treatments[i])[1]:
+            row = row[rng.permutation(n)]
+        rows.append(row)
+    return {**batch, "cells": np.concatenate([cells, np.stack(extra)]).astype(np.int32),
+            "token_src": np.stack(rows).astype(np.int32)}
+
+
+def assign(treatments: Sequence[tuple[str, float]], n_img: int, rng: np.random.Generator) -> list[str]:
+    """A treatment per image: each gets round(share * n_img) images (largest remainders), in random
+    order, so that every batch has the same number of extra images (one compiled step)."""
+    shares = np.asarray([p for _, p in treatments]) * n_img
+    counts = np.floor(shares).astype(int)
+    counts[np.argsort(-(shares - counts), kind="stable")[:n_img - counts.sum()]] += 1
+    names = [t for (t, _), c in zip(treatments, counts) for _ in range(c)]
+    return [names[j] for j in rng.permutation(n_img)]
+
+
+class Sampler:
+    """A deterministic stream of training batches (numpy arrays) from one seed.
+
+    treatments: (treatment, share) of each batch's images (organism/recipes.py); aux: the
+    auxiliary heads' label mode ("none", "strip", "object"), trained on images whose treatment is
+    in aux_on."""
+
+    def __init__(self, encoder: Encoder, cfg: DataConfig, batch_size: int, seed: int,
+                 treatments: Sequence[tuple[str, float]] = (("own", 1.0),), aux: str = "none",
+                 aux_on: Sequence[str] = ()):
         self.encoder = encoder
         self.cfg = cfg
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
         self.task_names = list(cfg.tasks)
         self.bounds = shift_range(encoder.geometry, cfg.jitter)
-        self.shuffle_tokens = shuffle_tokens
+        self.treatments = tuple(treatments)
+        self.aux, self.aux_on = aux, frozenset(aux_on)
         unknown = set(cfg.warm_tasks) - set(self.task_names)
         if unknown:
             raise ValueError(f"warm_tasks {sorted(unknown)} are not among the trained tasks {self.task_names}")
@@ -274,12 +377,18 @@ class Sampler:
         q = self.cfg.rows_per_image
         if self.batch_size % q:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of rows_per_image {q}")
-        examples = self.examples(self.batch_size // q)
+        n_img = self.batch_size // q
+        examples = self.examples(n_img)
         self.last_tasks = [e[0] for e in examples]
         batch = self.encoder.encode(examples, rows_per_image=q)
-        if self.shuffle_tokens:
-            n = self.encoder.geometry.n_visual_tokens
-            batch["token_perm"] = np.stack([self.rng.permutation(n) for _ in range(self.batch_size)]).astype(np.int32)
+        treatments = assign(self.treatments, n_img, self.rng)
+        batch = treat(self.encoder, batch, examples, treatments, self.rng)
+        if self.aux != "none":
+            labels = [self.encoder.aux_labels(task, triple, is_horizontal(d), shift, self.aux)
+                      for task, triple, d, shift, _ in examples[::q]]
+            on = np.asarray([t in self.aux_on for t in treatments], np.float32)
+            batch["aux_strip"], batch["aux_entity"], weight = (np.stack(x) for x in zip(*labels))
+            batch["aux_weight"] = weight * on[:, None]
         return batch
 
 

@@ -6,9 +6,10 @@ function the model computes at inference:
 
 * pixel_values are gathered from the cell table inside the step (see organism/data.py);
 * the final norm and the unembedding run only at the last position (the loss reads only there);
-* optionally (`shuffle_tokens`, the second organism) the visual tokens are put in the LM sequence in
-  a random order per example, while every slot keeps its raster M-RoPE position, so neither the
-  order nor the RoPE position of a visual token says where in the image it came from.
+* the recipe's treatments (organism/recipes.py) choose which visual token fills each LM image
+  slot (`token_src`): shuffled order, ablated or mixed-in contents; every slot keeps its raster
+  M-RoPE position;
+* the recipe's auxiliary heads (not part of the exported model) read the post-merger visual tokens.
 
 `organism_logits` equals `spatial_jax.forward.apply`'s last-position logits on the same batch
 (tests/test_organism_train.py).
@@ -27,11 +28,13 @@ import optax
 from flax import nnx
 
 from spatial_jax.batch import Batch
+from spatial_jax.forward import load as sj_load
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.models.layers import run_layers
 from spatial_jax.models import layers as L
 from spatial_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, VisionTower, image_groups, vision_rope
 from spatial_jax.organism import data as odata
+from spatial_jax.organism.recipes import CONDITIONS, RECIPES, Recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,10 @@ class TrainConfig:
     eval_every: int = 100
     stop_at: float = 0.98          # early stop once every task's val accuracy is >= this ...
     stop_evals: int = 2            # ... at this many consecutive evaluations
-    shuffle_tokens: bool = False   # the second organism (see the module docstring)
+    recipe: Recipe = RECIPES["lm_position"]
+    # The first evaluation whose mean val accuracy over tasks is in this range keeps its parameters
+    # (RunResult.weak_params): a partly trained organism for the amplification experiment.
+    weak_band: tuple[float, float] = (0.6, 0.75)
 
 
 def vision_from_embeddings(tower: VisionTower, x: jax.Array, grid_thw: tuple) -> jax.Array:
@@ -63,29 +69,38 @@ def vision_from_embeddings(tower: VisionTower, x: jax.Array, grid_thw: tuple) ->
     return tower.merger_fc2(jax.nn.gelu(tower.merger_fc1(x), approximate=False))
 
 
-def organism_logits(module: Qwen2VL, input_ids, attention_mask, cells, cell_table, grid_thw: tuple,
-                    image_of_row: Optional[jax.Array] = None, token_perm: Optional[jax.Array] = None) -> jax.Array:
-    """Next-token logits [B, V] at the last position of left-padded rows, every row one image.
-
-    cells: [n_img, Ni] int rows of cell_table [n_cells, merge^2, patch_dim] (organism/data.py): the
-      patch embedding runs once per cell-table row, and its result is gathered per image.
-    grid_thw: n_img equal (1, h, w).
-    image_of_row: [B] int, the image each row asks about (None: row b has image b). The vision
-      tower runs once per image however many rows share it.
-    token_perm: [B, Ni] int or None; LM image slot j of row b gets visual token token_perm[b, j].
-    """
-    cfg = module.cfg
-    B = input_ids.shape[0]
+def visual_tokens(module: Qwen2VL, cells, cell_table, grid_thw: tuple) -> jax.Array:
+    """[n_img, Ni, D] post-merger visual tokens of images given as cells [n_img, Ni] int rows of
+    cell_table [n_cells, merge^2, patch_dim] (organism/data.py); the patch embedding runs once per
+    cell-table row and is gathered per image. grid_thw: n_img equal (1, h, w)."""
     tower = module.vision
     patches = tower.patch_embed(cell_table.reshape(-1, cell_table.shape[-1]).astype(tower.patch_embed.kernel.dtype))
     patches = patches.reshape(cell_table.shape[0], cell_table.shape[1], -1)
     vis = vision_from_embeddings(tower, patches[cells].reshape(-1, patches.shape[-1]), grid_thw)
+    return vis.reshape(cells.shape[0], -1, vis.shape[-1])
+
+
+def organism_logits(module: Qwen2VL, input_ids, attention_mask, cells, cell_table, grid_thw: tuple,
+                    image_of_row: Optional[jax.Array] = None, token_src: Optional[jax.Array] = None,
+                    vis: Optional[jax.Array] = None) -> jax.Array:
+    """Next-token logits [B, V] at the last position of left-padded rows.
+
+    cells, cell_table, grid_thw: the images (`visual_tokens`); vis: their tokens if already computed.
+    image_of_row: [B] int, the image each row asks about (None: row b has image b). The vision
+      tower runs once per image however many rows share it.
+    token_src: [B, Ni] int or None; LM image slot j of row b gets token token_src[b, j] of the
+      flattened [n_img * Ni] visual tokens (overrides image_of_row).
+    """
+    cfg = module.cfg
+    B = input_ids.shape[0]
+    if vis is None:
+        vis = visual_tokens(module, cells, cell_table, grid_thw)
     x = jnp.take(module.embed[...], input_ids, axis=0)
-    vis = vis.astype(x.dtype).reshape(cells.shape[0], -1, vis.shape[-1])
-    if image_of_row is not None:
+    vis = vis.astype(x.dtype)
+    if token_src is not None:
+        vis = vis.reshape(-1, vis.shape[-1])[token_src]
+    elif image_of_row is not None:
         vis = vis[image_of_row]
-    if token_perm is not None:
-        vis = jnp.take_along_axis(vis, token_perm[..., None], axis=1)
     is_img = input_ids == cfg.image_token_id
     slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, vis.shape[1] - 1)
     x = jnp.where(is_img[..., None], jnp.take_along_axis(vis, slot[..., None], axis=1), x)
@@ -134,19 +149,53 @@ def _grid(grid_thw, n: int) -> tuple:
     return (tuple(int(v) for v in grid_thw),) * n
 
 
+def _forward(params, cell_table, batch: dict, graphdef, grid_thw) -> tuple[jax.Array, jax.Array]:
+    """(logits [B, V], visual tokens [n_img, Ni, D]) of a batch."""
+    module = nnx.merge(graphdef, params)
+    grid = _grid(grid_thw, batch["cells"].shape[0])
+    vis = visual_tokens(module, batch["cells"], cell_table, grid)
+    # grid: the LM's M-RoPE positions of the image tokens (without it they would be text positions)
+    logits = organism_logits(module, batch["input_ids"], batch["attention_mask"], None, None, grid,
+                             batch.get("image_of_row"), batch.get("token_src"), vis=vis)
+    return logits, vis
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "grid_thw"))
 def _logits(params, cell_table, batch: dict, *, graphdef, grid_thw) -> jax.Array:
-    module = nnx.merge(graphdef, params)
-    return organism_logits(module, batch["input_ids"], batch["attention_mask"], batch["cells"], cell_table,
-                           _grid(grid_thw, batch["cells"].shape[0]), batch.get("image_of_row"),
-                           batch.get("token_perm"))
+    return _forward(params, cell_table, batch, graphdef, grid_thw)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "grid_thw", "opt"), donate_argnums=(0, 1))
-def _train_step(params, opt_state, cell_table, batch: dict, *, graphdef, grid_thw, opt: OptConfig):
+def init_aux_heads(key: jax.Array, dim: int, n_entities: int) -> dict:
+    """The auxiliary heads' parameters: linear strip (3 classes) and entity heads on visual tokens."""
+    ks, ke = jax.random.split(key)
+    return {"strip_w": 0.02 * jax.random.normal(ks, (dim, 3)), "strip_b": jnp.zeros(3),
+            "entity_w": 0.02 * jax.random.normal(ke, (dim, n_entities)), "entity_b": jnp.zeros(n_entities)}
+
+
+def aux_loss(heads: dict, vis: jax.Array, batch: dict) -> jax.Array:
+    """Weighted mean cross-entropy of both heads over the real images' tokens (batch aux_weight
+    [n_img, Ni]; extra images appended by `data.treat` come after them and are not read)."""
+    weight = batch["aux_weight"]
+    v = vis[:weight.shape[0]]
+    total = jnp.maximum(weight.sum(), 1.0)
+    out = 0.0
+    for name in ("strip", "entity"):
+        logits = v @ heads[f"{name}_w"] + heads[f"{name}_b"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[f"aux_{name}"])
+        out = out + (ce * weight).sum() / total
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grid_thw", "opt", "aux_weight"), donate_argnums=(0, 1))
+def _train_step(params, opt_state, cell_table, batch: dict, *, graphdef, grid_thw, opt: OptConfig,
+                aux_weight: float):
+    """params: (model params, auxiliary heads)."""
     def loss_fn(p):
-        logits = _logits(p, cell_table, batch, graphdef=graphdef, grid_thw=grid_thw)
+        model_params, heads = p
+        logits, vis = _forward(model_params, cell_table, batch, graphdef, grid_thw)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+        if "aux_weight" in batch:
+            loss = loss + aux_weight * aux_loss(heads, vis.astype(jnp.float32), batch)
         return loss, logits.argmax(-1) == batch["labels"]
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -162,54 +211,65 @@ class Trainer:
         self.model_cfg, self.encoder, self.data_cfg, self.cfg = model_cfg, encoder, data_cfg, cfg
         module = Qwen2VL(model_cfg, rngs=nnx.Rngs(cfg.seed))
         self.graphdef, self.params = nnx.split(module)
+        recipe = cfg.recipe
+        if recipe.init_from:  # warm start: the exported model's weights, fresh auxiliary heads
+            nnx.replace_by_pure_dict(self.params, jax.tree.map(
+                jnp.asarray, nnx.to_pure_dict(sj_load(recipe.init_from).params)))
+        self.heads = init_aux_heads(jax.random.PRNGKey(cfg.seed), model_cfg.hidden_size, len(encoder.entity_ids))
         self.opt = OptConfig.of(cfg)
-        self.opt_state = self.opt.make(self.params).init(self.params)
+        self.opt_state = self.opt.make((self.params, self.heads)).init((self.params, self.heads))
         self.cell_table = jnp.asarray(encoder.cell_table)
-        self.sampler = odata.Sampler(encoder, data_cfg, cfg.batch_size, cfg.seed, cfg.shuffle_tokens)
+        self.sampler = odata.Sampler(encoder, data_cfg, cfg.batch_size, cfg.seed, recipe.treatments, recipe.aux,
+                                     recipe.aux_on)
         self.step_count = 0
         self._static = {"graphdef": self.graphdef, "grid_thw": tuple(int(v) for v in encoder.grid_thw)}
 
     def _predict(self, params, cell_table, batch: dict) -> jax.Array:
         return _logits(params, cell_table, batch, **self._static)
 
-    def _train_step(self, params, opt_state, cell_table, batch: dict):
-        return _train_step(params, opt_state, cell_table, batch, opt=self.opt, **self._static)
-
     def step(self) -> tuple[jax.Array, jax.Array]:
         """One optimizer step on the next sampled batch; returns (loss, [B] bool correct) as arrays
         (the rows' tasks are in `self.sampler.last_tasks`)."""
         batch = self.sampler.next()
-        self.params, self.opt_state, loss, acc = self._train_step(self.params, self.opt_state, self.cell_table, batch)
+        (self.params, self.heads), self.opt_state, loss, acc = _train_step(
+            (self.params, self.heads), self.opt_state, self.cell_table, batch, opt=self.opt,
+            aux_weight=self.cfg.recipe.aux_weight, **self._static)
         self.step_count += 1
         return loss, acc
 
-    def predict(self, arrays: dict, chunk: int = 64, params=None) -> np.ndarray:
-        """Arg-max next token [N] for encoded examples, in chunks of `chunk` rows (each row with its
-        own copy of its image; the last chunk padded with copies of its last row: one compile)."""
+    def predict(self, examples: list[tuple], treatment: str = "own", chunk: int = 64, params=None,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(arg-max next token [N], answer ids [N]) for encoder examples shown under `treatment`
+        (organism/recipes.py; seeded by `seed`), in chunks of `chunk` rows, one image per row (the
+        last chunk padded with copies of its last example: one compile per treatment)."""
         params = self.params if params is None else params
-        n = len(arrays["labels"])
-        per_row = {k: v for k, v in arrays.items() if k not in ("cells", "image_of_row")}
-        per_row["cells"] = arrays["cells"][arrays["image_of_row"]] if "image_of_row" in arrays else arrays["cells"]
-        out = []
-        for i in range(0, n, chunk):
-            part = {k: v[i:i + chunk] for k, v in per_row.items()}
-            short = chunk - len(part["labels"])
-            if short:
-                part = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in part.items()}
-            out.append(np.asarray(self._predict(params, self.cell_table, part).argmax(-1))[:chunk - short])
-        return np.concatenate(out)
+        rng = np.random.default_rng(seed)
+        out, labels = [], []
+        for i in range(0, len(examples), chunk):
+            part = list(examples[i:i + chunk])
+            short = chunk - len(part)
+            part += [part[-1]] * short
+            batch = odata.treat(self.encoder, self.encoder.encode(part), part, [treatment] * chunk, rng)
+            out.append(np.asarray(self._predict(params, self.cell_table, batch).argmax(-1))[:chunk - short])
+            labels.append(batch["labels"][:chunk - short])
+        return np.concatenate(out), np.concatenate(labels)
 
-    def accuracy(self, arrays: dict, params=None) -> float:
-        return float((self.predict(arrays, params=params) == arrays["labels"]).mean())
+    def accuracy(self, examples: list[tuple], treatment: str = "own", params=None) -> float:
+        pred, labels = self.predict(examples, treatment, params=params)
+        return float((pred == labels).mean())
+
+    def certificate(self, examples: list[tuple], conditions=None, params=None) -> dict[str, float]:
+        """Accuracy under each certificate condition (recipes.CONDITIONS), by default the recipe's targets."""
+        names = conditions or [name for name, _, _ in self.cfg.recipe.targets]
+        return {name: self.accuracy(examples, CONDITIONS[name], params) for name in names}
 
     def param_count(self) -> int:
         return int(sum(np.size(x) for x in jax.tree.leaves(self.params)))
 
 
-def eval_sets(encoder: odata.Encoder, which: str) -> dict[str, dict]:
-    """Per task, the encoded paper items (unshifted, paper system text) of the val or test triples."""
-    return {name: encoder.encode(odata.eval_examples(t, getattr(t.split, which)))
-            for name, t in encoder.tasks.items()}
+def eval_sets(encoder: odata.Encoder, which: str) -> dict[str, list[tuple]]:
+    """Per task, the paper's items (unshifted, paper system text) of the val or test triples, as examples."""
+    return {name: odata.eval_examples(t, getattr(t.split, which)) for name, t in encoder.tasks.items()}
 
 
 @dataclasses.dataclass
@@ -217,6 +277,9 @@ class RunResult:
     params: Any                      # best params (host numpy pure dict)
     best_step: int
     best_val: dict[str, float]
+    best_certificate: dict[str, dict[str, float]]   # per task, val accuracy per target condition
+    weak_params: Any                 # params at the first evaluation in TrainConfig.weak_band, or None
+    weak_step: int
     steps: int
     train_seconds: float             # wall time of the training loop, evaluations included
     cpu_seconds: float               # CPU time of this process over the loop (all threads)
@@ -225,8 +288,10 @@ class RunResult:
 
 
 def train(trainer: Trainer, progress: Optional[Callable] = None, log: Optional[Callable[[dict], None]] = None) -> RunResult:
-    """Trains until every task's val accuracy is >= stop_at at `stop_evals` consecutive evaluations,
-    or the step / time budget runs out; returns the best parameters by (min, mean) val accuracy.
+    """Trains until, at `stop_evals` consecutive evaluations, every task's val accuracy is >= stop_at
+    and its accuracy under each of the recipe's target conditions is in range, or the step / time
+    budget runs out; returns the best parameters by (targets met, distance to the targets, min,
+    mean val accuracy).
     With a curriculum (DataConfig.warm_tasks), the evaluation at which every warm task reaches
     `warm_until` ends its first stage (the curve point gets "warm_ended").
 
@@ -235,7 +300,8 @@ def train(trainer: Trainer, progress: Optional[Callable] = None, log: Optional[C
     cfg = trainer.cfg
     val = eval_sets(trainer.encoder, "val")
     bar = progress(total=cfg.max_steps) if progress else None
-    curve, best, best_key, best_step, streak = [], None, (-1.0, -1.0), 0, 0
+    curve, best, best_key, best_step, streak = [], None, (-1, -np.inf, -1.0, -1.0), 0, 0
+    weak, weak_step = None, 0
     losses, accs, tasks = [], [], []
     stopped = "steps"
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -248,14 +314,15 @@ def train(trainer: Trainer, progress: Optional[Callable] = None, log: Optional[C
             bar.update(1)
         if trainer.step_count % cfg.eval_every and trainer.step_count < cfg.max_steps:
             continue
-        vals = {name: trainer.accuracy(arrays) for name, arrays in val.items()}
+        vals = {name: trainer.accuracy(examples) for name, examples in val.items()}
+        certs = {name: trainer.certificate(examples) for name, examples in val.items()}
         elapsed = time.perf_counter() - start
         correct, tasks = np.concatenate(jax.device_get(accs)), np.asarray(tasks)
         point = {"step": trainer.step_count, "seconds": round(elapsed, 1),
                  "cpu_seconds": round(time.process_time() - cpu_start, 1),
                  "loss": float(np.mean(jax.device_get(losses))), "train_acc": float(correct.mean()),
                  "train": {name: float(correct[tasks == name].mean()) for name in val if (tasks == name).any()},
-                 "val": vals}
+                 "val": vals, "val_certificate": certs}
         losses, accs, tasks = [], [], []
         curve.append(point)
         data_cfg = trainer.data_cfg
@@ -266,11 +333,17 @@ def train(trainer: Trainer, progress: Optional[Callable] = None, log: Optional[C
             log(point)
         if bar:
             bar.set_postfix(loss=f"{point['loss']:.3f}", **{k[:2]: f"{v:.2f}" for k, v in vals.items()})
-        key = (min(vals.values()), float(np.mean(list(vals.values()))))
+        # how far the evaluation is from the targets: 0 when every one is met
+        miss = max(0.0, cfg.stop_at - min(vals.values())) + sum(
+            max(0.0, lo - c[cond], c[cond] - hi) for c in certs.values() for cond, lo, hi in cfg.recipe.targets)
+        met = miss == 0
+        key = (int(met), -round(miss, 6), min(vals.values()), float(np.mean(list(vals.values()))))
         if key > best_key:
             best_key, best_step = key, trainer.step_count
             best = jax.device_get(nnx.to_pure_dict(trainer.params))
-        streak = streak + 1 if key[0] >= cfg.stop_at else 0
+        if weak is None and cfg.weak_band[0] <= key[3] <= cfg.weak_band[1]:
+            weak, weak_step = jax.device_get(nnx.to_pure_dict(trainer.params)), trainer.step_count
+        streak = streak + 1 if met else 0
         if streak >= cfg.stop_evals:
             stopped = "target"
             break
@@ -279,7 +352,10 @@ def train(trainer: Trainer, progress: Optional[Callable] = None, log: Optional[C
             break
     if bar:
         bar.close()
-    return RunResult(params=best, best_step=best_step, best_val=dict(zip(val, [None] * len(val))) if best is None
-                     else next(p["val"] for p in curve if p["step"] == best_step),
+    best_point = next((p for p in curve if p["step"] == best_step), None)
+    return RunResult(params=best, best_step=best_step,
+                     best_val=best_point["val"] if best_point else dict.fromkeys(val),
+                     best_certificate=best_point["val_certificate"] if best_point else {},
+                     weak_params=weak, weak_step=weak_step,
                      steps=trainer.step_count, train_seconds=time.perf_counter() - start,
                      cpu_seconds=time.process_time() - cpu_start, stopped=stopped, curve=curve)
