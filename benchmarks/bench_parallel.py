@@ -44,6 +44,7 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import spatial_jax as sj  # noqa: E402
+from experiments import mesh_flags  # noqa: E402
 from spatial_jax import parallel  # noqa: E402
 from spatial_jax.convert.convert import DTYPES, abstract_model  # noqa: E402
 from spatial_jax.forward import Model  # noqa: E402
@@ -170,7 +171,7 @@ def compare(_):
 
 
 def max_batch(_):
-    mesh = parallel.setup_from_flags()
+    mesh = mesh_flags.setup_from_flags()
     cfg = make_config(FLAGS.config)
     model = random_model(cfg, FLAGS.dtype, mesh)
     clean, cf = inputs(cfg, 0), inputs(cfg, 1)

@@ -14,13 +14,14 @@ import os
 from typing import Sequence
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 from PIL import Image
 from tqdm.auto import tqdm
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
+from spatial_jax import program
 from spatial_jax.data import scoring
 from spatial_jax.data.items import Item
 from spatial_jax.data.prompts import SYSTEM_TEXT
@@ -111,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 from tqdm.auto import tqdm
 
 from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import slot_labels, train_slot_probes, visual_residuals
 from spatial_jax import probes
+from spatial_jax import program
 from spatial_jax.data.synthetic import make_task
 
 FLAGS = common.FLAGS
@@ -61,7 +62,7 @@ def run() -> dict:
                 "probe_relative": float((pred == rel)[rel >= 0].mean()),
                 "probe_absolute": float((pred == abs_labels)[abs_labels >= 0].mean()),
             }
-            logging.info("%s shift %d: %s", dataset, shift, rows[str(shift)])
+            logging.info("%s shift %d: %s", dataset, shift, common.brief(rows[str(shift)]))
         results.put(key, rows)
     summary = {d: results.get(d) for d in FLAGS.dataset}
     plot(results.dir, summary)
@@ -111,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

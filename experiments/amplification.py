@@ -19,13 +19,14 @@ import textwrap
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import visual_residuals
 from spatial_jax import probes
+from spatial_jax import program
 
 FLAGS = common.FLAGS
 NAME = "amplification"
@@ -96,7 +97,7 @@ def run() -> dict:
                           name + "_by_alpha": f.mean(-1).tolist(), name + "*_by_alpha": oracle_curve(f).tolist()}
             value["None"] = 0.0
         logging.info("%s|%s: %d failures of %d; %s", task.name, axis, len(failures), len(items),
-                     {c: value.get(c) for c in COLUMNS})
+                     common.brief({c: value.get(c) for c in COLUMNS}))
         return value
 
     out_dir, summary = common.run_parts(NAME, list(AXES), measure, max_alpha=FLAGS.max_alpha)
@@ -173,4 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

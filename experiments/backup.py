@@ -7,11 +7,12 @@ itself. Strip swaps are pointless here: the ablation made every background token
 """
 from __future__ import annotations
 
-from absl import app, logging
+from absl import logging
 
 from experiments import common, criss_cross
 from experiments.ablation import ablation_intervention
 from experiments.criss_cross import golden_criss_cross_pairs, plot, region_swaps, sweep_pairs
+from spatial_jax import program
 from spatial_jax.data.prompts import DIRECTIONS
 
 FLAGS = common.FLAGS
@@ -50,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

@@ -6,6 +6,7 @@ where it stopped), a CSV of the main table, and PNG figures.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -17,16 +18,18 @@ from absl import flags, logging
 from tqdm.auto import tqdm
 
 import spatial_jax as sj
-from spatial_jax import parallel
+from experiments import mesh_flags
+from spatial_jax.convert import hub
 from spatial_jax.data import scoring
 from spatial_jax.data.geometry import Geometry, get_geometry
 from spatial_jax.data.items import Item
 from spatial_jax.data.prompts import SYSTEM_TEXT
-from spatial_jax.data.synthetic import make_task
+from spatial_jax.data.synthetic import TASKS, make_task
 from spatial_jax.data.whatsup import whatsup_items
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", "checkpoints/organism", "Converted checkpoint dir or HF model dir.")
+flags.DEFINE_string("checkpoint", "checkpoints/organism", "Converted checkpoint dir, HF model dir, or hub id "
+                    "org/name[@revision] (e.g. Qwen/Qwen2-VL-7B-Instruct; HF_HOME, HF_TOKEN, HF_HUB_OFFLINE apply).")
 flags.DEFINE_list("dataset", ["squares"], "Datasets: squares, shapes, objects (synthetic); whatsup (needs "
                   "--whatsup_dir; behaviour only).")
 flags.DEFINE_string("whatsup_dir", "", "What'sUp controlled_images folder (<obj>_{left,right}_of_<middle>.jpeg).")
@@ -38,6 +41,16 @@ flags.DEFINE_integer("n_pairs", 50, "Golden pairs per direction for the patching
 flags.DEFINE_integer("seed", 0, "Seed for item sampling and pair building.")
 flags.DEFINE_bool("golden", True, "Keep only pairs the model answers correctly (the paper's protocol). "
                   "--nogolden keeps every pair: for smoke runs on untrained models.")
+
+DATASETS = (*TASKS, "whatsup")
+flags.register_validator("dataset", lambda names: bool(names) and set(names) <= set(DATASETS),
+                         f"expected a comma-separated list of {', '.join(DATASETS)}")
+flags.register_multi_flags_validator(["dataset", "whatsup_dir"],
+                                     lambda v: "whatsup" not in v["dataset"] or bool(v["whatsup_dir"]),
+                                     "--dataset whatsup needs --whatsup_dir (the What'sUp controlled_images folder)")
+for _name in ("batch_size", "n_pairs"):
+    flags.register_validator(_name, lambda v: v >= 1, "expected a positive integer")
+flags.register_validator("max_items", lambda v: v >= 0, "expected 0 (all) or a positive integer")
 
 GEOMETRY_KEY = "spatial_jax_geometry"  # optional config.json key naming a checkpoint's canvas geometry
 
@@ -51,12 +64,13 @@ def geometry_of(model: sj.Model) -> Geometry:
 
 
 def load_model() -> tuple[sj.Model, Geometry]:
-    if not os.path.isdir(FLAGS.checkpoint):
+    path = hub.resolve(FLAGS.checkpoint)
+    if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint}: no such directory")
-    # Opt-in scale-out: with --mesh or --distributed (spatial_jax.parallel.flags) params go over
+    # Opt-in scale-out: with --mesh or --distributed (experiments/mesh_flags.py) params go over
     # `model` and sweep variants over `data`; without, everything runs on the default device.
-    mesh = parallel.setup_from_flags(model_path=FLAGS.checkpoint) if FLAGS.mesh or FLAGS.distributed else None
-    model = sj.load(FLAGS.checkpoint, mesh=mesh)
+    mesh = mesh_flags.setup_from_flags(model_path=path) if FLAGS.mesh or FLAGS.distributed else None
+    model = sj.load(path, mesh=mesh)
     return model, geometry_of(model)
 
 
@@ -174,20 +188,33 @@ def _jsonable(x):
     raise TypeError(f"not JSON-serialisable: {type(x)}")
 
 
-def write_atomic(path: str, text: str) -> None:
+@contextlib.contextmanager
+def _atomic(path: str, newline: str | None = None):
+    """A text file written in full or not at all: a temp file beside `path`, renamed onto it. mkstemp
+    makes it 0600; it gets the mode a plain open() would give (0666 less the umask)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
+    try:
+        with os.fdopen(fd, "w", newline=newline) as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_atomic(path: str, text: str) -> None:
+    with _atomic(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w", newline="") as f:
+    with _atomic(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def pair_weighted_mean(parts: Sequence[dict], field: str) -> np.ndarray:
@@ -195,6 +222,13 @@ def pair_weighted_mean(parts: Sequence[dict], field: str) -> np.ndarray:
     without the field) are skipped. At least one part must have pairs."""
     parts = [p for p in parts if p["n_pairs"]]
     return sum(np.array(p[field]) * p["n_pairs"] for p in parts) / sum(p["n_pairs"] for p in parts)
+
+
+def brief(values: dict[str, Any]) -> str:
+    """A dict of numbers as one log line: 'accuracy 0.83, probe_relative 0.50' (None as -)."""
+    def fmt(v):
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, (float, np.floating)) else str(v)
+    return ", ".join(f"{k} {fmt(v)}" for k, v in values.items())
 
 
 def slot_text(slot: int) -> str:
@@ -208,6 +242,7 @@ def experiment_dir(name: str) -> str:
 
 def run_config(**extra) -> dict[str, Any]:
     """What a results file must match to be resumed."""
-    return {"checkpoint": os.path.abspath(FLAGS.checkpoint), "dataset": list(FLAGS.dataset),
+    checkpoint = os.path.abspath(FLAGS.checkpoint) if os.path.exists(FLAGS.checkpoint) else FLAGS.checkpoint  # hub id
+    return {"checkpoint": checkpoint, "dataset": list(FLAGS.dataset),
             "geometry": FLAGS.geometry, "max_items": FLAGS.max_items, "n_pairs": FLAGS.n_pairs,
             "seed": FLAGS.seed, "golden": FLAGS.golden, **extra}

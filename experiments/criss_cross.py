@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
+from spatial_jax import program
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.data.prompts import DIRECTIONS
 
@@ -122,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import run_all
 from experiments.random_checkpoint import write_random_checkpoint
+from spatial_jax import program
 
 FLAGS = flags.FLAGS
 ORGANISM = "checkpoints/organism"
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: os.path.join(FLAGS.output_dir, "report.md"), example="python -m experiments.demo --output_dir outputs/demo --dataset squares,shapes,objects")

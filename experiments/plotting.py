@@ -5,6 +5,8 @@ flags of their own, such as show_datasets, can use it too.
 """
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")  # the binaries run on servers and in tests, without a display
@@ -19,8 +21,21 @@ def slot_names(n_slots: int) -> list[str]:
     return ["emb"] + [str(i) for i in range(n_slots - 1)]
 
 
+MAX_SLOT_LABELS = 12  # about what a 3.6-inch panel holds at fontsize 7 without overlap
+
+
 def slot_axis(ax: plt.Axes, n_slots: int, label: str = SLOT_AXIS_LABEL) -> None:
-    ax.set_xticks(range(n_slots), slot_names(n_slots), fontsize=7)
+    """Slot ticks on the x axis: a minor tick per slot, labels on at most MAX_SLOT_LABELS of them
+    (every k-th from "emb", and the last slot), so 28-40-layer models stay legible."""
+    names = slot_names(n_slots)
+    step = max(1, math.ceil(n_slots / MAX_SLOT_LABELS))
+    ticks = list(range(0, n_slots, step))
+    if ticks[-1] != n_slots - 1:
+        if n_slots - 1 - ticks[-1] < step / 2 and len(ticks) > 1:
+            ticks.pop()  # too close to the last slot's label
+        ticks.append(n_slots - 1)
+    ax.set_xticks(ticks, [names[t] for t in ticks], fontsize=7)
+    ax.set_xticks(range(n_slots), minor=True)
     ax.set_xlabel(label)
 
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import common, plotting
 from experiments.plotting import plt
 from experiments.probe_vision import ORIENTATIONS, images_of, slot_labels, visual_residuals
 from spatial_jax import probes
+from spatial_jax import program
 
 FLAGS = common.FLAGS
 NAME = "probe_lm"
@@ -72,7 +73,8 @@ def run() -> dict:
     def measure(model, task, orientation):
         items = images_of(task, orientation, FLAGS.max_items, FLAGS.seed)
         acc = sweep(visual_residuals(model, items, layers="all"), group_labels(items), FLAGS.seed)
-        logging.info("%s|%s: probe accuracy by slot (rows: %s) %s", task.name, orientation, GROUPS, np.round(acc.T, 2))
+        logging.info("%s|%s: probe accuracy by slot: %s", task.name, orientation,
+                     "; ".join(f"{g} " + " ".join(f"{a:.2f}" for a in row) for g, row in zip(GROUPS, acc.T)))
         return {"n_images": len(items), "test_accuracy": acc.tolist()}
 
     out_dir, summary = common.run_parts(NAME, ORIENTATIONS, measure, groups=list(GROUPS))
@@ -113,4 +115,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 import spatial_jax as sj
 from experiments import common, plotting
 from experiments.plotting import plt
 from spatial_jax import probes
+from spatial_jax import program
 
 FLAGS = common.FLAGS
 NAME = "probe_vision"
@@ -120,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.experiment_dir(NAME))

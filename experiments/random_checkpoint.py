@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app
 from flax import nnx
 
 from experiments import common
+from spatial_jax import program
 from spatial_jax.convert.export import export_hf
 from spatial_jax.data.geometry import get_geometry
 from spatial_jax.data.vocabulary import synthetic_words
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: common.FLAGS.output_dir)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import (ablation, absolute_vs_relative, amplification, backup, behaviour, common, criss_cross,
                          last_token, probe_lm, probe_vision, report)
+from spatial_jax import program
 
 EXPERIMENTS = {m.NAME: m for m in (behaviour, probe_vision, probe_lm, last_token, criss_cross, ablation, backup,
                                    amplification, absolute_vs_relative)}
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: os.path.join(FLAGS.output_dir, "report.md"))

@@ -14,12 +14,13 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from matplotlib.patches import Rectangle
 from PIL import Image
 
 from experiments import plotting
 from experiments.plotting import plt
+from spatial_jax import program
 from spatial_jax.data.coco import load_coco_spatial
 from spatial_jax.data.geometry import GEOMETRIES, Geometry, get_geometry
 from spatial_jax.data.regions import Regions, box_regions
@@ -123,4 +124,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: FLAGS.output_dir)

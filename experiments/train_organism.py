@@ -21,11 +21,12 @@ import tempfile
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from tqdm import tqdm
 
 import spatial_jax as sj
+from spatial_jax import program
 from spatial_jax.organism import checkpoint, spec
 from spatial_jax.organism import data as odata
 from spatial_jax.organism import train as otrain
@@ -158,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, wrote=lambda: FLAGS.output_dir)

@@ -14,16 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spatial_jax import parallel
+from spatial_jax import parallel, validation
 from spatial_jax.batch import Batch, last_positions
-from spatial_jax.convert import checkpoint
+from spatial_jax.convert import checkpoint, hub
 from spatial_jax.convert.convert import DTYPES, abstract_model, convert_hf, resolve_config
-from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.jitting import jit
 from spatial_jax.models.layers import run_layers
-from spatial_jax.models.registry import FAMILIES
 from spatial_jax.tree_paths import flatten_paths
 
 
@@ -63,17 +61,23 @@ class Model:
         return self._processor
 
     def prepare(self, images: Sequence[Any], prompts: Sequence[str], system: Optional[str] = None) -> Batch:
-        """PIL images (one, a list, or None per prompt) and user prompts -> a padded `Batch`."""
+        """PIL images (one entry per prompt: an image, a list of them, or None) and user prompts ->
+        a padded `Batch`."""
         return Batch(**self.processor(images=images, prompts=prompts, system=system))
 
 
 def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None) -> Model:
-    """A converted checkpoint dir, or a HF model dir (converted in memory, `dtype` default float32).
+    """A converted checkpoint dir, a HF model dir (converted in memory, `dtype` default float32),
+    or a hub id `org/name[@revision]` (fetched into the HF cache; `convert.hub.resolve`).
+
+    dtype: "float32" or "bfloat16" (or an alias such as "bf16", or the dtype itself).
 
     mesh: place every parameter with its family's sharding rule (spatial_jax.parallel.rules). A
     converted checkpoint is restored by Orbax straight into those shardings: each device reads
     only its own shard, and no full weight is ever assembled on one device.
     """
+    path = hub.resolve(path)
+    dtype = None if dtype is None else validation.dtype_name(dtype)
     shardings = None
     if mesh is not None:
         family, cfg, _ = resolve_config(path)
@@ -131,23 +135,19 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
 _apply_jit = jit(apply, static_argnames=("graphdef", "cache", "logits"))
 
 
-def check_batch(model: Model, batch: Batch) -> None:
-    """Host-side checks with messages a person can act on (shapes only; no tracers needed)."""
-    ids = batch.input_ids
-    if np.ndim(ids) != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {np.shape(ids)}")
-    if batch.attention_mask is not None and np.shape(batch.attention_mask) != np.shape(ids):
-        raise ValueError(f"attention_mask shape {np.shape(batch.attention_mask)} != input_ids {np.shape(ids)}")
-    FAMILIES[model.family].model_cls.check_batch(model.config, batch)
+def _checked(model: Model, batch: Batch, interventions) -> tuple[Intervention, ...]:
+    validation.check_batch(model, batch)
+    interventions = validation.intervention_list(interventions)
+    validation.check_interventions(model.config, np.shape(batch.input_ids), interventions)
+    return interventions
 
 
-def forward(model: Model, batch: Batch, cache: Sequence[str] = (),
+def forward(model: Model, batch: Batch, cache: str | Sequence[str] = (),
             interventions: Optional[Sequence[Intervention]] = None, logits: bool = True) -> Output:
-    """Jitted `apply` on a loaded model. cache: site names; see DESIGN.md for shapes."""
-    for s in cache:
-        sites.check_site(s)
-    check_batch(model, batch)
-    interventions = tuple(interventions or ())
+    """Jitted `apply` on a loaded model. cache: site names (one name is one site); see
+    docs/design.md, "Sites", for shapes. Inputs are checked on the host first (validation)."""
+    cache = validation.site_names(cache)
+    interventions = _checked(model, batch, interventions)
     if model.mesh is not None:  # rows over `data`; everything as global arrays (multi-host safe)
         batch = parallel.shard_batch(batch.with_defaults(), model.mesh)
         interventions = parallel.put_tree(interventions, model.mesh)
@@ -169,9 +169,8 @@ def next_token_logits(model: Model, batch: Batch, interventions: Optional[Sequen
     """Logits [B, V] float32 of the token after each row's last real token: the unembedding runs
     at that position only (a tenth of a forward on a 150k vocabulary is not spent on the rest)."""
     batch = batch.with_defaults()
-    check_batch(model, batch)
+    interventions = _checked(model, batch, interventions)
     position = last_positions(batch.attention_mask)
-    interventions = tuple(interventions or ())
     if model.mesh is not None:
         batch, position = parallel.shard_batch(batch, model.mesh), parallel.put_tree(position, model.mesh)
         interventions = parallel.put_tree(interventions, model.mesh)

@@ -1,6 +1,6 @@
 """Shared test set-up.
 
-DESIGN.md: tests simulate 8 devices on the CPU. XLA reads the flag when jax initializes its
+docs/design.md, "Scale": tests simulate 8 devices on the CPU. XLA reads the flag when jax initializes its
 backends, so it is set here, before any test module imports jax.
 """
 from __future__ import annotations

@@ -16,6 +16,7 @@ from absl.testing import flagsaver  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from spatial_jax.tree_paths import flatten_paths  # noqa: E402
+from experiments import mesh_flags  # noqa: E402
 from spatial_jax import parallel  # noqa: E402
 from spatial_jax.parallel import rules  # noqa: E402
 
@@ -83,10 +84,10 @@ def test_make_mesh_axes_and_types():
 @needs8
 def test_setup_from_flags_without_parsed_argv():
     with flagsaver.flagsaver(mesh="data:2,model:4"):
-        mesh = parallel.setup_from_flags()
+        mesh = mesh_flags.setup_from_flags()
     assert dict(mesh.shape) == {"data": 2, "model": 4}
     with flagsaver.flagsaver(mesh=""):
-        assert dict(parallel.setup_from_flags(param_bytes=10**6).shape) == {"data": 8, "model": 1}
+        assert dict(mesh_flags.setup_from_flags(param_bytes=10**6).shape) == {"data": 8, "model": 1}
 
 
 class _Mesh:

@@ -21,10 +21,11 @@ WORKER = textwrap.dedent('''
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import numpy as np
     from absl import app
-    from spatial_jax import parallel  # defines --mesh / --distributed (importing jax starts no backend)
+    from experiments import mesh_flags  # defines --mesh / --distributed (importing jax starts no backend)
+    from spatial_jax import parallel
 
     def main(argv):
-        mesh = parallel.setup_from_flags()  # --distributed ... --mesh=data:4,model:2
+        mesh = mesh_flags.setup_from_flags()  # --distributed ... --mesh=data:4,model:2
         import jax
         import spatial_jax as sj
         assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4

@@ -172,7 +172,7 @@ def test_image_pad_count_mismatch_is_a_clear_error(qwen2_vl_ckpts):
 
 
 def test_eight_simulated_cpu_devices():
-    """conftest sets --xla_force_host_platform_device_count=8 before jax starts (DESIGN.md)."""
+    """conftest sets --xla_force_host_platform_device_count=8 before jax starts (docs/design.md, "Scale")."""
     assert len(jax.devices("cpu")) == 8
 
 

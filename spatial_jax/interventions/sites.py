@@ -1,4 +1,4 @@
-"""The site vocabulary shared by every model family (DESIGN.md, "Sites").
+"""The site vocabulary shared by every model family (docs/design.md, "Sites").
 
 A site is a named point in the forward pass where activations can be cached or intervened on.
 Per-layer sites carry a layer axis in the cache; the others are read once per forward.

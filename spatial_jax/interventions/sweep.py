@@ -5,7 +5,7 @@ layers x regions); variant i applies every intervention's i-th slice together. T
 only what the metric reads (`Readout`): logits and probabilities of chosen tokens at one
 position per row, and the argmax.
 
-Where the speed comes from (DESIGN.md):
+Where the speed comes from (docs/design.md):
   * the vision tower and the layers below a variant's first patched layer run once, in a clean
     run; each variant restarts the LM from the clean residual entering that layer, taken before
     any of that layer's taps so that `base` interventions there apply exactly once;
@@ -31,9 +31,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from spatial_jax import parallel
+from spatial_jax import parallel, validation
 from spatial_jax.batch import Batch
-from spatial_jax.forward import Model, check_batch
+from spatial_jax.forward import Model
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
 from spatial_jax.interventions.taps import Taps
@@ -250,14 +250,17 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     the model was loaded on (`sj.load(..., mesh=)`), if any; a different mesh places the params
     on it first with the family's sharding rules.
     """
-    interventions = tuple(interventions)
     if mesh is None:
         mesh = model.mesh
     elif mesh != model.mesh:
         model = _on_mesh(model, mesh)
     batch = batch.with_defaults()
-    check_batch(model, batch)
+    validation.check_batch(model, batch)
+    interventions, base = validation.intervention_list(interventions), validation.intervention_list(base)
     shape = _num_variants(interventions)
+    validation.check_interventions(model.config, np.shape(batch.input_ids), interventions, shape)
+    validation.check_interventions(model.config, np.shape(batch.input_ids), base, name="base")
+    validation.check_readout(model.config, np.shape(batch.input_ids), readout.position, readout.tokens)
     n = int(math.prod(shape))
     # Every leaf as a read-only view [*S, ...] (scalars such as a shared alpha broadcast to S; a
     # sweep without variant axes is one variant, S = (1,)): each chunk then gathers only its own
@@ -268,7 +271,6 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     readout = Readout(np.asarray(readout.position, np.int32), np.asarray(readout.tokens, np.int32))
     n_data = 1 if mesh is None else parallel.axis_size(mesh, parallel.DATA)
 
-    base = tuple(base)
     if any(iv.site.startswith("vision.") for iv in interventions):
         starts, prefixes = np.zeros((n,), np.int64), np.zeros((n,), np.int64)
         stack = None

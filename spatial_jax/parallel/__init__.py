@@ -1,7 +1,7 @@
 """Device meshes and sharding: weights over `model`, activations and sweep variants over `data`.
 
     from spatial_jax import parallel
-    mesh = parallel.setup_from_flags()            # --mesh=data:4,model:2 [--distributed]
+    mesh = parallel.setup("data:4,model:2")       # [distributed=True] (binaries: --mesh, --distributed)
     model = sj.load(ckpt_dir, mesh=mesh)          # restored straight into the rule shardings
     sj.patch_sweep(model, batch, ivs, readout)    # each chunk's variants split over `data`
     logits = parallel.to_host(sj.forward(model, batch).logits)   # gathers across hosts if needed
@@ -10,7 +10,7 @@ Rules: `rules.RULES` (one (path regex -> PartitionSpec) table per family, `GENER
 otherwise). The same code runs on one CPU (a 1 x 1 mesh or no mesh at all), on simulated CPU
 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) and on GPU/TPU slices.
 """
-from spatial_jax.parallel.flags import checkpoint_param_bytes, initialize_distributed, setup_from_flags
+from spatial_jax.parallel.setup import checkpoint_param_bytes, initialize_distributed, setup
 from spatial_jax.parallel.mesh import (AXES, DATA, MODEL, axis_size, default_mesh_sizes, describe, make_mesh,
                                        parse_mesh_spec, single_device_mesh)
 from spatial_jax.parallel.placement import (init_params, place_param, place_params, put, put_data, put_tree, shard_batch,
@@ -23,4 +23,4 @@ __all__ = ["AXES", "DATA", "MODEL", "axis_size", "default_mesh_sizes", "describe
            "put_tree", "shard_batch", "to_host", "GEMMA3_RULES", "GENERIC_RULES", "PIXTRAL_RULES", "QWEN2_VL_RULES",
            "RULES",
            "param_shardings", "param_specs", "rules_for", "spec_for", "unmatched",
-           "checkpoint_param_bytes", "initialize_distributed", "setup_from_flags"]
+           "checkpoint_param_bytes", "initialize_distributed", "setup"]

@@ -1,5 +1,5 @@
 """What every processor family shares: the processor's base (tokenizer, chat template, image
-config), checking a directory's tokenizer files, the images argument, one user turn through the
+config), checking a directory's tokenizer files, one user turn through the
 chat template, BOS-aware tokenizing, and the check that the tokenizer kept an image placeholder
 whole."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
-ImageEntry = Union[Image.Image, Sequence[Image.Image], None]
+ImageEntry = Union[Image.Image, Sequence[Image.Image], None]  # one prompt's images (validation.images_per_prompt)
 
 
 def checked_dir(path: Union[str, os.PathLike]) -> str:
@@ -39,29 +39,6 @@ def token_id(tokenizer: PreTrainedTokenizerBase, token: str, family: str) -> int
     if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
         raise ValueError(f"the tokenizer has no {token} token; it is not a {family} tokenizer")
     return int(token_id)
-
-
-def images_per_prompt(images: Optional[Sequence[ImageEntry]], prompts: Sequence[str]) -> list[list[Image.Image]]:
-    """The images argument of a processor call as one list of PIL images per prompt."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not a string")
-    if images is None:
-        images = [None] * len(prompts)
-    if len(images) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image entries; pass one entry "
-                         "(an image, a list of images or None) per prompt")
-    return [_as_image_list(entry, i) for i, entry in enumerate(images)]
-
-
-def _as_image_list(entry: ImageEntry, index: int) -> list[Image.Image]:
-    if entry is None:
-        return []
-    items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
-    for j, item in enumerate(items):
-        if not isinstance(item, Image.Image):
-            raise TypeError(f"images[{index}]" + (f"[{j}]" if isinstance(entry, (list, tuple)) else "")
-                            + f" is a {type(item).__name__}, not a PIL.Image.Image")
-    return items
 
 
 def render_user_turn(tokenizer: PreTrainedTokenizerBase, chat_template: str, text_chunk: Mapping[str, str],

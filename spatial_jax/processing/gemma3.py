@@ -31,13 +31,14 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from spatial_jax.processing.chat import (
-    ChatPrep, ImageEntry, checked_dir, images_per_prompt, load_tokenizer, render_user_turn, token_id,
+    ChatPrep, ImageEntry, checked_dir, load_tokenizer, render_user_turn, token_id,
     tokenize_chat_texts,
 )
 from spatial_jax.processing.qwen2_vl import (
     PROCESSOR_CONFIG, _read_json, image_processor_values, load_chat_template, read_image_processor_config,
     rescale_and_normalize, to_rgb,
 )
+from spatial_jax.validation import images_per_prompt
 
 BOI = "<start_of_image>"
 EOI = "<end_of_image>"

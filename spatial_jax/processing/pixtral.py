@@ -35,13 +35,14 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from spatial_jax.processing.chat import (
-    ChatPrep, ImageEntry, check_image_tokens, checked_dir, expand_placeholders, images_per_prompt, load_tokenizer,
+    ChatPrep, ImageEntry, check_image_tokens, checked_dir, expand_placeholders, load_tokenizer,
     render_user_turn, token_id, tokenize_chat_texts,
 )
 from spatial_jax.processing.qwen2_vl import (
     OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROCESSOR_CONFIG, _read_json, image_processor_values, load_chat_template,
     read_image_processor_config, rescale_and_normalize, to_rgb,
 )
+from spatial_jax.validation import images_per_prompt
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,8 +33,9 @@ from transformers import PreTrainedTokenizerBase
 
 from spatial_jax.processing.chat import (
     TOKENIZER_CONFIG, ChatPrep, ImageEntry, check_image_tokens, checked_dir, expand_placeholders,
-    images_per_prompt, load_tokenizer, render_user_turn, token_id,
+    load_tokenizer, render_user_turn, token_id,
 )
+from spatial_jax.validation import images_per_prompt
 
 # Qwen2-VL's special tokens, in their hub id order (151643, 151644, 151645, 151652..151656).
 ENDOFTEXT = "<|endoftext|>"
