@@ -20,7 +20,9 @@ from spatial_jax.convert import checkpoint, hub
 from spatial_jax.convert.convert import DTYPES, abstract_model, convert_hf, resolve_config
 from spatial_jax.interventions.ops import Intervention
 from spatial_jax.interventions.taps import Taps
+from spatial_jax.jitting import jit
 from spatial_jax.models.layers import run_layers
+from spatial_jax.tree_paths import flatten_paths
 
 
 @jax.tree_util.register_dataclass
@@ -82,18 +84,39 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
         target = nnx.to_pure_dict(nnx.state(abstract_model(family, cfg, jnp.float32)))
         shardings = parallel.param_shardings(target, family.name, mesh)
     if checkpoint.is_converted(path):
-        family, cfg, _, stored_dtype, params = checkpoint.read_converted(path, shardings)
+        # Restored straight into jax arrays (without shardings Orbax returns numpy arrays, which
+        # every jitted call would copy to the device again).
+        if shardings is None:
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            restore_to = jax.tree.map(lambda _: one, nnx.to_pure_dict(nnx.state(abstract_model(
+                *resolve_config(path)[:2], jnp.float32))))
+        family, cfg, _, stored_dtype, params = checkpoint.read_converted(
+            path, shardings if shardings is not None else restore_to)
         if dtype is not None and dtype != stored_dtype:
-            params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)  # keeps each sharding
+            _cast_in_place(params, DTYPES[dtype])  # keeps each sharding
         dtype = dtype or stored_dtype
     else:
         dtype = dtype or "float32"
-        family, cfg, _, params = convert_hf(path, dtype)
-        if shardings is not None:
-            params = parallel.place_params(params, shardings)
+        # Each tensor goes to its device(s) as soon as it is read, so the host never holds a
+        # second full copy of the params; on CPU, device_put adopts convert_hf's aligned
+        # buffer without a copy (the host array is dropped at once, never written again).
+        flat_shardings = None if shardings is None else flatten_paths(shardings)
+        place = ((lambda p, x: jax.device_put(x)) if shardings is None
+                 else (lambda p, x: parallel.place_param(x, flat_shardings[p])))
+        family, cfg, _, params = convert_hf(path, dtype, place=place)
     graphdef, state = nnx.split(abstract_model(family, cfg, DTYPES[dtype]))
-    nnx.replace_by_pure_dict(state, params if mesh is not None else jax.tree.map(jnp.asarray, params))
+    nnx.replace_by_pure_dict(state, params)
     return Model(family.name, cfg, graphdef, state, dtype, path, mesh=mesh)
+
+
+def _cast_in_place(tree: dict, dtype) -> None:
+    """Casts every leaf of a nested dict to dtype, each old leaf dropped as soon as its cast
+    exists (a tree-wide astype would hold the whole tree in both dtypes at once)."""
+    for key in list(tree):
+        if isinstance(tree[key], dict):
+            _cast_in_place(tree[key], dtype)
+        else:
+            tree[key] = tree[key].astype(dtype)
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
@@ -109,7 +132,7 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
     return Output(module.unembed(final) if logits else None, taps.collected)
 
 
-_apply_jit = jax.jit(apply, static_argnames=("graphdef", "cache", "logits"))
+_apply_jit = jit(apply, static_argnames=("graphdef", "cache", "logits"))
 
 
 def _checked(model: Model, batch: Batch, interventions) -> tuple[Intervention, ...]:
@@ -139,7 +162,7 @@ def _next_token_logits(graphdef, params, batch: Batch, interventions, position) 
     return module.unembed(jnp.take_along_axis(final, position[:, None, None], axis=1)[:, 0])
 
 
-_next_token_jit = jax.jit(_next_token_logits, static_argnames=("graphdef",))
+_next_token_jit = jit(_next_token_logits, static_argnames=("graphdef",))
 
 
 def next_token_logits(model: Model, batch: Batch, interventions: Optional[Sequence[Intervention]] = None) -> jax.Array:

@@ -23,6 +23,7 @@ from flax import nnx
 
 META_FILE = "spatial_jax.json"
 PARAMS_DIR = "params"
+RESTORE_CONCURRENT_GB = 1
 # Everything a processor/tokenizer needs; never the weights themselves.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer*", "vocab*", "merges.txt",
               "special_tokens_map.json", "added_tokens.json", "chat_template*", "preprocessor_config.json",
@@ -105,5 +106,10 @@ def read_converted(path: str, shardings=None):
     target = nnx.to_pure_dict(nnx.state(abstract_model(family, cfg, dtype)))
     if shardings is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
-    params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
+    # Host buffers in flight limited to ~1 GB, or the largest array (Orbax's default is 96 GB:
+    # a whole real-size checkpoint in host buffers beside its device copies).
+    largest = max((np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(target)), default=0)
+    restorer = ocp.Checkpointer(ocp.StandardCheckpointHandler(
+        restore_concurrent_gb=max(RESTORE_CONCURRENT_GB, int(np.ceil(largest / 1e9)))))
+    params = restorer.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), args=ocp.args.StandardRestore(target))
     return family, cfg, raw, meta["dtype"], params

@@ -133,11 +133,23 @@ class TensorReader:
     def names(self) -> Iterator[str]:
         return iter(self._where)
 
-    def get(self, name: str) -> np.ndarray:
+    def nbytes(self, name: str) -> int:
+        """Bytes of one stored tensor (from its shard's header)."""
         path, stored = self._where[name]
+        start, end = self._header(path)[1][stored]["data_offsets"]
+        return end - start
+
+    def _header(self, path: str) -> tuple[int, dict]:
         if path not in self._headers:
             self._headers[path] = _read_header(path)
-        data_start, header = self._headers[path]
+        return self._headers[path]
+
+    def get(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
+        """The tensor as a fresh array, or with `buffer` (uint8, at least `nbytes(name)` long) a
+        view into it, valid until the buffer is reused: reading every tensor of a checkpoint
+        through one buffer allocates nothing per tensor (no heap left fragmented behind)."""
+        path, stored = self._where[name]
+        data_start, header = self._header(path)
         entry = header[stored]
         dtype = _DTYPES.get(entry.get("dtype"))
         if dtype is None:
@@ -147,7 +159,7 @@ class TensorReader:
         if end - start != int(np.prod(shape)) * dtype.itemsize:
             raise CheckpointError(f"{path}: tensor {stored} holds {end - start} bytes, but shape {shape} "
                                   f"of {entry['dtype']} needs {int(np.prod(shape)) * dtype.itemsize}")
-        out = np.empty(shape, dtype)
+        out = np.empty(shape, dtype) if buffer is None else buffer[:end - start].view(dtype).reshape(shape)
         with open(path, "rb") as f:
             f.seek(data_start + start)
             if f.readinto(out.reshape(-1).view(np.uint8)) != end - start:

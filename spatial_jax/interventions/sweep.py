@@ -37,6 +37,7 @@ from spatial_jax.forward import Model
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
 from spatial_jax.interventions.taps import Taps
+from spatial_jax.jitting import jit
 from spatial_jax.models.layers import run_layers, run_layers_from
 
 
@@ -87,13 +88,13 @@ def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout,
     return jax.vmap(one)(ivs)
 
 
-_variants_jit = jax.jit(_variants_from, static_argnames=("graphdef",))
+_variants_jit = jit(_variants_from, static_argnames=("graphdef",))
 
 
-def _restart_points(graphdef, params, batch: Batch, base) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _restart_points(graphdef, params, batch: Batch, base) -> tuple[jax.Array, jax.Array]:
     """The clean run under `base`, as the residual that enters each LM layer before that layer's
-    own taps: embeddings [B, T, D] (layer 0's input) and every layer's output [B, L, T, D] (the
-    input of the next, and for the last layer the input of the final norm); and the run's
+    own taps: `stack` [B, L + 1, T, D], stack[:, l] entering layer l (l = 0: the embeddings)
+    and stack[:, L] the last layer's output (the input of the final norm); and the run's
     attention mask `allowed` [B, T, T] (which positions a change can spread to).
 
     The cached lm.resid_pre would not do: it is recorded after the layer's resid_pre
@@ -103,10 +104,10 @@ def _restart_points(graphdef, params, batch: Batch, base) -> tuple[jax.Array, ja
     embeddings = module.embed_inputs(batch, taps)
     ctx = module.lm_context(batch)
     run_layers(module.layers, embeddings, ctx, taps)
-    return embeddings, taps.collected[sites.LM_RESID_POST], ctx["allowed"]
+    return jnp.concatenate([embeddings[:, None], taps.collected[sites.LM_RESID_POST]], 1), ctx["allowed"]
 
 
-_restart_points_jit = jax.jit(_restart_points, static_argnames=("graphdef",))
+_restart_points_jit = jit(_restart_points, static_argnames=("graphdef",))
 
 
 def _num_variants(interventions: Sequence[Intervention]) -> tuple[int, ...]:
@@ -182,6 +183,25 @@ def _variant_bytes(model: Model, batch: Batch, variants, n: int) -> int:
     return 4 * B * T * width * 3 + sum(a.nbytes for a in jax.tree.leaves(variants)) // n
 
 
+def default_memory_budget(device: jax.Device | None = None) -> float:
+    """Bytes a sweep's chunks may take by default: on GPU/TPU 80% of what the device has free
+    now (its memory_stats bytes_limit - bytes_in_use, the params already counted as in use); on
+    CPU, or where the backend does not say, CPU_MEMORY_BUDGET."""
+    device = device or jax.local_devices()[0]
+    if device.platform != "cpu":
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # some backends raise instead of returning None
+            stats = {}
+        if "bytes_limit" in stats:
+            return FREE_MEMORY_FRACTION * max(0, stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return CPU_MEMORY_BUDGET
+
+
+CPU_MEMORY_BUDGET = 2e9
+FREE_MEMORY_FRACTION = 0.8
+
+
 def _chunk_size(model: Model, batch: Batch, variants, n: int, memory_budget_bytes: float) -> int:
     """Variants per compiled call within the budget (at least 1, at most 256)."""
     return int(max(1, min(256, memory_budget_bytes // _variant_bytes(model, batch, variants, n))))
@@ -210,7 +230,7 @@ def _on_mesh(model: Model, mesh: jax.sharding.Mesh) -> Model:
 
 def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention], readout: Readout, *,
                 base: Sequence[Intervention] = (), chunk_size: int | None = None,
-                memory_budget_bytes: float = 2e9, row_quantum: int = ROW_QUANTUM, progress: bool = False,
+                memory_budget_bytes: float | None = None, row_quantum: int = ROW_QUANTUM, progress: bool = False,
                 mesh: jax.sharding.Mesh | None = None) -> SweepResult:
     """Runs every variant of a sweep and returns what `readout` asks for, shaped [*S, B, ...].
 
@@ -218,6 +238,10 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     the same leading variant shape S (np.broadcast_to makes shared ones free).
     base: interventions without a variant axis that apply in the clean run and in every variant,
     before the variant's own (e.g. an ablation under which the variants swap regions).
+    memory_budget_bytes: what the variants of one chunk may take, beside the clean run's
+    residual stack that stays on the device(s) for the whole sweep (counted in it, per device
+    over `data`); default `default_memory_budget()` (the free device memory on GPU/TPU, 2 GB on
+    CPU). chunk_size overrides it.
     row_quantum: the granularity of the positions a variant computes (`_row_bucket`): smaller
     computes fewer rows, larger compiles fewer shapes as masks change (on an accelerator, where a
     compile costs more than some extra rows, raise it; at T and above only powers of two).
@@ -245,42 +269,47 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     variants = [jax.tree.map(lambda a: np.broadcast_to(a, vshape + np.shape(a)[len(shape):]), iv)
                 for iv in interventions]
     readout = Readout(np.asarray(readout.position, np.int32), np.asarray(readout.tokens, np.int32))
-    chunk = chunk_size or _chunk_size(model, batch, variants, n, memory_budget_bytes)
-    if mesh is not None:
-        n_data = parallel.axis_size(mesh, parallel.DATA)
-        chunk = -(-chunk // n_data) * n_data
+    n_data = 1 if mesh is None else parallel.axis_size(mesh, parallel.DATA)
 
     if any(iv.site.startswith("vision.") for iv in interventions):
         starts, prefixes = np.zeros((n,), np.int64), np.zeros((n,), np.int64)
-        embeddings = outputs = None
+        stack = None
     else:
         starts = _start_layers(interventions, shape, model.config.num_layers)
         args = (batch, base) if mesh is None else (parallel.shard_batch(batch, mesh), parallel.put_tree(base, mesh))
-        embeddings, outputs, allowed = parallel.to_host(_restart_points_jit(model.graphdef, model.params, *args))
-        prefixes = _unchanged_prefixes(variants, readout, allowed, n, row_quantum)
+        # The residual stack stays where it was computed (over `data` with the batch's rows on
+        # a mesh); only the [B, T, T] mask comes to the host, for the prefixes.
+        stack, allowed = _restart_points_jit(model.graphdef, model.params, *args)
+        prefixes = _unchanged_prefixes(variants, readout, parallel.to_host(allowed), n, row_quantum)
 
     def prefix_of(P: int):
         """The clean residual entering each layer at the unchanged positions, [B, L, P, D]."""
-        if not P:
-            return None
-        prefix = np.concatenate([embeddings[:, None, :P], outputs[:, :-1, :P]], axis=1)
-        return jnp.asarray(prefix) if mesh is None else parallel.put_tree(prefix, mesh)
+        return stack[:, :-1, :P] if P else None
+
+    # Once per prefix length, shared by its calls; on the device(s) beside the stack.
+    placed = {int(P): prefix_of(int(P)) for P in np.unique(prefixes)}
+    if chunk_size:
+        chunk = chunk_size
+    else:
+        budget = default_memory_budget() if memory_budget_bytes is None else memory_budget_bytes
+        resident = sum(x.nbytes for x in jax.tree.leaves((stack, placed))) // n_data
+        chunk = _chunk_size(model, batch, variants, n, budget - resident)
+    chunk = -(-chunk // n_data) * n_data
 
     results = [None] * n
     order = np.lexsort((prefixes, starts))
     keys = np.stack([starts, prefixes], 1)[order]
     groups = np.split(order, np.flatnonzero((keys[1:] != keys[:-1]).any(1)) + 1)
     calls = [(g[i:i + chunk]) for g in groups for i in range(0, len(g), chunk)]
-    placed = {int(P): prefix_of(int(P)) for P in np.unique(prefixes)}  # once per length, shared by its calls
     for idx in tqdm(calls, disable=not progress, desc="sweep", unit="chunk"):
         padded = np.concatenate([idx, np.full((_call_size(len(idx), chunk, mesh) - len(idx),), idx[-1])])
         which = np.unravel_index(padded, vshape)
         ivs = tuple(jax.tree.map(lambda a: a[which], iv) for iv in variants)
         s, P = int(starts[idx[0]]), int(prefixes[idx[0]])
-        x_start = None if embeddings is None else (embeddings if s == 0 else outputs[:, s - 1])[:, P:]
+        x_start = None if stack is None else stack[:, s, P:]
         args = (batch, x_start, np.int32(s), ivs, readout, base)
         if mesh is not None:  # variants over `data`, the rest replicated, all as global arrays
-            args = (*parallel.put_tree(args[:3], mesh), parallel.put_tree(ivs, mesh, data_axis=0),
+            args = (parallel.put_tree(batch, mesh), x_start, np.int32(s), parallel.put_tree(ivs, mesh, data_axis=0),
                     parallel.put_tree(readout, mesh), parallel.put_tree(base, mesh))
         args += (placed[P],)
         got = parallel.to_host(_variants_jit(model.graphdef, model.params, *args))

@@ -21,6 +21,20 @@ PRECISION = jax.lax.Precision.HIGHEST
 NEG_INF = -1e30
 
 
+def dot(a: jax.Array, b: jax.Array, subscripts: str | None = None, out_dtype=None) -> jax.Array:
+    """a @ b (or einsum(subscripts, a, b)) in the operands' own dtype with float32 accumulation,
+    cast to `out_dtype` (default: a's dtype).
+
+    bfloat16 operands go into the dot as bfloat16 with a float32 result (the cuBLAS / XLA:CPU
+    bf16 GEMMs accumulate in float32), instead of a bfloat16 result that XLA:CPU computes by
+    converting both operands to float32. HIGHEST is asked of float32 operands only (it keeps
+    TF32/bf16 passes out on GPU/TPU); float32 models compile exactly as before.
+    """
+    kw = dict(precision=PRECISION if a.dtype == jnp.float32 else None, preferred_element_type=jnp.float32)
+    out = jnp.matmul(a, b, **kw) if subscripts is None else jnp.einsum(subscripts, a, b, **kw)
+    return out.astype(a.dtype if out_dtype is None else out_dtype)
+
+
 def init_normal(rngs: nnx.Rngs, shape: Sequence[int], dtype, std: float = 0.02) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -33,7 +47,7 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.matmul(x, self.kernel[...], precision=PRECISION)
+        y = dot(x, self.kernel[...])
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -111,11 +125,11 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None,
     G = Hq // Hkv
     qh = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, precision=PRECISION).astype(jnp.float32) * scale
+    scores = dot(qh, kh, "bkqd,bksd->bkqs", jnp.float32) * scale
     if allowed is not None:
         scores = jnp.where(jnp.tile(allowed, (1, G, 1))[:, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh, precision=PRECISION)
+    out = dot(probs, vh, "bkqs,bksd->bkqd")
     return out.reshape(B, Hkv, G, T, -1).transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, -1)
 
 
@@ -267,7 +281,7 @@ def unembed(h: jax.Array, embed: jax.Array, lm_head: Dense | None) -> jax.Array:
     """h [..., D] -> logits [..., V] float32, against the embedding table [V, D] when tied
     (lm_head None)."""
     w = embed.T if lm_head is None else lm_head.kernel[...]
-    return jnp.matmul(h, w, precision=PRECISION).astype(jnp.float32)
+    return dot(h, w).astype(jnp.float32)
 
 
 class LanguageModel(nnx.Module):

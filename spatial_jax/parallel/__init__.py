@@ -13,13 +13,13 @@ devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) and on GPU/TPU slic
 from spatial_jax.parallel.setup import checkpoint_param_bytes, initialize_distributed, setup
 from spatial_jax.parallel.mesh import (AXES, DATA, MODEL, axis_size, default_mesh_sizes, describe, make_mesh,
                                        parse_mesh_spec, single_device_mesh)
-from spatial_jax.parallel.placement import (init_params, place_params, put, put_data, put_tree, shard_batch,
+from spatial_jax.parallel.placement import (init_params, place_param, place_params, put, put_data, put_tree, shard_batch,
                                             to_host)
 from spatial_jax.parallel.rules import (GEMMA3_RULES, GENERIC_RULES, PIXTRAL_RULES, QWEN2_VL_RULES, RULES,
                                         param_shardings, param_specs, rules_for, spec_for, unmatched)
 
 __all__ = ["AXES", "DATA", "MODEL", "axis_size", "default_mesh_sizes", "describe", "make_mesh",
-           "parse_mesh_spec", "single_device_mesh", "init_params", "place_params", "put", "put_data",
+           "parse_mesh_spec", "single_device_mesh", "init_params", "place_param", "place_params", "put", "put_data",
            "put_tree", "shard_batch", "to_host", "GEMMA3_RULES", "GENERIC_RULES", "PIXTRAL_RULES", "QWEN2_VL_RULES",
            "RULES",
            "param_shardings", "param_specs", "rules_for", "spec_for", "unmatched",

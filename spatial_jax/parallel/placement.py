@@ -87,14 +87,17 @@ def to_host(x: Any) -> Any:
     return jax.tree.map(one, x)
 
 
+def place_param(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host (numpy) or jax array -> a global array with `sharding`; each device gets its shard only."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def place_params(params: Mapping, shardings: Mapping) -> dict:
     """Host (numpy) params -> global arrays with the given shardings; each device gets its shard only."""
-    def one(x, s):
-        if isinstance(x, jax.Array) and x.is_fully_addressable:
-            return jax.device_put(x, s)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
-    return jax.tree.map(one, params, shardings)
+    return jax.tree.map(place_param, params, shardings)
 
 
 def init_params(target: Mapping, shardings: Mapping, seed: int = 0, std: float = 0.02) -> dict:
