@@ -81,7 +81,9 @@ def main(argv):
         FLAGS.checkpoint, FLAGS.output_dir = path, os.path.join(base, mechanism)
         logging.info("##### %s (%s)", mechanism, path)
         _, headlines[mechanism] = run_all.run_all(settings=SETTINGS)
-        out_dirs[mechanism], metas[mechanism] = FLAGS.output_dir, checkpoint.read_meta(path)
+        print(f"\n## {mechanism}\n{run_all.headline_text(headlines[mechanism])}")
+        out_dirs[mechanism] = FLAGS.output_dir
+        metas[mechanism] = checkpoint.read_meta(path) if os.path.isfile(os.path.join(path, checkpoint.META_FILE)) else {}
     weak_dir = None
     if os.path.isfile(os.path.join(WEAK, "config.json")):
         FLAGS.checkpoint, FLAGS.output_dir = WEAK, os.path.join(base, "vision_strip_weak")

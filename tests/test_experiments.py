@@ -122,9 +122,13 @@ def test_run_all_report_has_every_table_and_figure(nine):
         assert all(os.path.getsize(nine.out / f) > 5000 for f in figures)
 
 
-def test_demo_prints_the_behaviour_table_and_a_line_per_experiment(nine, checkpoint, monkeypatch, capsys):
-    _set_flags(checkpoint, nine.out)
-    monkeypatch.setattr(demo, "ORGANISM", checkpoint)
+def test_demo_prints_the_behaviour_table_and_a_line_per_experiment(nine, checkpoint, monkeypatch, capsys, tmp_path):
+    # the demo runs each organism into <output_dir>/<mechanism>: point one organism at the finished run
+    (tmp_path / "lm_position").symlink_to(nine.out, target_is_directory=True)
+    _set_flags(checkpoint, tmp_path)
+    monkeypatch.setattr(demo, "ORGANISMS", {"lm_position": checkpoint})
+    monkeypatch.setattr(demo, "WEAK", str(tmp_path / "no_weak_variant"))
+    monkeypatch.setattr(demo, "SETTINGS", {})
     try:
         with watched() as log:
             demo.main([])
@@ -137,7 +141,8 @@ def test_demo_prints_the_behaviour_table_and_a_line_per_experiment(nine, checkpo
         assert re.search(rf"^\| {dataset} \| 8 \| [01]\.\d{{3}} \|", printed, re.M)
     for name, line in nine.headlines.items():
         assert f"\n{name}: {line}\n" in printed
-    assert f"report: {nine.report}" in printed
+    assert f"report: {tmp_path / 'report.md'}" in printed
+    assert "validation" in (tmp_path / "report.md").read_text().lower()
 
 
 @pytest.mark.parametrize("name", list(run_all.EXPERIMENTS))

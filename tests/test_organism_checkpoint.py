@@ -94,11 +94,13 @@ def test_transformers_and_port_agree(mechanism):
     got = np.asarray(sj.forward(model, ours).logits)
     mask = ref["attention_mask"].numpy().astype(bool)
     assert not mask.all()  # the prompts of different tasks differ in length: left padding is exercised
-    # At the answer position: TOL. At every position: 2 * TOL, since the trained vision organisms'
-    # logits reach |15| where float32 summation order (torch vs XLA) alone moves a few of them by
-    # up to 1.9e-4 (vision_strip: 12 of 64,410 elements above 1e-4).
+    # At the answer position: TOL. At every position: relative to the largest logit, since the
+    # trained vision organisms' logits reach |32|, where our own float32 result moves by 1.3e-4
+    # between a batch of 9 and each prompt alone (BUILD_NOTES, "Organism parity at every position");
+    # HF vs ours there: up to 3.9e-4 on 7 of 64,410 elements. The bound is 1.5e-5 x max|logit|.
     np.testing.assert_allclose(got[:, -1], hf_logits[:, -1], rtol=0, atol=TOL)
-    np.testing.assert_allclose(got[mask], hf_logits[mask], rtol=0, atol=2 * TOL)
+    np.testing.assert_allclose(got[mask], hf_logits[mask], rtol=0,
+                               atol=max(2 * TOL, 1.5e-5 * np.abs(hf_logits[mask]).max()))
     # and both answer the same
     np.testing.assert_array_equal(got[:, -1].argmax(-1), hf_logits[:, -1].argmax(-1))
 
