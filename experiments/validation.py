@@ -181,7 +181,9 @@ def absolute_vs_relative(out_dir: str) -> Optional[float]:
     parts = _parts(out_dir, "absolute_vs_relative")
     if not parts:
         return None
-    moved = [v["probe_relative"] for by_shift in parts.values() for s, v in by_shift.items() if int(s) != 0]
+    # layouts that put an object across a strip boundary: only there do relative and absolute
+    # labels differ (absolute_vs_relative's "packed" layouts; its "spaced" shifts cross none)
+    moved = [v["probe_relative"] for by_layout in parts.values() for v in by_layout.values() if v["crossing"] > 0]
     return float(np.mean(moved)) if moved else None
 
 
