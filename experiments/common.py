@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import spatial_jax as sj
 from experiments import mesh_flags
+from spatial_jax import program
 from spatial_jax.convert import hub
 from spatial_jax.data import scoring
 from spatial_jax.data.geometry import Geometry, get_geometry
@@ -198,6 +199,7 @@ def run_parts(name: str, subkeys: Sequence[str], measure: Callable[[sj.Model, An
         else:
             task, subkeys_here = setup_task(dataset, geometry, setup), subkeys
         for sub in tqdm(subkeys_here, desc=f"{name} {dataset}"):
+            program.check_interrupted()
             key = f"{dataset}|{sub}"
             if not results.done(key):
                 results.put(key, measure(model, task, sub))

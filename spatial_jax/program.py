@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging as py_logging
 import os
 import shutil
+import signal
 import sys
 import textwrap
 from typing import Any, Callable, Optional, Sequence
@@ -97,6 +98,22 @@ def _remove_if_empty(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    signal.default_int_handler(signum, frame)
+
+
+def check_interrupted() -> None:
+    """Raises KeyboardInterrupt if Ctrl-C came earlier: Python drops a KeyboardInterrupt raised inside a
+    garbage-collection callback (XLA runs one), so long loops call this between their steps."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 def run(main: Callable[[Sequence[str]], Any], *, wrote: Optional[Callable[[], str]] = None,
         example: Optional[str] = None, doc: Optional[str] = None, argv: Optional[Sequence[str]] = None) -> None:
     """absl.app.run(main) with the behaviour in the module docstring.
@@ -124,6 +141,7 @@ def run(main: Callable[[Sequence[str]], Any], *, wrote: Optional[Callable[[], st
         logging.get_absl_handler().addFilter(_DropLibraryInfo())  # every record, absl's or propagated
         out_dir = FLAGS["output_dir"].value if "output_dir" in FLAGS else None
         existed = out_dir is None or os.path.exists(out_dir)
+        signal.signal(signal.SIGINT, _on_sigint)
         try:
             main(args)
         except BaseException as e:
