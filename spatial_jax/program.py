@@ -107,6 +107,15 @@ def _on_sigint(signum, frame):
     signal.default_int_handler(signum, frame)
 
 
+def _unraisable(hook):
+    """sys.unraisablehook that stays quiet about a KeyboardInterrupt dropped in a gc callback (the
+    flag above re-raises it at the next check) and passes everything else to `hook`."""
+    def quiet(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            hook(unraisable)
+    return quiet
+
+
 def check_interrupted() -> None:
     """Raises KeyboardInterrupt if Ctrl-C came earlier: Python drops a KeyboardInterrupt raised inside a
     garbage-collection callback (XLA runs one), so long loops call this between their steps."""
@@ -142,6 +151,7 @@ def run(main: Callable[[Sequence[str]], Any], *, wrote: Optional[Callable[[], st
         out_dir = FLAGS["output_dir"].value if "output_dir" in FLAGS else None
         existed = out_dir is None or os.path.exists(out_dir)
         signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
         try:
             main(args)
         except BaseException as e:
