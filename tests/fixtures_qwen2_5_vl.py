@@ -108,3 +108,34 @@ def hf_run(hf, inputs: dict[str, np.ndarray], hooks=()) -> dict[str, Any]:
         # the merger's output is in window order too (HF un-permutes after it)
         res["vision.tokens"] = res["vision.tokens"][:, np.argsort(order[::fq.MERGE**2] // fq.MERGE**2)]
     return res
+
+
+def write_random_checkpoint(out_dir: str, *, window_px: int = 112, fullatt=(1,), **kwargs) -> str:
+    """experiments.random_checkpoint's tiny random model (its processor files, vocabulary, canvas
+    geometry and decoder) with a Qwen2.5-VL vision tower of 2 blocks, windows of window_px (112:
+    4 x 4 tokens, so the organism's 6 x 6-token canvas has 4 windows) and full attention at `fullatt`.
+    kwargs go to experiments.random_checkpoint.write_random_checkpoint."""
+    import dataclasses
+    import json
+    import os
+
+    from flax import nnx
+
+    from experiments import common
+    from experiments.random_checkpoint import write_random_checkpoint as write_qwen2_vl
+    from spatial_jax.convert.export import export_hf
+    from spatial_jax.families.qwen2_5_vl.model import Qwen2_5_VL, Qwen2_5_VLConfig
+    from spatial_jax.models.qwen2_vl import Qwen2VLConfig
+
+    write_qwen2_vl(out_dir, **kwargs)
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    cfg = Qwen2_5_VLConfig(**dataclasses.asdict(Qwen2VLConfig.from_hf(raw)), window_size=window_px,
+                           fullatt_block_indexes=tuple(fullatt))
+    export_hf(out_dir, "qwen2_5_vl", cfg, nnx.to_pure_dict(nnx.state(Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))))
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, common.GEOMETRY_KEY: raw[common.GEOMETRY_KEY]}, f, indent=2)
+    return out_dir
