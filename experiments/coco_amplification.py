@@ -149,7 +149,7 @@ def ask(model: sj.Model, questions: Sequence[Question], style: str, batch_size: 
 def token_grid(model: sj.Model, batch: sj.Batch, row: int) -> tuple[int, int]:
     """(rows, cols) of the visual-token grid of row `row`'s image, as the processor made it."""
     cfg = model.config
-    if model.family in ("qwen2_vl", "qwen2_5_vl"):  # TEMPORARY qwen2_5_vl (issue 18)
+    if model.family == "qwen2_vl":
         _, h, w = batch.image_grid_thw[row]
         return h // cfg.merge_size, w // cfg.merge_size
     if model.family == "pixtral":

@@ -170,11 +170,3 @@ TABLES: dict[str, tuple[KeyMap, tuple[tuple[str, str], ...]]] = {
     "gemma3": (GEMMA3, GEMMA3_ALIASES),
     "pixtral": (PIXTRAL, PIXTRAL_ALIASES),
 }
-
-
-def _register_qwen2_5_vl():  # TEMPORARY (issue 18): until the family registry lands
-    from spatial_jax.families.qwen2_5_vl import key_map
-    TABLES["qwen2_5_vl"] = (key_map.KEY_MAP, key_map.KEY_ALIASES)
-
-
-_register_qwen2_5_vl()

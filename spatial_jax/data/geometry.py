@@ -187,9 +187,6 @@ GEOMETRIES: dict[str, Geometry] = {
     # the indices here are over the grid, without them.
     "pixtral": Geometry("pixtral", n_tokens=15, token_px=16, object_tokens=2, spacing=2,
                         whatsup_px=512, grid_rounding="ceil"),
-    # TEMPORARY (issue 18): Qwen2.5-VL's, until the family registry lands
-    "qwen2_5_vl": Geometry("qwen2_5_vl", n_tokens=12, token_px=28, object_tokens=2, spacing=2,
-                           whatsup_px=336, grid_rounding="round"),
     # The model organism: a small Qwen2-VL on a 6x6 merged-token (168 px) canvas.
     "organism": Geometry("organism", n_tokens=6, token_px=28, object_tokens=1, spacing=1,
                          whatsup_px=168, grid_rounding="round"),

@@ -50,7 +50,7 @@ COCO_TEMPLATES = {
     ("anchor", "vertical"): "Using the {obj} as the reference point, where is the {subj} located? "
                             "Answer with one word: {a} or {b}.",
 }
-COCO_PROMPT_STYLES = {"gemma3": "direct", "qwen2_vl": "anchor", "pixtral": "anchor", "qwen2_5_vl": "anchor", "organism": "anchor"}
+COCO_PROMPT_STYLES = {"gemma3": "direct", "qwen2_vl": "anchor", "pixtral": "anchor", "organism": "anchor"}
 AXIS_OPTIONS = {"horizontal": ("left", "right"), "vertical": ("above", "below")}
 # "lr" asks the options in AXIS_OPTIONS order ("left or right", "above or below"), "rl" reversed;
 # the paper's strict protocol asks both.

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from spatial_jax.families.qwen2_5_vl import model as qwen2_5_vl_model
 from spatial_jax.models import gemma3, pixtral, qwen2_vl
 
 
@@ -23,9 +22,6 @@ FAMILIES: dict[str, Family] = {
     "gemma3": Family("gemma3", gemma3.Gemma3Config, gemma3.Gemma3,
                      ("Gemma3ForConditionalGeneration",), ("gemma3",)),
     # Any Llava checkpoint lands here; PixtralConfig.from_hf refuses the non-Pixtral ones.
-    # TEMPORARY (issue 18, qwen2_5_vl branch): dropped when the family registry lands.
-    "qwen2_5_vl": Family("qwen2_5_vl", qwen2_5_vl_model.Qwen2_5_VLConfig, qwen2_5_vl_model.Qwen2_5_VL,
-                         ("Qwen2_5_VLForConditionalGeneration",), ("qwen2_5_vl",)),
     "pixtral": Family("pixtral", pixtral.PixtralConfig, pixtral.Pixtral,
                       ("LlavaForConditionalGeneration",), ("llava",)),
 }

@@ -138,14 +138,6 @@ RULES: dict[str, tuple[Rule, ...]] = {
 }
 
 
-def _register_qwen2_5_vl():  # TEMPORARY (issue 18): until the family registry lands
-    from spatial_jax.families.qwen2_5_vl.rules import SHARDING_RULES
-    RULES["qwen2_5_vl"] = SHARDING_RULES
-
-
-_register_qwen2_5_vl()
-
-
 def rules_for(family: str) -> tuple[Rule, ...]:
     return RULES.get(family, GENERIC_RULES)
 

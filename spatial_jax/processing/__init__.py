@@ -3,7 +3,7 @@
 
 def for_family(family: str):
     """The processor class (with `from_dir(path)`) of a model family."""
-    if family in ("qwen2_vl", "qwen2_5_vl"):  # TEMPORARY qwen2_5_vl (issue 18)
+    if family == "qwen2_vl":
         from spatial_jax.processing.qwen2_vl import Qwen2VLPrep
         return Qwen2VLPrep
     if family == "gemma3":
