@@ -52,7 +52,7 @@ def build_tiny_qwen2_5_vl(out_dir: str, seed: int = 0, tie_word_embeddings: bool
 
     special_ids = None
     if processor:
-        from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
+        from spatial_jax.families.qwen2_vl.word_tokenizer import write_word_level_qwen2vl_processor
 
         ids = write_word_level_qwen2vl_processor(out_dir, fq.PROCESSOR_WORDS).special_ids
         special_ids = (ids.vision_start, ids.vision_end, ids.image_pad, ids.video_pad)
@@ -121,11 +121,11 @@ def write_random_checkpoint(out_dir: str, *, window_px: int = 112, fullatt=(1,),
 
     from flax import nnx
 
-    from experiments import common
     from experiments.random_checkpoint import write_random_checkpoint as write_qwen2_vl
     from spatial_jax.convert.export import export_hf
+    from spatial_jax.data.geometry import GEOMETRY_KEY
     from spatial_jax.families.qwen2_5_vl.model import Qwen2_5_VL, Qwen2_5_VLConfig
-    from spatial_jax.models.qwen2_vl import Qwen2VLConfig
+    from spatial_jax.families.qwen2_vl.model import Qwen2VLConfig
 
     write_qwen2_vl(out_dir, **kwargs)
     path = os.path.join(out_dir, "config.json")
@@ -137,5 +137,5 @@ def write_random_checkpoint(out_dir: str, *, window_px: int = 112, fullatt=(1,),
     with open(path) as f:
         config = json.load(f)
     with open(path, "w") as f:
-        json.dump({**config, common.GEOMETRY_KEY: raw[common.GEOMETRY_KEY]}, f, indent=2)
+        json.dump({**config, GEOMETRY_KEY: raw[GEOMETRY_KEY]}, f, indent=2)
     return out_dir

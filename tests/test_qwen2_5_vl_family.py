@@ -15,7 +15,8 @@ from fixtures_qwen2_5_vl import qwen2_5_vl_ckpts  # noqa: F401  (session fixture
 import spatial_jax as sj
 from spatial_jax import parallel
 from spatial_jax.data.geometry import get_geometry
-from spatial_jax.data.prompts import COCO_PROMPT_STYLES
+from spatial_jax import families
+from spatial_jax.data.prompts import MODEL_PROMPT_STYLES
 from spatial_jax.families.qwen2_5_vl.rules import SHARDING_RULES
 from spatial_jax.parallel import rules
 from spatial_jax.tree_paths import flatten_paths
@@ -26,14 +27,15 @@ def test_geometry_and_prompt_style():
     assert dataclasses.replace(g, name="qwen2_vl") == get_geometry("qwen2_vl")
     assert (g.n_tokens, g.token_px, g.object_tokens, g.spacing, g.grid_rounding) == (12, 28, 2, 2, "round")
     assert g.strip_widths() == (4, 4, 4)
-    assert COCO_PROMPT_STYLES["qwen2_5_vl"] == "anchor"
+    assert MODEL_PROMPT_STYLES["qwen2_5_vl"] == "anchor"
+    assert families.get("qwen2_5_vl").geometry is g  # registered by the family
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_every_param_has_a_rule_and_sharded_forward_equals_single(qwen2_5_vl_ckpts):
     single = qwen2_5_vl_ckpts.model()
-    assert rules.unmatched(nnx.to_pure_dict(single.params), "qwen2_5_vl", SHARDING_RULES) == []
-    assert rules.rules_for("qwen2_5_vl") is SHARDING_RULES
+    assert rules.unmatched(nnx.to_pure_dict(single.params), SHARDING_RULES) == []
+    assert families.get("qwen2_5_vl").sharding_rules is SHARDING_RULES
     mesh = parallel.make_mesh("data:2,model:4")
     model = sj.load(qwen2_5_vl_ckpts.hf_dir(), mesh=mesh)
     local = {p: tuple(x.addressable_shards[0].data.shape) for p, x in flatten_paths(nnx.to_pure_dict(model.params)).items()}

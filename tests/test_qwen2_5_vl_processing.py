@@ -16,7 +16,8 @@ import hf_reference as hr
 from fixtures_qwen2_5_vl import qwen2_5_vl_ckpts  # noqa: F401  (session fixture)
 from test_processing_qwen2_vl import WORDS, SMALL_MAX, assert_same_inputs, hf_inputs, noise_image
 import spatial_jax as sj
-from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
+from spatial_jax import families
+from spatial_jax.families.qwen2_vl.word_tokenizer import write_word_level_qwen2vl_processor
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,7 @@ def test_processor_is_bit_identical_to_hf(proc_dir):
     with hr.without_video_processor():
         hf = AutoProcessor.from_pretrained(proc_dir)
     assert type(hf) is Qwen2_5_VLProcessor and type(hf.image_processor).__name__ == "Qwen2VLImageProcessorPil"
-    from spatial_jax.processing import for_family
-
-    ours = for_family("qwen2_5_vl").from_dir(proc_dir)
+    ours = families.get("qwen2_5_vl").processor_cls.from_dir(proc_dir)
     cases = [
         ([noise_image(100, 150, "RGB", 1), noise_image(480, 640, "RGBA", 2)], ["Is the red square left ?", "yes"]),
         ([[noise_image(70, 98, "L", 3), noise_image(224, 224, "P", 4)], None], ["Which shape is above ?", "no"]),

@@ -1,11 +1,11 @@
-"""Qwen2.5-VL: our parameter paths <- HF tensor names (format: spatial_jax/convert/key_maps.py).
+"""Qwen2.5-VL: our parameter paths <- HF tensor names (format: spatial_jax/nn/key_maps.py).
 
 Hub names (Qwen/Qwen2.5-VL-7B-Instruct shards): `visual.*`, `model.*`, `lm_head.weight`; the
 decoder layers are Qwen2-VL's.
 """
 from __future__ import annotations
 
-from spatial_jax.convert.key_maps import _QWEN_DECODER_LAYER as DECODER_LAYER, KeyMap
+from spatial_jax.nn.key_maps import DECODER_LAYER, KeyMap
 
 _VISION_BLOCK = (
     ("norm1/scale", "norm1.weight", None),

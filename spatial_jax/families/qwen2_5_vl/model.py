@@ -1,6 +1,6 @@
 """Flax NNX port of transformers' Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL-3B/7B-Instruct).
 
-Qwen2.5-VL is Qwen2-VL (spatial_jax/models/qwen2_vl.py, whose pieces are reused) with another
+Qwen2.5-VL is Qwen2-VL (spatial_jax/families/qwen2_vl/model.py, whose pieces are reused) with another
 vision tower: its blocks use RMSNorm and a gated MLP (SiLU, with biases), the merger's norm is an
 RMSNorm, and every block not listed in `fullatt_block_indexes` attends only within windows of
 `window_size` pixels (window_size / patch_size / merge_size merged tokens a side; images are cut
@@ -31,11 +31,10 @@ from flax import nnx
 
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
-from spatial_jax.models import layers as L
-from spatial_jax.models.layers import DecoderLayer
-from spatial_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, image_groups, vision_rope
-
-_VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
+from spatial_jax.families.qwen2_vl import model as qwen2_vl
+from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig, image_groups, vision_rope
+from spatial_jax.nn import layers as L
+from spatial_jax.nn.layers import DecoderLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +45,6 @@ class Qwen2_5_VLConfig(Qwen2VLConfig):
     window_size: int  # pixels a window side
     fullatt_block_indexes: tuple[int, ...]
     vision_act: str = "silu"
-
-    family = "qwen2_5_vl"
 
     @property
     def window_tokens(self) -> int:
@@ -150,7 +147,20 @@ class VisionBlock(nnx.Module):
         return x + self.down(L.ACTIVATIONS[self.act](self.gate(h)) * self.up(h))
 
 
-class VisionTower(nnx.Module):
+class _BlockAndKind(nnx.Module):
+    """The stacked blocks beside whether each attends in full ([Lv] bool), so that the one vision
+    block loop (nn.layers.run_vision_blocks) hands every block its own kind. Built per call; not
+    part of the model's parameters."""
+
+    def __init__(self, blocks: nnx.Module, cfg: Qwen2_5_VLConfig):
+        self.block = blocks
+        self.full = nnx.Variable(np.isin(np.arange(cfg.vision_depth), cfg.fullatt_block_indexes))
+
+
+class VisionTower(qwen2_vl.VisionTower):
+    """Qwen2-VL's tower (its __call__: patch embedding, then `from_patches`) with these blocks,
+    windows and an RMSNorm merger."""
+
     def __init__(self, cfg: Qwen2_5_VLConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         merged = cfg.merge_size**2 * cfg.vision_dim
@@ -160,12 +170,11 @@ class VisionTower(nnx.Module):
         self.merger_fc1 = L.Dense(merged, merged, bias=True, dtype=dtype, rngs=rngs)
         self.merger_fc2 = L.Dense(merged, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, pixel_values: jax.Array, grid_thw: tuple, taps: Taps) -> jax.Array:
-        """pixel_values [N, patch_dim] in the processor's order, static grid_thw ((1, h, w), ...)
-        -> visual tokens [1, N / merge^2, D]."""
+    def from_patches(self, x: jax.Array, grid_thw: tuple, taps: Taps) -> jax.Array:
+        """The tower after its patch embedding: x [N, Dv] in the processor's patch order, static
+        grid_thw ((1, h, w), ...) -> visual tokens [1, N / merge^2, D]."""
         cfg = self.cfg
-        N = pixel_values.shape[0]
-        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))[None]
+        N = x.shape[0]
         cos, sin = vision_rope(cfg, grid_thw)
         images = image_groups(grid_thw)
         order, sizes = window_layout(grid_thw, cfg.merge_size, cfg.window_tokens)
@@ -178,17 +187,10 @@ class VisionTower(nnx.Module):
         def windowed(q, k, v):
             return L.blockwise_attention(q[order], k[order], v[order], windows, scale)[inverse]
 
-        is_full = jnp.isin(jnp.arange(cfg.vision_depth), jnp.asarray(cfg.fullatt_block_indexes, jnp.int32))
+        def block_fn(step: _BlockAndKind, h):
+            return step.block(h, cos, sin, lambda q, k, v: jax.lax.cond(step.full[...], full, windowed, q, k, v))
 
-        def step(block, x, idx, _):
-            t = taps.for_step(_VISION_STEP_SITES)
-            attend = lambda q, k, v: jax.lax.cond(is_full[idx], full, windowed, q, k, v)  # noqa: E731
-            x = t.at(sites.VISION_BLOCK_OUT, block(x, cos, sin, attend), idx)
-            return x, t.collected
-
-        x, collected = L.scan_layers(self.blocks, step, x)
-        if sites.VISION_BLOCK_OUT in collected:
-            taps.collected[sites.VISION_BLOCK_OUT] = jnp.moveaxis(collected[sites.VISION_BLOCK_OUT], 0, 1)
+        x, _ = L.run_vision_blocks(_BlockAndKind(self.blocks, cfg), x[None], taps, block_fn)
         x = self.merger_norm(x).reshape(1, N // cfg.merge_size**2, -1)
         x = self.merger_fc2(jax.nn.gelu(self.merger_fc1(x), approximate=False))
         return taps.at(sites.VISION_TOKENS, x)
@@ -199,7 +201,7 @@ class VisionTower(nnx.Module):
 
 
 class Qwen2_5_VL(Qwen2VL):
-    """Qwen2_5_VLForConditionalGeneration; embed_inputs, check_batch and lm_context are Qwen2-VL's."""
+    """Qwen2_5_VLForConditionalGeneration; embed_inputs, token_grids, check_batch and lm_context are Qwen2-VL's."""
 
     def __init__(self, cfg: Qwen2_5_VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg

@@ -5,7 +5,8 @@ vision blocks' gated MLP in place of their fc1/fc2: split over `model` like the 
 """
 from __future__ import annotations
 
-from spatial_jax.parallel.rules import COLUMN, COLUMN_BIAS, QWEN2_VL_RULES, REPLICATED, ROW, Rule
+from spatial_jax.families.qwen2_vl.rules import SHARDING_RULES as QWEN2_VL_RULES
+from spatial_jax.parallel.rules import COLUMN, COLUMN_BIAS, REPLICATED, ROW, Rule
 
 SHARDING_RULES: tuple[Rule, ...] = (
     (r"^vision/blocks/(gate|up)/kernel$", COLUMN),   # [Lv, Dv, Dmlp]
