@@ -292,13 +292,4 @@ def hf_run(hf, inputs: dict[str, np.ndarray], hooks=()) -> dict[str, np.ndarray]
                      hf.model.vision_tower.transformer.layers, hooks)
 
 
-def torch_replace(index: np.ndarray, source: np.ndarray):
-    """The hook-side `replace`: h [B, T, D] -> h with h[b, t] = source[b, index[b, t]] where index >= 0."""
-    import torch
-
-    src, sel, source = torch.tensor(np.maximum(index, 0)), torch.tensor(index >= 0), torch.tensor(np.asarray(source))
-
-    def fn(h):
-        gathered = torch.gather(source, 1, src[..., None].expand(-1, -1, h.shape[-1]))
-        return torch.where(sel[..., None], gathered, h)
-    return fn
+torch_replace = hr.torch_replace  # (moved to hf_reference, shared by the families' tests)

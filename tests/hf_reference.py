@@ -320,3 +320,47 @@ def check_processor_outputs(ours: dict, ref: dict, int_keys: Sequence[str], imag
     assert ours["pixel_values"].dtype == np.float32
     assert ours["pixel_values"].shape == ref["pixel_values"].shape
     return float(np.abs(ours["pixel_values"] - ref["pixel_values"]).max())
+
+
+def torch_replace(index: np.ndarray, source: np.ndarray):
+    """The hook-side `replace`: h [B, T, D] -> h with h[b, t] = source[b, index[b, t]] where index >= 0."""
+    import torch
+
+    src, sel, source = torch.tensor(np.maximum(index, 0)), torch.tensor(index >= 0), torch.tensor(np.asarray(source))
+
+    def fn(h):
+        gathered = torch.gather(source, 1, src[..., None].expand(-1, -1, h.shape[-1]))
+        return torch.where(sel[..., None], gathered, h)
+    return fn
+
+
+def criss_cross_and_amplify(model, hf, clean: dict, cf: dict, image_token_id: int, columns: Callable, to_batch: Callable,
+                            run_hf: Callable, layer: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same two LM patches by our engine and by forward hooks on HF's model: the visual tokens
+    amplified at lm.resid_pre of layer 0 along two random directions (alpha 4, the official
+    coco_amplification hook), then the image's left and right token columns (columns(input_ids)
+    -> per row (left positions, right positions)) swapped at lm.resid_pre of `layer` with the
+    counterfactual's activations. Returns our logits, HF's patched and HF's clean logits."""
+    import torch
+
+    import spatial_jax as sj
+
+    src = np.asarray(sj.forward(model, to_batch(cf), cache=("lm.resid_pre",)).cache["lm.resid_pre"][:, layer])
+    T = clean["input_ids"].shape[1]
+    index = np.stack([sj.swap_index(T, [cols]) for cols in columns(clean["input_ids"])])
+    W_dir = np.random.default_rng(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
+    at = clean["input_ids"] == image_token_id
+    ivs = [sj.Intervention(site="lm.resid_pre", op="amplify", layer=0, directions=W_dir, alpha=4.0,
+                           index=sj.mask_index(at)),
+           sj.Intervention(site="lm.resid_pre", op="replace", layer=layer, source=src, index=index)]
+    ours = np.asarray(sj.forward(model, to_batch(clean), interventions=ivs).logits)
+
+    Wt, sel = torch.tensor(W_dir), torch.tensor(at)
+
+    def amplify(h):  # the official coco_amplification hook
+        coeff = (h @ Wt) / ((Wt * Wt).sum(0) + 1e-8)
+        return torch.where(sel[..., None], h + 4.0 * coeff @ Wt.T, h)
+
+    layers = hf.model.language_model.layers
+    ref = run_hf(hf, clean, hooks=[(layers[0], "pre", amplify), (layers[layer], "pre", torch_replace(index, src))])
+    return ours, ref["logits"], run_hf(hf, clean)["logits"]

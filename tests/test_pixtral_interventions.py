@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 import fixtures_pixtral as fp
+import hf_reference as hr
 from fixtures_pixtral import pixtral_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 
@@ -31,31 +32,9 @@ def _columns(ids: np.ndarray):
 def test_criss_cross_and_amplify_match_hf_hooks(pixtral_ckpts):
     """Left <-> right image columns swapped in lm.resid_pre of layer 2 with the counterfactual's
     activations, after amplifying the visual tokens at lm.resid_pre of layer 0."""
-    import torch
-
     model, hf = pixtral_ckpts.model(), pixtral_ckpts.hf_model()
-    clean, cf = _inputs(0), _inputs(1)
-    layer = 2
-    src = np.asarray(sj.forward(model, fp.to_batch(cf), cache=("lm.resid_pre",)).cache["lm.resid_pre"][:, layer])
-    T = clean["input_ids"].shape[1]
-    index = np.stack([sj.swap_index(T, [cols]) for cols in _columns(clean["input_ids"])])
-    W_dir = np.random.default_rng(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
-    at = clean["input_ids"] == fp.IMG
-    ivs = [sj.Intervention(site="lm.resid_pre", op="amplify", layer=0, directions=W_dir, alpha=4.0,
-                           index=sj.mask_index(at)),
-           sj.Intervention(site="lm.resid_pre", op="replace", layer=layer, source=src, index=index)]
-    ours = np.asarray(sj.forward(model, fp.to_batch(clean), interventions=ivs).logits)
-
-    Wt, sel = torch.tensor(W_dir), torch.tensor(at)
-
-    def amplify(h):  # the official coco_amplification hook
-        coeff = (h @ Wt) / ((Wt * Wt).sum(0) + 1e-8)
-        return torch.where(sel[..., None], h + 4.0 * coeff @ Wt.T, h)
-
-    layers = hf.model.language_model.layers
-    ref = fp.hf_run(hf, clean, hooks=[(layers[0], "pre", amplify),
-                                      (layers[layer], "pre", fp.torch_replace(index, src))])["logits"]
-    clean_logits = fp.hf_run(hf, clean)["logits"]
+    ours, ref, clean_logits = hr.criss_cross_and_amplify(model, hf, _inputs(0), _inputs(1), fp.IMG, _columns,
+                                                          fp.to_batch, fp.hf_run)
     assert np.abs(ref - clean_logits).max() > 0.1  # the patches change the output
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
 

@@ -11,7 +11,7 @@ import torch
 
 import fixtures_qwen2_5_vl as f25
 import fixtures_qwen2_vl as fq
-from fixtures_pixtral import torch_replace
+import hf_reference as hr
 from fixtures_qwen2_5_vl import qwen2_5_vl_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 
@@ -34,28 +34,11 @@ def _replace_rows(index: np.ndarray, source: np.ndarray):
 def test_criss_cross_and_amplify_match_hf_hooks(qwen2_5_vl_ckpts):
     """Left <-> right image columns swapped in lm.resid_pre of layer 2 with the counterfactual's
     activations, after amplifying the visual tokens at lm.resid_pre of layer 0."""
-    model, hf = qwen2_5_vl_ckpts.model(), qwen2_5_vl_ckpts.hf_model()
-    clean, cf = fq.make_inputs(PROMPTS, seed=0), fq.make_inputs(PROMPTS, seed=1)
-    layer = 2
-    src = np.asarray(sj.forward(model, fq.to_batch(cf), cache=("lm.resid_pre",)).cache["lm.resid_pre"][:, layer])
-    T = clean["input_ids"].shape[1]
-    index = np.stack([sj.swap_index(T, [cols]) for cols in _columns(clean["input_ids"])])
-    W = np.random.default_rng(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
-    at = clean["input_ids"] == fq.IMAGE_PAD
-    ivs = [sj.Intervention(site="lm.resid_pre", op="amplify", layer=0, directions=W, alpha=4.0,
-                           index=sj.mask_index(at)),
-           sj.Intervention(site="lm.resid_pre", op="replace", layer=layer, source=src, index=index)]
-    ours = np.asarray(sj.forward(model, fq.to_batch(clean), interventions=ivs).logits)
-
-    Wt, sel = torch.tensor(W), torch.tensor(at)
-
-    def amplify(h):  # the official coco_amplification hook
-        coeff = (h @ Wt) / ((Wt * Wt).sum(0) + 1e-8)
-        return torch.where(sel[..., None], h + 4.0 * coeff @ Wt.T, h)
-
-    layers = hf.model.language_model.layers
-    ref = f25.hf_run(hf, clean, hooks=[(layers[0], "pre", amplify), (layers[layer], "pre", torch_replace(index, src))])["logits"]
-    assert np.abs(ref - f25.hf_run(hf, clean)["logits"]).max() > 0.1  # the patches change the output
+    clean = fq.make_inputs(PROMPTS, seed=0)
+    ours, ref, clean_logits = hr.criss_cross_and_amplify(
+        qwen2_5_vl_ckpts.model(), qwen2_5_vl_ckpts.hf_model(), clean, fq.make_inputs(PROMPTS, seed=1), fq.IMAGE_PAD,
+        _columns, fq.to_batch, f25.hf_run)
+    assert np.abs(ref - clean_logits).max() > 0.1  # the patches change the output
     real = clean["attention_mask"].astype(bool)
     np.testing.assert_allclose(ours[real], ref[real], rtol=0, atol=TOL)
 

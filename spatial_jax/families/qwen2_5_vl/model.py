@@ -34,7 +34,6 @@ from spatial_jax.interventions.taps import Taps
 from spatial_jax.families.qwen2_vl import model as qwen2_vl
 from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig, image_groups, vision_rope
 from spatial_jax.nn import layers as L
-from spatial_jax.nn.layers import DecoderLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +203,7 @@ class Qwen2_5_VL(Qwen2VL):
     """Qwen2_5_VLForConditionalGeneration; embed_inputs, token_grids, check_batch and lm_context are Qwen2-VL's."""
 
     def __init__(self, cfg: Qwen2_5_VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.cfg = cfg
+        # Qwen2-VL's language model; the Qwen2-VL vision tower it builds too is replaced at once
+        # (free under nnx.eval_shape, which is how checkpoints are loaded).
+        super().__init__(cfg, dtype=dtype, rngs=rngs)
         self.vision = VisionTower(cfg, dtype=dtype, rngs=rngs)
-        self.init_language_model(cfg, lambda: DecoderLayer(
-            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-            eps=cfg.rms_norm_eps, qkv_bias=True, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
