@@ -110,10 +110,11 @@ def hf_run(hf, inputs: dict[str, np.ndarray], hooks=()) -> dict[str, Any]:
     return res
 
 
-def write_random_checkpoint(out_dir: str, *, window_px: int = 112, fullatt=(1,), **kwargs) -> str:
+def write_random_checkpoint(out_dir: str, *, window_px: int = 84, fullatt=(1,), **kwargs) -> str:
     """experiments.random_checkpoint's tiny random model (its processor files, vocabulary, canvas
-    geometry and decoder) with a Qwen2.5-VL vision tower of 2 blocks, windows of window_px (112:
-    4 x 4 tokens, so the organism's 6 x 6-token canvas has 4 windows) and full attention at `fullatt`.
+    geometry and decoder) with a Qwen2.5-VL vision tower of 2 blocks, windows of window_px (84:
+    3 x 3 tokens, so the organism's 6 x 6-token canvas has 4 windows, all of one size, which keeps
+    the compiles few) and full attention at `fullatt`.
     kwargs go to experiments.random_checkpoint.write_random_checkpoint."""
     import dataclasses
     import json
