@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spatial_jax.interventions import sites
-from spatial_jax.interventions.taps import Taps
 from spatial_jax.families.qwen2_vl import model as qwen2_vl
 from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig, image_groups, vision_rope
+from spatial_jax.interventions import sites
+from spatial_jax.interventions.taps import Taps
 from spatial_jax.nn import layers as L
 
 
