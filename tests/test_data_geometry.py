@@ -2,12 +2,14 @@
 import numpy as np
 import pytest
 
+from spatial_jax import families
 from spatial_jax.data.geometry import GEOMETRIES, box_to_tokens, get_geometry
 from spatial_jax.data.regions import layout_regions
 
 
 def test_registry_and_lookup():
-    assert set(GEOMETRIES) == {"qwen2_vl", "gemma3", "pixtral", "organism"}
+    # every registered family's geometry (a new family brings its own) and the organism's
+    assert set(GEOMETRIES) == {*families.FAMILIES, "organism"} >= {"qwen2_vl", "gemma3", "pixtral", "organism"}
     assert get_geometry("gemma3") is GEOMETRIES["gemma3"]
     with pytest.raises(KeyError, match="qwen2_vl"):
         get_geometry("llava")
