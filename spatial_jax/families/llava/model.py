@@ -1,0 +1,291 @@
+"""Flax NNX port of transformers' LlavaForConditionalGeneration with a CLIP vision tower and a
+Llama decoder (llava-hf/llava-1.5-7b-hf), as transformers 5.23 runs it.
+
+  * Vision tower (CLIPVisionModel): every image has the config's image_size (336; the processor
+    resizes and crops each image to it), so images are batched: `vision.block_out`
+    [n_img, Lv, 1 + N_patches, Dv] with the class (CLS) position at index 0 and patch (r, c) at
+    1 + r * side + c; `vision.tokens` [n_img, N_patches, D] (strategy "default": no CLS).
+    Patches (the bias-free Conv2d, as a matmul over flattened patches) after the learned class
+    embedding, plus the learned position table, then LayerNorm `pre_layrnorm` and the pre-LN
+    encoder layers of SigLIP (gemma3.VisionLayer: LayerNorms, attention with biases over the
+    whole image, fc1 / activation / fc2 with biases), here with quick_gelu. `post_layernorm`
+    only feeds CLIP's pooled output, which Llava never reads: it is converted (so that the
+    parameter count and an export match HF's) and not run.
+  * Projector (LlavaMultiModalProjector): the hidden state named by `vision_feature_layer`
+    (index 0 is the pre_layrnorm output, i the output of layer i - 1; -2, llava-1.5's, is the
+    input of the last layer; a list concatenates several), the CLS position dropped under
+    strategy "default", then linear, GELU, linear. Every encoder layer runs, as in HF, so that
+    `vision.block_out` holds all Lv of them; with -2 the last one does not reach the LM.
+  * Decoder (Llama): layers.DecoderLayer without q/k/v biases (Mistral's, no sliding window),
+    RoPE, causal mask, final RMSNorm, untied head. The visual tokens are written over the
+    `<image>` slots in order (576 per image for llava-1.5).
+
+Positions: `cumsum(attention_mask) - 1`, 0 on padding (HF generate's rule), as in the other ports.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spatial_jax.interventions import sites
+from spatial_jax.interventions.taps import Taps
+from spatial_jax.models import layers as L
+from spatial_jax.models.gemma3 import VisionLayer
+
+_VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
+STRATEGIES = ("default", "full")
+
+# Defaults of transformers 5.23's LlamaConfig / CLIPVisionConfig / LlavaConfig: a hub config.json
+# leaves many keys out and relies on them (a sub-config dict gets its class defaults, not
+# LlavaConfig's llava-1.5 init_kwargs; a sub-config without model_type is CLIP / Llama).
+_TEXT_DEFAULTS = dict(
+    model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu", rms_norm_eps=1e-6,
+    attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+)
+_VISION_DEFAULTS = dict(
+    model_type="clip_vision_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+_LLAVA_DEFAULTS = dict(
+    image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
+    vision_feature_layer=-2, multimodal_projector_bias=True, tie_word_embeddings=False,
+)
+
+
+def claims(hf_config: dict[str, Any]) -> bool:
+    """A Llava config.json with a CLIP vision tower (HF's default when vision_config names none);
+    Pixtral's Llava configs name "pixtral"."""
+    vision = hf_config.get("vision_config") or {}
+    return (hf_config.get("model_type") == "llava" or "LlavaForConditionalGeneration" in
+            (hf_config.get("architectures") or ())) and vision.get("model_type", "clip_vision_model") == "clip_vision_model"
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    # vision tower
+    vision_layers: int
+    vision_dim: int
+    vision_heads: int
+    vision_mlp_dim: int
+    vision_act: str
+    vision_eps: float
+    image_size: int
+    patch_size: int
+    in_channels: int
+    # projector
+    vision_feature_layer: Union[int, tuple[int, ...]]  # as in the HF config (negative counts from the end)
+    feature_select: str  # "default" drops the CLS position, "full" keeps it
+    projector_act: str
+    projector_bias: bool
+    # language model
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    hidden_act: str
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    image_token_id: int
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.patch_size**2
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens (= `<image>` slots) per image: the patches, plus the CLS under "full"."""
+        return self.patches_per_side**2 + (self.feature_select == "full")
+
+    @property
+    def patch_embed_shape(self) -> tuple[int, ...]:
+        """HF's Conv2d kernel shape, [out, C, p, p]; ours is its flattened transpose."""
+        return (self.vision_dim, self.in_channels, self.patch_size, self.patch_size)
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """vision_feature_layer as indices into (pre_layrnorm output, layer 0 output, ..., layer Lv-1 output)."""
+        raw = self.vision_feature_layer
+        return tuple(i % (self.vision_layers + 1) for i in ((raw,) if isinstance(raw, int) else raw))
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json contents (transformers 5.x layout) that `from_hf` reads back."""
+        feature = self.vision_feature_layer
+        return {
+            "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+            "image_token_index": self.image_token_id, "projector_hidden_act": self.projector_act,
+            "multimodal_projector_bias": self.projector_bias, "image_seq_length": self.patches_per_side**2,
+            "vision_feature_layer": feature if isinstance(feature, int) else list(feature),
+            "vision_feature_select_strategy": self.feature_select, "tie_word_embeddings": self.tie_word_embeddings,
+            "vision_config": {
+                "model_type": "clip_vision_model", "hidden_size": self.vision_dim,
+                "intermediate_size": self.vision_mlp_dim, "num_hidden_layers": self.vision_layers,
+                "num_attention_heads": self.vision_heads, "num_channels": self.in_channels,
+                "image_size": self.image_size, "patch_size": self.patch_size, "hidden_act": self.vision_act,
+                "layer_norm_eps": self.vision_eps,
+            },
+            "text_config": {
+                "model_type": "llama", "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "hidden_act": self.hidden_act, "rms_norm_eps": self.rms_norm_eps,
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+                "tie_word_embeddings": self.tie_word_embeddings,
+            },
+        }
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "LlavaConfig":
+        """From a HF config.json dict: the hub layout (sparse sub-configs, legacy `rope_theta`) or
+        what transformers 5.x writes (`rope_parameters`). Missing keys take the HF class defaults.
+        A Llava config with another vision tower or decoder is refused."""
+        top = {**_LLAVA_DEFAULTS, **d}
+        text = {**_TEXT_DEFAULTS, **(d.get("text_config") or {})}
+        vis = {**_VISION_DEFAULTS, **(d.get("vision_config") or {})}
+        if vis["model_type"] != "clip_vision_model":
+            raise ValueError(f"vision_config.model_type {vis['model_type']!r}: LLaVA needs a CLIP tower")
+        if text["model_type"] != "llama":
+            raise ValueError(f"text_config.model_type {text['model_type']!r}: only Llama decoders are supported")
+        for key in ("attention_bias", "mlp_bias"):
+            if text[key]:
+                raise ValueError(f"text_config.{key}=true is not supported (Llama-2 / Vicuna have none)")
+        if top["vision_feature_select_strategy"] not in STRATEGIES:
+            raise ValueError(f"vision_feature_select_strategy {top['vision_feature_select_strategy']!r}: "
+                             f"expected one of {STRATEGIES}")
+        for key, act in (("text_config.hidden_act", text["hidden_act"]), ("vision_config.hidden_act", vis["hidden_act"]),
+                         ("projector_hidden_act", top["projector_hidden_act"])):
+            if act not in L.ACTIVATIONS:
+                raise ValueError(f"unsupported {key} {act!r}; supported: {sorted(L.ACTIVATIONS)}")
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"unsupported text rope_type {rope.get('rope_type', rope.get('type'))!r} "
+                             "(supported: default)")
+        size, patch = vis["image_size"], vis["patch_size"]
+        if not (isinstance(size, int) and isinstance(patch, int) and size % patch == 0):
+            raise ValueError(f"image_size {size} must be an int multiple of the int patch_size {patch}")
+        n_vis = vis["num_hidden_layers"]
+        feature = top["vision_feature_layer"]
+        feature = feature if isinstance(feature, int) else tuple(feature)
+        if any(not -(n_vis + 1) <= i <= n_vis for i in ((feature,) if isinstance(feature, int) else feature)):
+            raise ValueError(f"vision_feature_layer {feature} is outside the {n_vis + 1} vision hidden states")
+        heads = text["num_attention_heads"]
+        return cls(
+            vision_layers=n_vis, vision_dim=vis["hidden_size"], vision_heads=vis["num_attention_heads"],
+            vision_mlp_dim=vis["intermediate_size"], vision_act=vis["hidden_act"],
+            vision_eps=float(vis["layer_norm_eps"]), image_size=size, patch_size=patch,
+            in_channels=vis["num_channels"], vision_feature_layer=feature,
+            feature_select=top["vision_feature_select_strategy"], projector_act=top["projector_hidden_act"],
+            projector_bias=bool(top["multimodal_projector_bias"]),
+            vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=text["num_key_value_heads"] or heads,
+            head_dim=text["head_dim"] or text["hidden_size"] // heads,
+            intermediate_size=text["intermediate_size"], hidden_act=text["hidden_act"],
+            rms_norm_eps=float(text["rms_norm_eps"]),
+            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10_000.0))),
+            # As HF's LlavaConfig: tied if the top level or the text config says so.
+            tie_word_embeddings=bool(top["tie_word_embeddings"] or text["tie_word_embeddings"]),
+            image_token_id=top.get("image_token_id", top["image_token_index"]),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision tower and projector
+
+
+class VisionTower(nnx.Module):
+    """CLIP vision encoder plus the Llava projector: images -> visual tokens [n, tokens_per_image, D]."""
+
+    def __init__(self, cfg: LlavaConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.vision_dim
+        self.patch_embed = L.Dense(cfg.patch_dim, d, bias=False, dtype=dtype, rngs=rngs)
+        self.class_embed = nnx.Param(L.init_normal(rngs, (d,), dtype))
+        self.pos_embed = nnx.Param(L.init_normal(rngs, (cfg.patches_per_side**2 + 1, d), dtype))
+        self.pre_norm = L.LayerNorm(d, eps=cfg.vision_eps, dtype=dtype)
+        self.layers = L.stack_modules([VisionLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.vision_layers)])
+        self.post_norm = L.LayerNorm(d, eps=cfg.vision_eps, dtype=dtype)  # CLIP's pooler only: never run
+        d_in = len(cfg.feature_layers) * d
+        self.projector_fc1 = L.Dense(d_in, cfg.hidden_size, bias=cfg.projector_bias, dtype=dtype, rngs=rngs)
+        self.projector_fc2 = L.Dense(cfg.hidden_size, cfg.hidden_size, bias=cfg.projector_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, pixel_values: jax.Array, taps: Taps) -> jax.Array:
+        """pixel_values [n, C, S, S] (S = image_size) -> visual tokens [n, tokens_per_image, D]."""
+        cfg = self.cfg
+        patches = self.patch_embed(L.patchify(pixel_values.astype(self.patch_embed.kernel.dtype), cfg.patch_size))
+        cls = jnp.broadcast_to(self.class_embed[...], (patches.shape[0], 1, cfg.vision_dim))
+        x = self.pre_norm(jnp.concatenate([cls, patches], axis=1) + self.pos_embed[...])
+        # Layer outputs leave the scan only if the projector reads one other than the last.
+        keep_outputs = any(0 < i < cfg.vision_layers for i in cfg.feature_layers)
+
+        def step(layer, h, idx, _):
+            t = taps.for_step(_VISION_STEP_SITES)
+            h = t.at(sites.VISION_BLOCK_OUT, layer(h), idx)
+            return h, (t.collected, h if keep_outputs else None)
+
+        first = x
+        x, (collected, outputs) = L.scan_layers(self.layers, step, x)
+        if sites.VISION_BLOCK_OUT in collected:
+            taps.collected[sites.VISION_BLOCK_OUT] = jnp.moveaxis(collected[sites.VISION_BLOCK_OUT], 0, 1)
+        skip = 1 if cfg.feature_select == "default" else 0
+        hidden = [first if i == 0 else x if i == cfg.vision_layers else outputs[i - 1] for i in cfg.feature_layers]
+        features = jnp.concatenate([h[:, skip:] for h in hidden], axis=-1)
+        x = self.projector_fc2(L.ACTIVATIONS[cfg.projector_act](self.projector_fc1(features)))
+        return taps.at(sites.VISION_TOKENS, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Llava(L.LanguageModel):
+    """LlavaForConditionalGeneration (CLIP tower, Llama decoder), as the pieces every family
+    exposes to the runner: embed_inputs -> lm_context -> layers (stacked) -> final -> unembed."""
+
+    def __init__(self, cfg: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.vision = VisionTower(cfg, dtype=dtype, rngs=rngs)
+        self.init_language_model(cfg, lambda: L.DecoderLayer(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            eps=cfg.rms_norm_eps, qkv_bias=False, act=cfg.hidden_act, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+
+    def embed_inputs(self, batch, taps: Taps) -> jax.Array:
+        """LM input [B, T, D]: token embeddings with the visual tokens over the `<image>` slots."""
+        return self.embed_with_visual_tokens(
+            batch, lambda: self.vision(batch.pixel_values, taps).reshape(-1, self.cfg.hidden_size))
+
+    @staticmethod
+    def check_batch(cfg: LlavaConfig, batch) -> None:
+        """Host-side input checks, raising ValueError with what is wrong."""
+        ids = L.host_input_ids(batch)
+        if batch.pixel_values is None:
+            L.check_no_image_slots(ids, cfg.image_token_id, "<image>")
+            return
+        shape = np.shape(batch.pixel_values)
+        want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if len(shape) != 4 or tuple(shape[1:]) != want:
+            raise ValueError(f"pixel_values must be [n_img, {', '.join(map(str, want))}], got {shape}")
+        if ids is not None:
+            slots = int((ids == cfg.image_token_id).sum())
+            if slots != shape[0] * cfg.tokens_per_image:
+                raise ValueError(f"the prompts have {slots} <image> slots but {shape[0]} image(s) give "
+                                 f"{shape[0] * cfg.tokens_per_image} visual tokens")
+
+    def lm_context(self, batch) -> dict:
+        """What every decoder layer needs besides the residual: RoPE cos/sin and the causal mask."""
+        cfg = self.cfg
+        cos, sin = L.rope_cos_sin(L.positions_from_mask(batch.attention_mask), cfg.head_dim, cfg.rope_theta)
+        return {"cos": cos, "sin": sin, "allowed": L.causal_mask(batch.attention_mask)}
