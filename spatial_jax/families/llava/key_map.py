@@ -6,7 +6,7 @@ export loads back into transformers without missing keys.
 """
 from __future__ import annotations
 
-from spatial_jax.convert.key_maps import _GEMMA3_VISION_LAYER, _MISTRAL_DECODER_LAYER, KeyMap
+from spatial_jax.convert.key_maps import _GEMMA3_VISION_LAYER, PIXTRAL, PIXTRAL_ALIASES, KeyMap
 
 _CLIP = "vision_tower.vision_model."
 
@@ -20,24 +20,17 @@ KEY_MAP: KeyMap = (
     *((f"vision/layers/{ours}", f"{_CLIP}encoder.layers.{{i}}.{hf}", t) for ours, hf, t in _GEMMA3_VISION_LAYER),
     ("vision/post_norm/scale", _CLIP + "post_layernorm.weight", None),
     ("vision/post_norm/bias", _CLIP + "post_layernorm.bias", None),
-    ("vision/projector_fc1/kernel", "multi_modal_projector.linear_1.weight", "T"),
-    ("vision/projector_fc1/bias", "multi_modal_projector.linear_1.bias", None),
-    ("vision/projector_fc2/kernel", "multi_modal_projector.linear_2.weight", "T"),
-    ("vision/projector_fc2/bias", "multi_modal_projector.linear_2.bias", None),
-    ("embed", "language_model.model.embed_tokens.weight", None),
-    # Llama's decoder layer is Mistral's (layers.DecoderLayer without q/k/v biases).
-    *((f"layers/{ours}", f"language_model.model.layers.{{i}}.{hf}", t) for ours, hf, t in _MISTRAL_DECODER_LAYER),
-    ("norm/scale", "language_model.model.norm.weight", None),
-    ("lm_head/kernel", "language_model.lm_head.weight", "T"),
+    # The projector and the decoder are Pixtral's entries: the same Llava names, and Llama's decoder
+    # layer is Mistral's (layers.DecoderLayer without q/k/v biases).
+    *(entry for entry in PIXTRAL if entry[0].startswith("vision/projector") or not entry[0].startswith("vision/")),
 )
 
 # transformers 5.23's save_pretrained drops CLIP's `vision_model.` level (it writes
 # `vision_tower.embeddings.*`, the rest as the hub); a 5.x state_dict (the runtime module names)
-# has `model.vision_tower.`, `model.language_model.`, `model.multi_modal_projector.` and `lm_head.`.
+# has `model.vision_tower.`, `model.language_model.`, `model.multi_modal_projector.` and
+# `lm_head.`, renamed as Pixtral's (the first matching alias applies: the CLIP tower's come first).
 KEY_ALIASES = (
     *((f"vision_tower.{part}", f"{_CLIP}{part}") for part in ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")),
     ("model.vision_tower.", _CLIP),
-    ("model.language_model.", "language_model.model."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-    ("lm_head.", "language_model.lm_head."),
+    *PIXTRAL_ALIASES,
 )

@@ -36,6 +36,7 @@ from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.models import layers as L
 from spatial_jax.models.gemma3 import VisionLayer
+from spatial_jax.models.pixtral import PixtralConfig
 
 _VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
 STRATEGIES = ("default", "full")
@@ -67,6 +68,20 @@ def claims(hf_config: dict[str, Any]) -> bool:
             (hf_config.get("architectures") or ())) and vision.get("model_type", "clip_vision_model") == "clip_vision_model"
 
 
+# Our config field <- the HF config key, per (sub-)config: from_hf reads through these, to_hf writes.
+_VISION_FIELDS = (("vision_layers", "num_hidden_layers"), ("vision_dim", "hidden_size"),
+                  ("vision_heads", "num_attention_heads"), ("vision_mlp_dim", "intermediate_size"),
+                  ("vision_act", "hidden_act"), ("vision_eps", "layer_norm_eps"), ("image_size", "image_size"),
+                  ("patch_size", "patch_size"), ("in_channels", "num_channels"))
+_TEXT_FIELDS = (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"),
+                ("head_dim", "head_dim"), ("intermediate_size", "intermediate_size"), ("hidden_act", "hidden_act"),
+                ("rms_norm_eps", "rms_norm_eps"))
+_TOP_FIELDS = (("image_token_id", "image_token_index"), ("projector_act", "projector_hidden_act"),
+               ("projector_bias", "multimodal_projector_bias"), ("feature_select", "vision_feature_select_strategy"),
+               ("vision_feature_layer", "vision_feature_layer"), ("tie_word_embeddings", "tie_word_embeddings"))
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
     # vision tower
@@ -79,11 +94,6 @@ class LlavaConfig:
     image_size: int
     patch_size: int
     in_channels: int
-    # projector
-    vision_feature_layer: Union[int, tuple[int, ...]]  # as in the HF config (negative counts from the end)
-    feature_select: str  # "default" drops the CLS position, "full" keeps it
-    projector_act: str
-    projector_bias: bool
     # language model
     vocab_size: int
     hidden_size: int
@@ -94,112 +104,99 @@ class LlavaConfig:
     intermediate_size: int
     hidden_act: str
     rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
+    # projector and the rest of the top level
     image_token_id: int
+    projector_act: str
+    projector_bias: bool
+    feature_select: str  # "default" drops the CLS position, "full" keeps it
+    vision_feature_layer: Union[int, tuple[int, ...]]  # as in the HF config (negative counts from the end)
+    tie_word_embeddings: bool
+    rope_theta: float
 
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.patch_size**2
+    # A Llava config like Pixtral's: the patch and feature-layer arithmetic are the same.
+    patch_dim = PixtralConfig.patch_dim
+    patch_embed_shape = PixtralConfig.patch_embed_shape
+    feature_layers = PixtralConfig.feature_layers
 
     @property
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
 
     @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return (self.in_channels, self.image_size, self.image_size)
+
+    @property
     def tokens_per_image(self) -> int:
         """Visual tokens (= `<image>` slots) per image: the patches, plus the CLS under "full"."""
         return self.patches_per_side**2 + (self.feature_select == "full")
 
-    @property
-    def patch_embed_shape(self) -> tuple[int, ...]:
-        """HF's Conv2d kernel shape, [out, C, p, p]; ours is its flattened transpose."""
-        return (self.vision_dim, self.in_channels, self.patch_size, self.patch_size)
-
-    @property
-    def feature_layers(self) -> tuple[int, ...]:
-        """vision_feature_layer as indices into (pre_layrnorm output, layer 0 output, ..., layer Lv-1 output)."""
-        raw = self.vision_feature_layer
-        return tuple(i % (self.vision_layers + 1) for i in ((raw,) if isinstance(raw, int) else raw))
-
     def to_hf(self) -> dict[str, Any]:
         """config.json contents (transformers 5.x layout) that `from_hf` reads back."""
+        top, vision, text = ({hf: getattr(self, ours) for ours, hf in fields}
+                             for fields in (_TOP_FIELDS, _VISION_FIELDS, _TEXT_FIELDS))
         feature = self.vision_feature_layer
-        return {
-            "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-            "image_token_index": self.image_token_id, "projector_hidden_act": self.projector_act,
-            "multimodal_projector_bias": self.projector_bias, "image_seq_length": self.patches_per_side**2,
-            "vision_feature_layer": feature if isinstance(feature, int) else list(feature),
-            "vision_feature_select_strategy": self.feature_select, "tie_word_embeddings": self.tie_word_embeddings,
-            "vision_config": {
-                "model_type": "clip_vision_model", "hidden_size": self.vision_dim,
-                "intermediate_size": self.vision_mlp_dim, "num_hidden_layers": self.vision_layers,
-                "num_attention_heads": self.vision_heads, "num_channels": self.in_channels,
-                "image_size": self.image_size, "patch_size": self.patch_size, "hidden_act": self.vision_act,
-                "layer_norm_eps": self.vision_eps,
-            },
-            "text_config": {
-                "model_type": "llama", "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-                "head_dim": self.head_dim, "hidden_act": self.hidden_act, "rms_norm_eps": self.rms_norm_eps,
-                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-                "tie_word_embeddings": self.tie_word_embeddings,
-            },
-        }
+        top["vision_feature_layer"] = feature if isinstance(feature, int) else list(feature)
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", **top,
+                "image_seq_length": self.patches_per_side**2,
+                "vision_config": {"model_type": "clip_vision_model", **vision},
+                "text_config": {"model_type": "llama", **text, "rope_parameters": rope,
+                                "tie_word_embeddings": self.tie_word_embeddings}}
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "LlavaConfig":
         """From a HF config.json dict: the hub layout (sparse sub-configs, legacy `rope_theta`) or
         what transformers 5.x writes (`rope_parameters`). Missing keys take the HF class defaults.
-        A Llava config with another vision tower or decoder is refused."""
+        A Llava config with another vision tower or decoder, or what this port does not run, is refused."""
         top = {**_LLAVA_DEFAULTS, **d}
         text = {**_TEXT_DEFAULTS, **(d.get("text_config") or {})}
         vis = {**_VISION_DEFAULTS, **(d.get("vision_config") or {})}
-        if vis["model_type"] != "clip_vision_model":
-            raise ValueError(f"vision_config.model_type {vis['model_type']!r}: LLaVA needs a CLIP tower")
-        if text["model_type"] != "llama":
-            raise ValueError(f"text_config.model_type {text['model_type']!r}: only Llama decoders are supported")
-        for key in ("attention_bias", "mlp_bias"):
-            if text[key]:
-                raise ValueError(f"text_config.{key}=true is not supported (Llama-2 / Vicuna have none)")
-        if top["vision_feature_select_strategy"] not in STRATEGIES:
-            raise ValueError(f"vision_feature_select_strategy {top['vision_feature_select_strategy']!r}: "
-                             f"expected one of {STRATEGIES}")
-        for key, act in (("text_config.hidden_act", text["hidden_act"]), ("vision_config.hidden_act", vis["hidden_act"]),
-                         ("projector_hidden_act", top["projector_hidden_act"])):
-            if act not in L.ACTIVATIONS:
-                raise ValueError(f"unsupported {key} {act!r}; supported: {sorted(L.ACTIVATIONS)}")
+        _check_supported(top, vis, text)
+        values = {ours: src[hf] for src, fields in ((top, _TOP_FIELDS), (vis, _VISION_FIELDS), (text, _TEXT_FIELDS))
+                  for ours, hf in fields}
+        feature = values["vision_feature_layer"]
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"unsupported text rope_type {rope.get('rope_type', rope.get('type'))!r} "
-                             "(supported: default)")
-        size, patch = vis["image_size"], vis["patch_size"]
-        if not (isinstance(size, int) and isinstance(patch, int) and size % patch == 0):
-            raise ValueError(f"image_size {size} must be an int multiple of the int patch_size {patch}")
-        n_vis = vis["num_hidden_layers"]
-        feature = top["vision_feature_layer"]
-        feature = feature if isinstance(feature, int) else tuple(feature)
-        if any(not -(n_vis + 1) <= i <= n_vis for i in ((feature,) if isinstance(feature, int) else feature)):
-            raise ValueError(f"vision_feature_layer {feature} is outside the {n_vis + 1} vision hidden states")
-        heads = text["num_attention_heads"]
-        return cls(
-            vision_layers=n_vis, vision_dim=vis["hidden_size"], vision_heads=vis["num_attention_heads"],
-            vision_mlp_dim=vis["intermediate_size"], vision_act=vis["hidden_act"],
-            vision_eps=float(vis["layer_norm_eps"]), image_size=size, patch_size=patch,
-            in_channels=vis["num_channels"], vision_feature_layer=feature,
-            feature_select=top["vision_feature_select_strategy"], projector_act=top["projector_hidden_act"],
-            projector_bias=bool(top["multimodal_projector_bias"]),
-            vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=text["num_key_value_heads"] or heads,
-            head_dim=text["head_dim"] or text["hidden_size"] // heads,
-            intermediate_size=text["intermediate_size"], hidden_act=text["hidden_act"],
-            rms_norm_eps=float(text["rms_norm_eps"]),
-            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10_000.0))),
+        values.update(
+            image_token_id=top.get("image_token_id", top["image_token_index"]),
+            vision_feature_layer=feature if isinstance(feature, int) else tuple(feature),
+            num_kv_heads=values["num_kv_heads"] or values["num_heads"],
+            head_dim=values["head_dim"] or values["hidden_size"] // values["num_heads"],
+            vision_eps=float(values["vision_eps"]), rms_norm_eps=float(values["rms_norm_eps"]),
+            projector_bias=bool(values["projector_bias"]),
             # As HF's LlavaConfig: tied if the top level or the text config says so.
             tie_word_embeddings=bool(top["tie_word_embeddings"] or text["tie_word_embeddings"]),
-            image_token_id=top.get("image_token_id", top["image_token_index"]),
+            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10_000.0))),
         )
+        return cls(**values)
+
+
+def _check_supported(top: dict, vis: dict, text: dict) -> None:
+    """ValueError naming the first setting of a Llava config (defaults filled in) this port does not run."""
+    if vis["model_type"] != "clip_vision_model":
+        raise ValueError(f"vision_config.model_type {vis['model_type']!r}: LLaVA needs a CLIP tower")
+    if text["model_type"] != "llama":
+        raise ValueError(f"text_config.model_type {text['model_type']!r}: only Llama decoders are supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if text[key]:
+            raise ValueError(f"text_config.{key}=true is not supported (Llama-2 / Vicuna have none)")
+    if top["vision_feature_select_strategy"] not in STRATEGIES:
+        raise ValueError(f"vision_feature_select_strategy {top['vision_feature_select_strategy']!r}: "
+                         f"expected one of {STRATEGIES}")
+    for key, act in (("text_config.hidden_act", text["hidden_act"]), ("vision_config.hidden_act", vis["hidden_act"]),
+                     ("projector_hidden_act", top["projector_hidden_act"])):
+        if act not in L.ACTIVATIONS:
+            raise ValueError(f"unsupported {key} {act!r}; supported: {sorted(L.ACTIVATIONS)}")
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"unsupported text rope_type {rope.get('rope_type', rope.get('type'))!r} (supported: default)")
+    size, patch = vis["image_size"], vis["patch_size"]
+    if not (isinstance(size, int) and isinstance(patch, int) and size % patch == 0):
+        raise ValueError(f"image_size {size} must be an int multiple of the int patch_size {patch}")
+    n, feature = vis["num_hidden_layers"], top["vision_feature_layer"]
+    if any(not -(n + 1) <= i <= n for i in ((feature,) if isinstance(feature, int) else feature)):
+        raise ValueError(f"vision_feature_layer {feature} is outside the {n + 1} vision hidden states")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,20 +266,16 @@ class Llava(L.LanguageModel):
 
     @staticmethod
     def check_batch(cfg: LlavaConfig, batch) -> None:
-        """Host-side input checks, raising ValueError with what is wrong."""
+        """Host-side input checks, raising ValueError with what is wrong: pixel_values of the
+        tower's one size, and tokens_per_image `<image>` slots per image (none without images)."""
         ids = L.host_input_ids(batch)
-        if batch.pixel_values is None:
-            L.check_no_image_slots(ids, cfg.image_token_id, "<image>")
-            return
-        shape = np.shape(batch.pixel_values)
-        want = (cfg.in_channels, cfg.image_size, cfg.image_size)
-        if len(shape) != 4 or tuple(shape[1:]) != want:
-            raise ValueError(f"pixel_values must be [n_img, {', '.join(map(str, want))}], got {shape}")
-        if ids is not None:
-            slots = int((ids == cfg.image_token_id).sum())
-            if slots != shape[0] * cfg.tokens_per_image:
-                raise ValueError(f"the prompts have {slots} <image> slots but {shape[0]} image(s) give "
-                                 f"{shape[0] * cfg.tokens_per_image} visual tokens")
+        images = None if batch.pixel_values is None else np.shape(batch.pixel_values)
+        if images is not None and (len(images) != 4 or tuple(images[1:]) != cfg.pixel_shape):
+            raise ValueError(f"pixel_values must be [n_img, {', '.join(map(str, cfg.pixel_shape))}], got {images}")
+        visual = 0 if images is None else images[0] * cfg.tokens_per_image
+        if ids is not None and int((ids == cfg.image_token_id).sum()) != visual:
+            given = "no pixel_values were given" if images is None else f"{images[0]} image(s) give {visual} visual tokens"
+            raise ValueError(f"the prompts have {int((ids == cfg.image_token_id).sum())} <image> slots but {given}")
 
     def lm_context(self, batch) -> dict:
         """What every decoder layer needs besides the residual: RoPE cos/sin and the causal mask."""
