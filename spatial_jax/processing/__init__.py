@@ -12,7 +12,4 @@ def for_family(family: str):
     if family == "pixtral":
         from spatial_jax.processing.pixtral import PixtralPrep
         return PixtralPrep
-    if family == "llava":  # TEMPORARY (old layout): main's families registry replaces this
-        from spatial_jax.families.llava.processor import LlavaPrep
-        return LlavaPrep
     raise ValueError(f"no processor for model family {family!r}")
