@@ -170,11 +170,3 @@ TABLES: dict[str, tuple[KeyMap, tuple[tuple[str, str], ...]]] = {
     "gemma3": (GEMMA3, GEMMA3_ALIASES),
     "pixtral": (PIXTRAL, PIXTRAL_ALIASES),
 }
-
-
-def _llava_table():
-    from spatial_jax.families.llava.key_map import KEY_ALIASES, KEY_MAP
-    return KEY_MAP, KEY_ALIASES
-
-
-TABLES["llava"] = _llava_table()

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any
 
-from spatial_jax.families.llava import model as llava
 from spatial_jax.models import gemma3, pixtral, qwen2_vl
 
 
@@ -15,12 +14,9 @@ class Family:
     model_cls: type
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
-    claims: Optional[Callable[[dict], bool]] = None
 
 
 FAMILIES: dict[str, Family] = {
-    "llava": Family("llava", llava.LlavaConfig, llava.Llava, ("LlavaForConditionalGeneration",), ("llava",),
-                    llava.claims),
     "qwen2_vl": Family("qwen2_vl", qwen2_vl.Qwen2VLConfig, qwen2_vl.Qwen2VL,
                        ("Qwen2VLForConditionalGeneration",), ("qwen2_vl",)),
     "gemma3": Family("gemma3", gemma3.Gemma3Config, gemma3.Gemma3,
@@ -36,10 +32,7 @@ def family_of(hf_config: dict[str, Any]) -> Family:
     archs = tuple(hf_config.get("architectures") or ())
     model_type = hf_config.get("model_type")
     for fam in FAMILIES.values():
-        if fam.claims is not None:
-            if fam.claims(hf_config):
-                return fam
-        elif set(archs) & set(fam.architectures) or (not archs and model_type in fam.model_types):
+        if set(archs) & set(fam.architectures) or (not archs and model_type in fam.model_types):
             return fam
     known = sorted(a for f in FAMILIES.values() for a in f.architectures)
     raise ValueError(f"unknown architecture {list(archs) or model_type!r}; supported: {known}")
