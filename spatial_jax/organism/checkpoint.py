@@ -24,7 +24,7 @@ from spatial_jax.data.items import Item
 from spatial_jax.data.prompts import SYSTEM_TEXT
 from spatial_jax.data.synthetic import SyntheticTask, make_task, render_layout
 from spatial_jax.organism.spec import GEOMETRY, GEOMETRY_KEY
-from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
+from spatial_jax.families.qwen2_vl.word_tokenizer import write_word_level_qwen2vl_processor
 
 META_FILE = "organism.json"
 
