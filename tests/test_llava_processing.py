@@ -11,8 +11,8 @@ import fixtures_llava as fl
 import hf_reference as hr
 from fixtures_llava import llava_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
+from spatial_jax import families
 from spatial_jax.families.llava.processor import LlavaPrep
-from spatial_jax.processing import for_family
 
 PROMPTS = ["What is left of the red square?", "  Is the blue circle above the green square ?  ",
            "Answer in one word."]
@@ -101,7 +101,7 @@ def test_bad_inputs_are_refused(proc_dirs, tmp_path):
 
 
 def test_registered_for_the_family():
-    assert for_family("llava") is LlavaPrep
+    assert families.get("llava").processor_cls is LlavaPrep
 
 
 def test_prepare_then_forward_matches_hf(llava_ckpts):

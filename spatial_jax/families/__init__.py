@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from spatial_jax.data.geometry import register_geometry
 from spatial_jax.families.contract import VLM, Family, check_family
 
-FAMILY_MODULES = ("qwen2_vl", "gemma3", "pixtral")
+FAMILY_MODULES = ("qwen2_vl", "gemma3", "pixtral", "llava")
 
 
 def _register(module_names) -> dict[str, Family]:

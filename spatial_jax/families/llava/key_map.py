@@ -6,7 +6,10 @@ export loads back into transformers without missing keys.
 """
 from __future__ import annotations
 
-from spatial_jax.convert.key_maps import _GEMMA3_VISION_LAYER, PIXTRAL, PIXTRAL_ALIASES, KeyMap
+from spatial_jax.families.gemma3.key_map import _GEMMA3_VISION_LAYER
+from spatial_jax.families.pixtral.key_map import KEY_ALIASES as PIXTRAL_ALIASES
+from spatial_jax.families.pixtral.key_map import KEY_MAP as PIXTRAL
+from spatial_jax.nn.key_maps import KeyMap
 
 _CLIP = "vision_tower.vision_model."
 

@@ -34,11 +34,11 @@ from flax import nnx
 
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
-from spatial_jax.models import layers as L
-from spatial_jax.models.gemma3 import VisionLayer
-from spatial_jax.models.pixtral import PixtralConfig
+from spatial_jax.families.gemma3.model import VisionLayer
+from spatial_jax.families.pixtral.model import PixtralConfig
+from spatial_jax.nn import layers as L
+from spatial_jax.nn.context import LMContext
 
-_VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
 STRATEGIES = ("default", "full")
 
 # Defaults of transformers 5.23's LlamaConfig / CLIPVisionConfig / LlavaConfig: a hub config.json
@@ -58,14 +58,6 @@ _LLAVA_DEFAULTS = dict(
     image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
     vision_feature_layer=-2, multimodal_projector_bias=True, tie_word_embeddings=False,
 )
-
-
-def claims(hf_config: dict[str, Any]) -> bool:
-    """A Llava config.json with a CLIP vision tower (HF's default when vision_config names none);
-    Pixtral's Llava configs name "pixtral"."""
-    vision = hf_config.get("vision_config") or {}
-    return (hf_config.get("model_type") == "llava" or "LlavaForConditionalGeneration" in
-            (hf_config.get("architectures") or ())) and vision.get("model_type", "clip_vision_model") == "clip_vision_model"
 
 
 # Our config field <- the HF config key, per (sub-)config: from_hf reads through these, to_hf writes.
@@ -227,16 +219,8 @@ class VisionTower(nnx.Module):
         x = self.pre_norm(jnp.concatenate([cls, patches], axis=1) + self.pos_embed[...])
         # Layer outputs leave the scan only if the projector reads one other than the last.
         keep_outputs = any(0 < i < cfg.vision_layers for i in cfg.feature_layers)
-
-        def step(layer, h, idx, _):
-            t = taps.for_step(_VISION_STEP_SITES)
-            h = t.at(sites.VISION_BLOCK_OUT, layer(h), idx)
-            return h, (t.collected, h if keep_outputs else None)
-
         first = x
-        x, (collected, outputs) = L.scan_layers(self.layers, step, x)
-        if sites.VISION_BLOCK_OUT in collected:
-            taps.collected[sites.VISION_BLOCK_OUT] = jnp.moveaxis(collected[sites.VISION_BLOCK_OUT], 0, 1)
+        x, outputs = L.run_vision_blocks(self.layers, x, taps, lambda layer, h: layer(h), keep_outputs)
         skip = 1 if cfg.feature_select == "default" else 0
         hidden = [first if i == 0 else x if i == cfg.vision_layers else outputs[i - 1] for i in cfg.feature_layers]
         features = jnp.concatenate([h[:, skip:] for h in hidden], axis=-1)
@@ -277,8 +261,15 @@ class Llava(L.LanguageModel):
             given = "no pixel_values were given" if images is None else f"{images[0]} image(s) give {visual} visual tokens"
             raise ValueError(f"the prompts have {int((ids == cfg.image_token_id).sum())} <image> slots but {given}")
 
-    def lm_context(self, batch) -> dict:
+    @staticmethod
+    def token_grids(cfg: LlavaConfig, batch) -> list[tuple[int, int]]:
+        """(rows, cols) of patch tokens of each image of the batch (24 x 24 for llava-1.5; the CLS
+        token that strategy "full" keeps is not on the grid)."""
+        n = 0 if batch.pixel_values is None else np.shape(batch.pixel_values)[0]
+        return [(cfg.patches_per_side, cfg.patches_per_side)] * n
+
+    def lm_context(self, batch) -> LMContext:
         """What every decoder layer needs besides the residual: RoPE cos/sin and the causal mask."""
         cfg = self.cfg
         cos, sin = L.rope_cos_sin(L.positions_from_mask(batch.attention_mask), cfg.head_dim, cfg.rope_theta)
-        return {"cos": cos, "sin": sin, "allowed": L.causal_mask(batch.attention_mask)}
+        return LMContext(cos, sin, L.causal_mask(batch.attention_mask))

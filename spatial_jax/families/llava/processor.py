@@ -27,16 +27,15 @@ import numpy as np
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from spatial_jax.processing import gemma3
+from spatial_jax.families.gemma3 import processor as gemma3
 from spatial_jax.processing.chat import (
-    ChatPrep, ImageEntry, check_image_tokens, checked_dir, expand_placeholders, load_tokenizer, render_user_turn,
+    ChatPrep, ImageEntry, images_per_prompt, check_image_tokens, checked_dir, expand_placeholders, load_tokenizer, render_user_turn,
     token_id, tokenize_chat_texts,
 )
-from spatial_jax.processing.qwen2_vl import (
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROCESSOR_CONFIG, _read_json, image_processor_values, load_chat_template,
-    read_image_processor_config, rescale_and_normalize, to_rgb,
+from spatial_jax.processing.images import (
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROCESSOR_CONFIG, image_processor_values, load_chat_template, read_image_processor_config,
+    read_json, rescale_and_normalize, to_rgb,
 )
-from spatial_jax.validation import images_per_prompt
 
 IMAGE_TOKEN = "<image>"
 
@@ -144,7 +143,7 @@ class LlavaPrep(ChatPrep):
         """
         path = checked_dir(path)
         processor_file = os.path.join(path, PROCESSOR_CONFIG)
-        proc = _read_json(processor_file) if os.path.isfile(processor_file) else {}
+        proc = read_json(processor_file) if os.path.isfile(processor_file) else {}
         if not proc.get("patch_size"):
             raise ValueError(f"{processor_file}: no patch_size (LlavaProcessor needs it to count image tokens)")
         image_config = ImageConfig.from_dict(*read_image_processor_config(path))
