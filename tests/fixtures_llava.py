@@ -138,9 +138,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer():
-    """The word-level test tokenizer over TOKENS; it prepends <s>, as Llama's does."""
-    return hr.word_level_tokenizer(TOKENS, SPECIAL_TOKENS, "<s>")
+def build_tokenizer(tokens: Sequence[str] = TOKENS):
+    """The word-level test tokenizer over tokens (SPECIAL_TOKENS first); it prepends <s>, as Llama's does."""
+    return hr.word_level_tokenizer(tokens, SPECIAL_TOKENS, "<s>")
 
 
 TOKENIZER_CONFIG = {
@@ -159,7 +159,7 @@ PROCESSOR_CONFIG = {"image_token": "<image>", "num_additional_image_tokens": 1, 
 
 
 def write_processor_dir(out_dir: str, layout: str = "hub", padding_side: str = "left",
-                        image_size: int = IMAGE_SIZE) -> str:
+                        image_size: int = IMAGE_SIZE, tokens: Sequence[str] = TOKENS, patch: int = PATCH) -> str:
     """Writes the tokenizer and processor files into out_dir.
 
     layout "hub": as llava-hf/llava-1.5-7b-hf ships them (preprocessor_config.json,
@@ -167,21 +167,22 @@ def write_processor_dir(out_dir: str, layout: str = "hub", padding_side: str = "
     what transformers 5.23's LlavaProcessor.save_pretrained writes for the same processor.
     """
     os.makedirs(out_dir, exist_ok=True)
-    build_tokenizer().save(os.path.join(out_dir, "tokenizer.json"))
+    build_tokenizer(tokens).save(os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({**TOKENIZER_CONFIG, "padding_side": padding_side}, f, indent=1)
     if layout == "hub":
         image = {**IMAGE_PROCESSOR_CONFIG, "size": {"shortest_edge": image_size},
                  "crop_size": {"height": image_size, "width": image_size}}
-        for name, content in (("preprocessor_config.json", image), ("processor_config.json", PROCESSOR_CONFIG),
+        for name, content in (("preprocessor_config.json", image),
+                              ("processor_config.json", {**PROCESSOR_CONFIG, "patch_size": patch}),
                               ("chat_template.json", {"chat_template": CHAT_TEMPLATE})):
             with open(os.path.join(out_dir, name), "w") as f:
                 json.dump(content, f, indent=1)
         return out_dir
     if layout != "saved":
         raise ValueError(f"unknown layout {layout!r}")
-    return hr.resave_processor_dir(out_dir, lambda d: write_processor_dir(d, "hub", padding_side, image_size),
-                                   hf_processor)
+    return hr.resave_processor_dir(
+        out_dir, lambda d: write_processor_dir(d, "hub", padding_side, image_size, tokens, patch), hf_processor)
 
 
 def hf_processor(path: str):
