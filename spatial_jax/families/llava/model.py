@@ -169,7 +169,8 @@ def _check_supported(top: dict, vis: dict, text: dict) -> None:
     if vis["model_type"] != "clip_vision_model":
         raise ValueError(f"vision_config.model_type {vis['model_type']!r}: LLaVA needs a CLIP tower")
     if text["model_type"] != "llama":
-        raise ValueError(f"text_config.model_type {text['model_type']!r}: only Llama decoders are supported")
+        raise ValueError(f"text_config.model_type {text['model_type']!r} with a {vis['model_type']!r} vision tower: "
+                         "LLaVA-1.5 runs Llama decoders only")
     for key in ("attention_bias", "mlp_bias"):
         if text[key]:
             raise ValueError(f"text_config.{key}=true is not supported (Llama-2 / Vicuna have none)")

@@ -11,7 +11,7 @@ from spatial_jax.families.pixtral.rules import SHARDING_RULES as _PIXTRAL
 from spatial_jax.parallel.rules import CATCH_ALL, REPLICATED, Rule
 
 SHARDING_RULES: tuple[Rule, ...] = (
-    *(rule for rule in _PIXTRAL if not rule[0].startswith("^vision/") or rule[0].startswith("^vision/projector")),
+    *(rule for rule in _PIXTRAL if rule[0].startswith(("^layers/", "^embed$", "^lm_head/", "^norm/", "^vision/projector"))),
     *(rule for rule in _GEMMA3 if rule[0].startswith("^vision/layers/")),
     # [C*p*p, Dv], [Dv], [N + 1, Dv] and the LayerNorms: small
     (r"^vision/(patch_embed/kernel|class_embed|pos_embed|(pre_norm|post_norm)/(scale|bias))$", REPLICATED),
