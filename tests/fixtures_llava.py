@@ -23,16 +23,14 @@ to image_size), so the "two images of different sizes" case of other families do
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Sequence
 
 import numpy as np
 import pytest
 
+import fixtures_pixtral as fp
 import hf_reference as hr
-# The same 5.x state_dict renaming and hook-side replace as Pixtral (both are Llava checkpoints).
-from fixtures_pixtral import to_runtime_layout, torch_replace  # noqa: F401
+from hf_reference import torch_replace  # noqa: F401  (fl.torch_replace)
 
 VOCAB = 128
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
@@ -94,12 +92,8 @@ def build_tiny_llava(out_dir: str, seed: int = 0, processor: bool = True, vision
     return out_dir
 
 
-def load_hf(path: str, dtype=None):
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager",
-                                                         dtype=dtype or torch.float32).eval()
+# LlavaForConditionalGeneration from a dir, eager attention, float32 unless dtype: as Pixtral's.
+load_hf = fp.load_hf
 
 
 def to_hub_layout(name: str) -> str:
@@ -166,23 +160,14 @@ def write_processor_dir(out_dir: str, layout: str = "hub", padding_side: str = "
     processor_config.json, chat_template.json, tokenizer.json, tokenizer_config.json); "saved":
     what transformers 5.23's LlavaProcessor.save_pretrained writes for the same processor.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    build_tokenizer(tokens).save(os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({**TOKENIZER_CONFIG, "padding_side": padding_side}, f, indent=1)
-    if layout == "hub":
-        image = {**IMAGE_PROCESSOR_CONFIG, "size": {"shortest_edge": image_size},
-                 "crop_size": {"height": image_size, "width": image_size}}
-        for name, content in (("preprocessor_config.json", image),
-                              ("processor_config.json", {**PROCESSOR_CONFIG, "patch_size": patch}),
-                              ("chat_template.json", {"chat_template": CHAT_TEMPLATE})):
-            with open(os.path.join(out_dir, name), "w") as f:
-                json.dump(content, f, indent=1)
-        return out_dir
-    if layout != "saved":
-        raise ValueError(f"unknown layout {layout!r}")
-    return hr.resave_processor_dir(
-        out_dir, lambda d: write_processor_dir(d, "hub", padding_side, image_size, tokens, patch), hf_processor)
+    image = {**IMAGE_PROCESSOR_CONFIG, "size": {"shortest_edge": image_size},
+             "crop_size": {"height": image_size, "width": image_size}}
+    hub_files = {"preprocessor_config.json": image, "processor_config.json": {**PROCESSOR_CONFIG, "patch_size": patch},
+                 "chat_template.json": {"chat_template": CHAT_TEMPLATE}}
+    return hr.write_processor_files(out_dir, layout, build_tokenizer(tokens),
+                                    {**TOKENIZER_CONFIG, "padding_side": padding_side}, hub_files,
+                                    lambda d: write_processor_dir(d, "hub", padding_side, image_size, tokens, patch),
+                                    hf_processor)
 
 
 def hf_processor(path: str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 import fixtures_llava as fl
+import hf_reference as hr
 from fixtures_llava import llava_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 
@@ -20,44 +21,13 @@ def _inputs(seed: int):
     return fl.make_inputs(PROMPTS, seed=seed)
 
 
-def _columns(ids: np.ndarray):
-    """Per row: sequence positions of the image's left and right patch columns (4 x 4 grid)."""
-    out = []
-    for row in ids:
-        grid = np.flatnonzero(row == fl.IMG).reshape(fl.SIDE, fl.SIDE)
-        out.append((grid[:, 0], grid[:, -1]))
-    return out
-
-
 def test_criss_cross_and_amplify_match_hf_hooks(llava_ckpts):
     """Left <-> right image columns swapped in lm.resid_pre of layer 2 with the counterfactual's
     activations, after amplifying the visual tokens at lm.resid_pre of layer 0."""
-    import torch
-
-    model, hf = llava_ckpts.model(), llava_ckpts.hf_model()
-    clean, cf = _inputs(0), _inputs(1)
-    layer = 2
-    src = np.asarray(sj.forward(model, fl.to_batch(cf), cache=("lm.resid_pre",)).cache["lm.resid_pre"][:, layer])
-    T = clean["input_ids"].shape[1]
-    index = np.stack([sj.swap_index(T, [cols]) for cols in _columns(clean["input_ids"])])
-    W_dir = np.random.default_rng(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
-    at = clean["input_ids"] == fl.IMG
-    ivs = [sj.Intervention(site="lm.resid_pre", op="amplify", layer=0, directions=W_dir, alpha=4.0,
-                           index=sj.mask_index(at)),
-           sj.Intervention(site="lm.resid_pre", op="replace", layer=layer, source=src, index=index)]
-    ours = np.asarray(sj.forward(model, fl.to_batch(clean), interventions=ivs).logits)
-
-    Wt, sel = torch.tensor(W_dir), torch.tensor(at)
-
-    def amplify(h):  # the official coco_amplification hook
-        coeff = (h @ Wt) / ((Wt * Wt).sum(0) + 1e-8)
-        return torch.where(sel[..., None], h + 4.0 * coeff @ Wt.T, h)
-
-    layers = hf.model.language_model.layers
-    ref = fl.hf_run(hf, clean, hooks=[(layers[0], "pre", amplify),
-                                      (layers[layer], "pre", fl.torch_replace(index, src))])["logits"]
-    assert np.abs(ref - fl.hf_run(hf, clean)["logits"]).max() > 0.1  # the patches change the output
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+    clean = _inputs(0)
+    index = hr.swap_columns_index(clean["input_ids"], fl.IMG, (fl.SIDE, fl.SIDE))
+    hr.check_criss_cross_and_amplify(llava_ckpts.model(), llava_ckpts.hf_model(), clean, _inputs(1), fl.to_batch,
+                                     fl.hf_run, index, fl.IMG, TOL)
 
 
 def test_vision_block_and_token_patches_match_hf_hooks(llava_ckpts):
@@ -102,19 +72,8 @@ def test_cls_patch_alone_changes_the_image_tokens(llava_ckpts):
 def test_sweep_equals_one_forward_per_layer(llava_ckpts):
     """A criss-cross sweep over every layer (vmapped, restarting the LM at the patched layer)
     equals a full forward per layer."""
-    model = llava_ckpts.model()
-    clean, cf = fl.to_batch(_inputs(0)), fl.to_batch(_inputs(1))
-    site, L = "lm.resid_pre", model.config.num_layers
-    src = np.asarray(sj.forward(model, cf, cache=(site,)).cache[site])  # [B, L, T, D]
-    T = clean.input_ids.shape[1]
-    index = np.stack([sj.swap_index(T, [cols]) for cols in _columns(np.asarray(clean.input_ids))])
+    clean = _inputs(0)
     tokens = np.array([fl.vocab_id("left"), fl.vocab_id("right"), fl.vocab_id("above")])
-    readout = sj.Readout(position=sj.last_positions(clean.attention_mask), tokens=tokens)
-    iv = sj.Intervention(site=site, op="replace", layer=np.arange(L), index=np.broadcast_to(index, (L,) + index.shape),
-                         source=np.moveaxis(src, 1, 0))
-    res = sj.patch_sweep(model, clean, [iv], readout, chunk_size=2)
-    for layer in range(L):
-        one = sj.Intervention(site=site, op="replace", layer=layer, index=index, source=src[:, layer])
-        logits = np.asarray(sj.forward(model, clean, interventions=[one]).logits)[:, -1]
-        np.testing.assert_allclose(res.logits[layer], logits[:, tokens], atol=1e-5)
-        np.testing.assert_array_equal(res.argmax[layer], logits.argmax(-1))
+    hr.check_sweep_equals_one_forward_per_layer(
+        llava_ckpts.model(), fl.to_batch(clean), fl.to_batch(_inputs(1)),
+        hr.swap_columns_index(clean["input_ids"], fl.IMG, (fl.SIDE, fl.SIDE)), tokens)

@@ -62,13 +62,7 @@ def test_tiny_config_exercises_what_matters(llava_ckpts):
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_hf(llava_ckpts, case):
     inputs, ours, ref = _run(llava_ckpts, case)
-    assert ours["logits"].dtype == np.float32
-    assert ours["logits"].shape == ref["logits"].shape == (*inputs["input_ids"].shape, fl.VOCAB)
-    assert np.abs(ref["logits"]).max() > 1.0  # not degenerate, so the tolerance means something
-    sites_err = max(np.abs(ours[k] - ref[k]).max() for k in ours if k != "logits")
-    print(f"{case}: logits max abs diff {np.abs(ours['logits'] - ref['logits']).max():.2g} (largest logit "
-          f"{np.abs(ref['logits']).max():.2g}), sites {sites_err:.2g}")
-    np.testing.assert_allclose(ours["logits"], ref["logits"], rtol=0, atol=TOL)
+    hr.assert_logits_match(case, inputs, ours, ref, fl.VOCAB, TOL)
 
 
 @pytest.mark.parametrize("site", LM_SITES + VISION_SITES)
