@@ -12,7 +12,9 @@ import hf_reference as hr
 from fixtures_llava import llava_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 from spatial_jax import families
+from spatial_jax.families.llava.model import Llava, LlavaConfig
 from spatial_jax.families.llava.processor import LlavaPrep
+from spatial_jax.processing.images import rescale_and_normalize
 
 PROMPTS = ["What is left of the red square?", "  Is the blue circle above the green square ?  ",
            "Answer in one word."]
@@ -76,6 +78,28 @@ def test_real_config_gives_576_tokens(tmp_path):
     assert _check_equal(ours, ref) == 0.0
     assert prep.tokens_per_image == 576 and ours["pixel_values"].shape == (2, 3, 336, 336)
     assert (ours["input_ids"] == fl.IMG).sum() == 2 * 576
+
+
+def test_synthetic_canvas_gives_the_registered_grid(tmp_path):
+    """The llava geometry's canvas is the processor's 336-px crop, untouched (resize to its own
+    size, crop of nothing): 24 x 24 tokens of 14 px, as the model's token_grids says; a photo of
+    another shape is cropped to the same grid ("fixed" rounding)."""
+    from test_llava_convert import HUB_7B_CONFIG
+
+    geometry = families.get("llava").geometry
+    assert (geometry.n_tokens, geometry.token_px, geometry.canvas_px, geometry.grid_rounding) == (24, 14, 336, "fixed")
+    assert geometry.strip_widths() == (9, 6, 9) and geometry.span == 15
+    d = fl.write_processor_dir(str(tmp_path / "hub336"), "hub", image_size=336)
+    canvas = hr.random_image(geometry.canvas_px, geometry.canvas_px, seed=6)
+    out = LlavaPrep.from_dir(d)([[canvas, hr.random_image(200, 500, seed=7)]], ["Is the red square left ?"])
+    prep = LlavaPrep.from_dir(d)
+    untouched = rescale_and_normalize(np.asarray(canvas).transpose(2, 0, 1), prep.image_config)
+    np.testing.assert_array_equal(out["pixel_values"][0], untouched)
+    cfg = LlavaConfig.from_hf(HUB_7B_CONFIG)
+    batch = sj.Batch(input_ids=out["input_ids"], pixel_values=out["pixel_values"])
+    assert Llava.token_grids(cfg, batch) == [geometry.token_grid((336, 336)), geometry.token_grid((500, 200))] == \
+        [(24, 24), (24, 24)]
+    assert (out["input_ids"] == fl.IMG).sum() == 2 * geometry.n_visual_tokens
 
 
 def test_right_padding_and_text_only(tmp_path):
