@@ -74,9 +74,8 @@ def write_checkpoint(hf_dir: str, seed: int = 0) -> int:
     """The random real-size checkpoint (see the module docstring); returns its parameter count."""
     from flax import nnx
 
-    from experiments.common import GEOMETRY_KEY
     from spatial_jax.convert.convert import abstract_model, resolve_config
-    from spatial_jax.data.geometry import get_geometry
+    from spatial_jax.data.geometry import GEOMETRY_KEY, get_geometry
     from spatial_jax.data.vocabulary import synthetic_words
     from spatial_jax.families.qwen2_vl.word_tokenizer import write_word_level_qwen2vl_processor
     from spatial_jax.tree_paths import flatten_paths

@@ -193,6 +193,10 @@ def box_to_tokens(box: Box, image_size: tuple[int, int], grid: tuple[int, int]) 
 ORGANISM = Geometry("organism", n_tokens=6, token_px=28, object_tokens=1, spacing=1, whatsup_px=168,
                     grid_rounding="round")
 
+# The optional config.json key naming a checkpoint's canvas geometry (the organisms have one of their
+# own); without it a checkpoint's geometry is its family's.
+GEOMETRY_KEY = "spatial_jax_geometry"
+
 # name -> Geometry: the families' (entered by `spatial_jax.families` as it registers them) and the organism's.
 GEOMETRIES: dict[str, Geometry] = {}
 

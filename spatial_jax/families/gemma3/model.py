@@ -112,7 +112,6 @@ class Gemma3Config:
     boi_token_id: int
     eoi_token_id: int
 
-    family = "gemma3"
 
     @property
     def patch_dim(self) -> int:

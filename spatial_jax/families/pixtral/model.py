@@ -88,7 +88,6 @@ class PixtralConfig:
     tie_word_embeddings: bool
     image_token_id: int
 
-    family = "pixtral"
 
     @property
     def patch_dim(self) -> int:

@@ -50,7 +50,6 @@ class Qwen2VLConfig:
     vision_start_token_id: int
     vision_end_token_id: int
 
-    family = "qwen2_vl"
 
     @property
     def patch_dim(self) -> int:
