@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
-import os
 import sys
 import types
 from typing import Any, Sequence
@@ -38,6 +36,7 @@ import numpy as np
 import pytest
 
 import hf_reference as hr
+from hf_reference import torch_replace  # noqa: F401  (fp.torch_replace)
 
 VOCAB = 128
 # Pixtral's special tokens at their real ids (0..13).
@@ -188,21 +187,11 @@ def write_processor_dir(out_dir: str, layout: str = "hub", padding_side: str = "
     writes for the same processor (processor_config.json with the image processor nested,
     chat_template.jinja).
     """
-    os.makedirs(out_dir, exist_ok=True)
-    build_tokenizer().save(os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({**TOKENIZER_CONFIG, "padding_side": padding_side}, f, indent=1)
-    if layout == "hub":
-        for name, content in (("preprocessor_config.json", {**IMAGE_PROCESSOR_CONFIG, "size": {"longest_edge": longest_edge}}),
-                              ("processor_config.json", PROCESSOR_CONFIG),
-                              ("chat_template.json", {"chat_template": CHAT_TEMPLATE})):
-            with open(os.path.join(out_dir, name), "w") as f:
-                json.dump(content, f, indent=1)
-        return out_dir
-    if layout != "saved":
-        raise ValueError(f"unknown layout {layout!r}")
-    return hr.resave_processor_dir(out_dir, lambda d: write_processor_dir(d, "hub", padding_side, longest_edge),
-                                   hf_processor)
+    hub_files = {"preprocessor_config.json": {**IMAGE_PROCESSOR_CONFIG, "size": {"longest_edge": longest_edge}},
+                 "processor_config.json": PROCESSOR_CONFIG, "chat_template.json": {"chat_template": CHAT_TEMPLATE}}
+    return hr.write_processor_files(out_dir, layout, build_tokenizer(), {**TOKENIZER_CONFIG, "padding_side": padding_side},
+                                    hub_files, lambda d: write_processor_dir(d, "hub", padding_side, longest_edge),
+                                    hf_processor)
 
 
 @contextlib.contextmanager
@@ -291,5 +280,3 @@ def hf_run(hf, inputs: dict[str, np.ndarray], hooks=()) -> dict[str, np.ndarray]
     return hr.hf_run(hf, inputs, lambda layer: layer.self_attn, lambda layer: layer.mlp,
                      hf.model.vision_tower.transformer.layers, hooks)
 
-
-torch_replace = hr.torch_replace  # (moved to hf_reference, shared by the families' tests)

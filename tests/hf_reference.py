@@ -7,6 +7,7 @@ Importable from any test module (pytest puts tests/ on sys.path; tests/ has no _
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -126,6 +127,26 @@ def resave_processor_dir(out_dir: str, write_hub: Callable[[str], Any], load_pro
             os.remove(os.path.join(out_dir, name))
     proc.save_pretrained(out_dir)
     shutil.rmtree(staging)
+    return out_dir
+
+
+def write_processor_files(out_dir: str, layout: str, tokenizer, tokenizer_config: dict, hub_files: dict,
+                          write_hub: Callable[[str], Any], load_processor: Callable[[str], Any]) -> str:
+    """A processor dir: tokenizer.json (the `tokenizers` object) and tokenizer_config.json, then in
+    layout "hub" the hub's json files (name -> content), in layout "saved" what transformers'
+    processor save_pretrained writes for the same processor (`resave_processor_dir` with
+    write_hub(dir), which writes the hub layout, and load_processor(dir))."""
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tokenizer_config, f, indent=1)
+    if layout == "saved":
+        return resave_processor_dir(out_dir, write_hub, load_processor)
+    if layout != "hub":
+        raise ValueError(f"unknown layout {layout!r}")
+    for name, content in hub_files.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(content, f, indent=1)
     return out_dir
 
 
@@ -322,34 +343,47 @@ def check_processor_outputs(ours: dict, ref: dict, int_keys: Sequence[str], imag
     return float(np.abs(ours["pixel_values"] - ref["pixel_values"]).max())
 
 
-def torch_replace(index: np.ndarray, source: np.ndarray):
-    """The hook-side `replace`: h [B, T, D] -> h with h[b, t] = source[b, index[b, t]] where index >= 0."""
-    import torch
-
-    src, sel, source = torch.tensor(np.maximum(index, 0)), torch.tensor(index >= 0), torch.tensor(np.asarray(source))
-
-    def fn(h):
-        gathered = torch.gather(source, 1, src[..., None].expand(-1, -1, h.shape[-1]))
-        return torch.where(sel[..., None], gathered, h)
-    return fn
+# ----------------------------------------------------------------------------------------------
+# Checks the Llava families' tests share (Pixtral, LLaVA-1.5)
 
 
-def criss_cross_and_amplify(model, hf, clean: dict, cf: dict, image_token_id: int, columns: Callable, to_batch: Callable,
-                            run_hf: Callable, layer: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The same two LM patches by our engine and by forward hooks on HF's model: the visual tokens
-    amplified at lm.resid_pre of layer 0 along two random directions (alpha 4, the official
-    coco_amplification hook), then the image's left and right token columns (columns(input_ids)
-    -> per row (left positions, right positions)) swapped at lm.resid_pre of `layer` with the
-    counterfactual's activations. Returns our logits, HF's patched and HF's clean logits."""
+def assert_logits_match(case: str, inputs: dict, ours: dict, ref: dict, vocab: int, tol: float) -> None:
+    """Our float32 logits [B, T, vocab] equal HF's within tol at every position; HF's not degenerate
+    (some logit > 1, so the tolerance means something). Prints the figures of the case."""
+    assert ours["logits"].dtype == np.float32
+    assert ours["logits"].shape == ref["logits"].shape == (*inputs["input_ids"].shape, vocab)
+    assert np.abs(ref["logits"]).max() > 1.0
+    sites_err = max(np.abs(ours[k] - ref[k]).max() for k in ours if k != "logits")
+    print(f"{case}: logits max abs diff {np.abs(ours['logits'] - ref['logits']).max():.2g} (largest logit "
+          f"{np.abs(ref['logits']).max():.2g}), sites {sites_err:.2g}")
+    np.testing.assert_allclose(ours["logits"], ref["logits"], rtol=0, atol=tol)
+
+
+def swap_columns_index(ids: np.ndarray, image_token: int, grid: tuple[int, int]) -> np.ndarray:
+    """[B, T] replace index swapping each row's image's left and right patch columns (one image a
+    row, `grid` (rows, cols) of `image_token` slots)."""
+    import spatial_jax as sj
+
+    def columns(row):
+        cells = np.flatnonzero(row == image_token).reshape(grid)
+        return cells[:, 0], cells[:, -1]
+    return np.stack([sj.swap_index(ids.shape[1], [columns(row)]) for row in ids])
+
+
+def check_criss_cross_and_amplify(model, hf, clean: dict, cf: dict, to_batch: Callable, run_hf: Callable,
+                                  index: np.ndarray, image_token: int, tol: float, layer: int = 2,
+                                  where: np.ndarray | None = None) -> None:
+    """Left <-> right image columns (`index`) swapped in lm.resid_pre of `layer` with the
+    counterfactual's activations, after amplifying the visual tokens at lm.resid_pre of layer 0:
+    our engine equals the same patches as forward hooks on HF's model (run_hf(hf, inputs, hooks)),
+    and the patches change HF's output. where: [B, T] bool, the positions compared (default all)."""
     import torch
 
     import spatial_jax as sj
 
     src = np.asarray(sj.forward(model, to_batch(cf), cache=("lm.resid_pre",)).cache["lm.resid_pre"][:, layer])
-    T = clean["input_ids"].shape[1]
-    index = np.stack([sj.swap_index(T, [cols]) for cols in columns(clean["input_ids"])])
     W_dir = np.random.default_rng(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
-    at = clean["input_ids"] == image_token_id
+    at = clean["input_ids"] == image_token
     ivs = [sj.Intervention(site="lm.resid_pre", op="amplify", layer=0, directions=W_dir, alpha=4.0,
                            index=sj.mask_index(at)),
            sj.Intervention(site="lm.resid_pre", op="replace", layer=layer, source=src, index=index)]
@@ -362,5 +396,38 @@ def criss_cross_and_amplify(model, hf, clean: dict, cf: dict, image_token_id: in
         return torch.where(sel[..., None], h + 4.0 * coeff @ Wt.T, h)
 
     layers = hf.model.language_model.layers
-    ref = run_hf(hf, clean, hooks=[(layers[0], "pre", amplify), (layers[layer], "pre", torch_replace(index, src))])
-    return ours, ref["logits"], run_hf(hf, clean)["logits"]
+    ref = run_hf(hf, clean, hooks=[(layers[0], "pre", amplify),
+                                   (layers[layer], "pre", torch_replace(index, src))])["logits"]
+    assert np.abs(ref - run_hf(hf, clean)["logits"]).max() > 0.1  # the patches change the output
+    where = np.ones(ours.shape[:2], bool) if where is None else where
+    np.testing.assert_allclose(ours[where], ref[where], rtol=0, atol=tol)
+
+
+def check_sweep_equals_one_forward_per_layer(model, clean, cf, index: np.ndarray, tokens: np.ndarray) -> None:
+    """A criss-cross sweep (`index`) at lm.resid_pre over every layer (one vmapped call per chunk,
+    restarting the LM at the patched layer) equals a full forward per layer. clean, cf: Batches."""
+    import spatial_jax as sj
+
+    site, L = "lm.resid_pre", model.config.num_layers
+    src = np.asarray(sj.forward(model, cf, cache=(site,)).cache[site])  # [B, L, T, D]
+    readout = sj.Readout(position=sj.last_positions(clean.attention_mask), tokens=tokens)
+    iv = sj.Intervention(site=site, op="replace", layer=np.arange(L), index=np.broadcast_to(index, (L,) + index.shape),
+                         source=np.moveaxis(src, 1, 0))
+    res = sj.patch_sweep(model, clean, [iv], readout, chunk_size=2)
+    for layer in range(L):
+        one = sj.Intervention(site=site, op="replace", layer=layer, index=index, source=src[:, layer])
+        logits = np.asarray(sj.forward(model, clean, interventions=[one]).logits)[:, -1]
+        np.testing.assert_allclose(res.logits[layer], logits[:, tokens], atol=1e-5)
+        np.testing.assert_array_equal(res.argmax[layer], logits.argmax(-1))
+
+
+def torch_replace(index: np.ndarray, source: np.ndarray):
+    """The hook-side `replace`: h [B, T, D] -> h with h[b, t] = source[b, index[b, t]] where index >= 0."""
+    import torch
+
+    src, sel, source = torch.tensor(np.maximum(index, 0)), torch.tensor(index >= 0), torch.tensor(np.asarray(source))
+
+    def fn(h):
+        gathered = torch.gather(source, 1, src[..., None].expand(-1, -1, h.shape[-1]))
+        return torch.where(sel[..., None], gathered, h)
+    return fn

@@ -12,7 +12,7 @@ def test_registry_and_lookup():
     assert set(GEOMETRIES) == {*families.FAMILIES, "organism"} >= {"qwen2_vl", "gemma3", "pixtral", "organism"}
     assert get_geometry("gemma3") is GEOMETRIES["gemma3"]
     with pytest.raises(KeyError, match="qwen2_vl"):
-        get_geometry("llava")
+        get_geometry("no_such_model")
 
 
 @pytest.mark.parametrize("name, canvas, n_tokens, token_px, size, spacing", [

@@ -20,23 +20,13 @@ def _inputs(seed: int):
     return fp.make_inputs(PROMPTS, seed=seed)
 
 
-def _columns(ids: np.ndarray):
-    """Per row: sequence positions of the image's left and right patch columns."""
-    out = []
-    for row in ids:
-        grid = np.flatnonzero(row == fp.IMG).reshape(2, 3)
-        out.append((grid[:, 0], grid[:, 2]))
-    return out
-
-
 def test_criss_cross_and_amplify_match_hf_hooks(pixtral_ckpts):
     """Left <-> right image columns swapped in lm.resid_pre of layer 2 with the counterfactual's
     activations, after amplifying the visual tokens at lm.resid_pre of layer 0."""
-    model, hf = pixtral_ckpts.model(), pixtral_ckpts.hf_model()
-    ours, ref, clean_logits = hr.criss_cross_and_amplify(model, hf, _inputs(0), _inputs(1), fp.IMG, _columns,
-                                                          fp.to_batch, fp.hf_run)
-    assert np.abs(ref - clean_logits).max() > 0.1  # the patches change the output
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+    clean = _inputs(0)
+    index = hr.swap_columns_index(clean["input_ids"], fp.IMG, (2, 3))
+    hr.check_criss_cross_and_amplify(pixtral_ckpts.model(), pixtral_ckpts.hf_model(), clean, _inputs(1), fp.to_batch,
+                                     fp.hf_run, index, fp.IMG, TOL)
 
 
 def test_vision_block_and_token_patches_match_hf_hooks(pixtral_ckpts):
@@ -63,19 +53,7 @@ def test_vision_block_and_token_patches_match_hf_hooks(pixtral_ckpts):
 def test_sweep_equals_one_forward_per_layer(pixtral_ckpts):
     """A criss-cross sweep over every layer (one vmapped call per chunk, restarting the LM at the
     patched layer) equals a full forward per layer."""
-    model = pixtral_ckpts.model()
-    clean, cf = fp.to_batch(_inputs(0)), fp.to_batch(_inputs(1))
-    site, L = "lm.resid_pre", model.config.num_layers
-    src = np.asarray(sj.forward(model, cf, cache=(site,)).cache[site])  # [B, L, T, D]
-    T = clean.input_ids.shape[1]
-    index = np.stack([sj.swap_index(T, [cols]) for cols in _columns(np.asarray(clean.input_ids))])
+    clean = _inputs(0)
     tokens = np.array([fp.vocab_id("left"), fp.vocab_id("right"), fp.vocab_id("above")])
-    readout = sj.Readout(position=sj.last_positions(clean.attention_mask), tokens=tokens)
-    iv = sj.Intervention(site=site, op="replace", layer=np.arange(L), index=np.broadcast_to(index, (L,) + index.shape),
-                         source=np.moveaxis(src, 1, 0))
-    res = sj.patch_sweep(model, clean, [iv], readout, chunk_size=2)
-    for layer in range(L):
-        one = sj.Intervention(site=site, op="replace", layer=layer, index=index, source=src[:, layer])
-        logits = np.asarray(sj.forward(model, clean, interventions=[one]).logits)[:, -1]
-        np.testing.assert_allclose(res.logits[layer], logits[:, tokens], atol=1e-5)
-        np.testing.assert_array_equal(res.argmax[layer], logits.argmax(-1))
+    hr.check_sweep_equals_one_forward_per_layer(pixtral_ckpts.model(), fp.to_batch(clean), fp.to_batch(_inputs(1)),
+                                                hr.swap_columns_index(clean["input_ids"], fp.IMG, (2, 3)), tokens)

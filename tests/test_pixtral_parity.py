@@ -61,13 +61,7 @@ def test_tiny_config_exercises_what_matters(pixtral_ckpts):
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_hf(pixtral_ckpts, case):
     inputs, ours, ref = _run(pixtral_ckpts, case)
-    assert ours["logits"].dtype == np.float32
-    assert ours["logits"].shape == ref["logits"].shape == (*inputs["input_ids"].shape, fp.VOCAB)
-    assert np.abs(ref["logits"]).max() > 1.0  # not degenerate, so the tolerance means something
-    sites_err = max(np.abs(ours[k] - ref[k]).max() for k in ours if k != "logits")
-    print(f"{case}: logits max abs diff {np.abs(ours['logits'] - ref['logits']).max():.2g} (largest logit "
-          f"{np.abs(ref['logits']).max():.2g}), sites {sites_err:.2g}")
-    np.testing.assert_allclose(ours["logits"], ref["logits"], rtol=0, atol=TOL)
+    hr.assert_logits_match(case, inputs, ours, ref, fp.VOCAB, TOL)
 
 
 @pytest.mark.parametrize("site", LM_SITES + VISION_SITES)

@@ -15,7 +15,7 @@ from spatial_jax.data.geometry import register_geometry
 from spatial_jax.data.prompts import register_prompt_style
 from spatial_jax.families.contract import VLM, Family, check_family
 
-FAMILY_MODULES = ("qwen2_vl", "gemma3", "pixtral", "qwen2_5_vl")
+FAMILY_MODULES = ("qwen2_vl", "gemma3", "pixtral", "qwen2_5_vl", "llava")
 
 
 def _register(module_names) -> dict[str, Family]:

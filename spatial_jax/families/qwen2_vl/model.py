@@ -180,7 +180,7 @@ class VisionBlock(nnx.Module):
         a = L.blockwise_attention(q, k, qkv[:, 2], groups, hd**-0.5)[None]
         x = x + self.proj(a)
         h = self.fc1(self.norm2(x))
-        return x + self.fc2(h * jax.nn.sigmoid(1.702 * h))  # quick_gelu
+        return x + self.fc2(L.ACTIVATIONS["quick_gelu"](h))
 
 
 class VisionTower(nnx.Module):
