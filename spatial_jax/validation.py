@@ -161,7 +161,7 @@ def check_interventions(config: Any, input_shape: tuple[int, int], interventions
                     raise ValueError(f"{where}.index: expected integers, got dtype {index.dtype}")
                 if index.size and index.min() < -1:
                     raise ValueError(f"{where}.index: expected entries >= -1 (-1 = keep the token), got {index.min()}")
-                n_source = np.shape(iv.source)[-2] if gathers else None
+                n_source = np.shape(iv.source)[nv + 1] if gathers else None
                 if n_source is not None and index.size and index.max() >= n_source:
                     raise ValueError(f"{where}.index: expected entries < {n_source} (the source's length S), "
                                      f"got {index.max()}")
