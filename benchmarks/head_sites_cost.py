@@ -7,9 +7,9 @@ Run it at two checkouts (this one and one before the head sites; the script uses
 code lacks) and compare: for each compiled function that runs the LM layers without head sites
 (`forward.apply` with logits, `next_token_logits`' row-limited forward, the sweep's variant
 function with a lm.resid_post patch, restarted at layer 1), it prints the sha256 of the optimised
-XLA:CPU program up to the names of its values, with its metadata (source lines, op names) stripped, XLA's flops and bytes
-accessed, and the median wall time of `repeats` calls; where the checkout has head sites, also a
-forward that caches each of them (and all five).
+XLA:CPU program up to the names of its values, with its metadata (source lines, op names)
+stripped, XLA's flops and bytes accessed, and the median wall time of `repeats` calls; where the
+checkout has head sites, also a forward that caches each of them (and all five).
 
 Random weights (nnx init), text-only batch [2, T]; LM: 8 layers, hidden 512, 8 query / 2 KV
 heads of 64, MLP 1408, vocabulary 8192.
@@ -77,7 +77,8 @@ def program(lowered, dump: str | None = None) -> tuple[str, float, float, object
             f.write(text)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return hashlib.sha256(text.encode()).hexdigest()[:16], cost.get("flops", -1), cost.get("bytes accessed", -1), compiled
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest, cost.get("flops", -1), cost.get("bytes accessed", -1), compiled
 
 
 def timed(compiled, args, repeats: int) -> float:
