@@ -87,9 +87,21 @@ def _shape(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def _token_features(config: Any, site: str) -> tuple[tuple[int, ...], str, str]:
+    """A token's feature shape at `site` (D, or (H, hd) at a head site, H the query heads for
+    q/z and the key/value heads for k/v), its names, and the axis amplify's directions span."""
+    if site in sites.HEAD_SITES:
+        heads = config.num_heads if site in sites.QUERY_HEAD_SITES else config.num_kv_heads
+        return (heads, config.head_dim), "H, hd", "hd"
+    lm = site.startswith("lm.")
+    return (config.hidden_size if lm or site == sites.VISION_TOKENS else config.vision_dim,), "D", "D"
+
+
 def check_interventions(config: Any, input_shape: tuple[int, int], interventions: Sequence[Intervention],
                         variant_shape: tuple[int, ...] = (), name: str = "interventions") -> None:
-    """Each intervention's layer, index, source and directions against the model and the batch.
+    """Each intervention's layer, index, source, directions and head_mask against the model and
+    the batch (which sites take a head_mask, and that lm.attn_pattern takes no intervention, the
+    `Intervention` itself checks when it is made).
 
     input_shape: (B, T) of the batch. variant_shape: the leading variant axes S of a sweep's
     arrays (every array then carries S in front; a scalar layer or alpha is shared)."""
@@ -112,19 +124,31 @@ def check_interventions(config: Any, input_shape: tuple[int, int], interventions
                 if bad.size:
                     raise ValueError(f"{where}.layer: expected an integer in [0, {n_layers}) (the model has {n_layers} "
                                      f"{kind}; {n_layers} itself means 'applies nowhere'), got {bad[0]}")
-        width = config.hidden_size if lm or iv.site == sites.VISION_TOKENS else config.vision_dim
-        gathers = iv.op in ("replace", "add") and iv.source is not None and np.ndim(iv.source) - nv == 3
+        feature, names, along = _token_features(config, iv.site)
+        gathers = iv.op in ("replace", "add") and iv.source is not None and np.ndim(iv.source) - nv == 2 + len(feature)
         if iv.source is not None:
             src = np.shape(iv.source)
-            want_ndim = (3, 1) if iv.op == "add" else (3,)
-            if len(src) - nv not in want_ndim or src[-1] != width or (lm and len(src) - nv == 3 and src[-3] != B):
-                expect = f"[{lead}B, S, D] = [{lead}{B if lm else 'N'}, S, {width}]" + (
-                    f" or [{lead}D] = [{lead}{width}]" if iv.op == "add" else "")
+            per_token = tuple(src[len(src) - len(feature):])
+            vector = iv.op == "add" and len(src) - nv == len(feature)
+            if per_token != feature or not (vector or (gathers and (not lm or src[nv] == B))):
+                dims = ", ".join(map(str, feature))
+                expect = f"[{lead}B, S, {names}] = [{lead}{B if lm else 'N'}, S, {dims}]" + (
+                    f" or [{lead}{names}] = [{lead}{dims}]" if iv.op == "add" else "")
                 raise ValueError(f"{where}.source: expected {expect}, got shape {_shape(src)}")
         if iv.directions is not None:
             d = np.shape(iv.directions)
-            if len(d) - nv != 2 or d[-2] != width:
-                raise ValueError(f"{where}.directions: expected [{lead}D, K] = [{lead}{width}, K], got shape {_shape(d)}")
+            if len(d) - nv != 2 or d[-2] != feature[-1]:
+                raise ValueError(f"{where}.directions: expected [{lead}{along}, K] = [{lead}{feature[-1]}, K], "
+                                 f"got shape {_shape(d)}")
+        if iv.head_mask is not None:
+            m = np.shape(iv.head_mask)
+            heads = "query" if iv.site in sites.QUERY_HEAD_SITES else "key/value"
+            if len(m) - nv != 1 or m[-1] != feature[0]:
+                raise ValueError(f"{where}.head_mask: expected [{lead}H] = [{lead}{feature[0]}] bool (the model's "
+                                 f"{heads} heads), got shape {_shape(m)}")
+            mask = _host(iv.head_mask)
+            if mask is not None and mask.dtype != bool:
+                raise ValueError(f"{where}.head_mask: expected bool, got dtype {mask.dtype}")
         if iv.index is not None:
             shape = np.shape(iv.index)
             if len(shape) - nv != 2 or (lm and shape[-2:] != (B, T)):
@@ -137,7 +161,7 @@ def check_interventions(config: Any, input_shape: tuple[int, int], interventions
                     raise ValueError(f"{where}.index: expected integers, got dtype {index.dtype}")
                 if index.size and index.min() < -1:
                     raise ValueError(f"{where}.index: expected entries >= -1 (-1 = keep the token), got {index.min()}")
-                n_source = np.shape(iv.source)[-2] if gathers else None
+                n_source = np.shape(iv.source)[nv + 1] if gathers else None
                 if n_source is not None and index.size and index.max() >= n_source:
                     raise ValueError(f"{where}.index: expected entries < {n_source} (the source's length S), "
                                      f"got {index.max()}")

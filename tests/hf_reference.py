@@ -186,6 +186,25 @@ def hf_position_ids(mask: np.ndarray) -> np.ndarray:
     return np.where(mask > 0, np.cumsum(mask, 1) - 1, 0)
 
 
+def install_hooks(hooks) -> list:
+    """(module, "pre" | "post", fn) hooks that patch a module's first input / its output with
+    fn(tensor) -> tensor, installed in order; returns their handles."""
+    def patch_input(fn):
+        def hook(_module, args, kwargs):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+        return hook
+
+    def patch_output(fn):
+        def hook(_module, _args, out):
+            return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+        return hook
+
+    return [module.register_forward_pre_hook(patch_input(fn), with_kwargs=True) if kind == "pre"
+            else module.register_forward_hook(patch_output(fn)) for module, kind, fn in hooks]
+
+
 def hf_run(hf, inputs: dict[str, np.ndarray], attn_out: Callable, mlp_out: Callable, vision_blocks,
            hooks=(), projector=None) -> dict[str, np.ndarray]:
     """Runs a HF vision-language model (hf.model.language_model, a vision tower, a projector)
@@ -217,20 +236,7 @@ def hf_run(hf, inputs: dict[str, np.ndarray], attn_out: Callable, mlp_out: Calla
             got[key].append(h.detach().float().numpy().copy())
         return hook
 
-    def patch_input(fn):
-        def hook(_module, args, kwargs):
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-        return hook
-
-    def patch_output(fn):
-        def hook(_module, _args, out):
-            return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
-        return hook
-
-    handles = [module.register_forward_pre_hook(patch_input(fn), with_kwargs=True) if kind == "pre"
-               else module.register_forward_hook(patch_output(fn)) for module, kind, fn in hooks]
+    handles = install_hooks(hooks)
     handles.append(lm.norm.register_forward_hook(keep("final")))
     for layer in lm.layers:
         handles += [layer.register_forward_pre_hook(keep_input("pre"), with_kwargs=True),
@@ -431,3 +437,42 @@ def torch_replace(index: np.ndarray, source: np.ndarray):
         gathered = torch.gather(source, 1, src[..., None].expand(-1, -1, h.shape[-1]))
         return torch.where(sel[..., None], gathered, h)
     return fn
+
+
+HEAD_SITES = ("lm.attn_q", "lm.attn_k", "lm.attn_v", "lm.attn_z")
+
+
+def hf_head_run(hf, inputs: dict[str, np.ndarray], hooks=()) -> dict[str, np.ndarray]:
+    """A HF vision-language model's run (eager attention) with every LM layer's head sites in our
+    layout, float32 numpy: lm.attn_q/k/v [B, L, T, H, hd] from forward hooks on self_attn's
+    q_proj/k_proj/v_proj outputs, lm.attn_z [B, L, T, H, hd] from a forward pre-hook on o_proj
+    (its input), lm.attn_pattern [B, L, H, T, T] from output_attentions, and "logits" [B, T, V].
+    hooks: as hf_run's (installed first, so the recorded sites see what they change)."""
+    import torch
+
+    got: dict[str, list] = {site: [] for site in HEAD_SITES}
+
+    def keep(site, head_dim, pre):
+        def hook(_module, args, out=None):
+            a = (args[0] if pre else out).detach().float().numpy().copy()
+            got[site].append(a.reshape(a.shape[:2] + (-1, head_dim)))
+        return hook
+
+    handles = install_hooks(hooks)
+    for layer in hf.model.language_model.layers:
+        attn, hd = layer.self_attn, layer.self_attn.head_dim
+        handles += [attn.q_proj.register_forward_hook(keep("lm.attn_q", hd, False)),
+                    attn.k_proj.register_forward_hook(keep("lm.attn_k", hd, False)),
+                    attn.v_proj.register_forward_hook(keep("lm.attn_v", hd, False)),
+                    attn.o_proj.register_forward_pre_hook(keep("lm.attn_z", hd, True))]
+    kw = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+    if "pixel_values" in kw:
+        kw["pixel_values"] = kw["pixel_values"].to(hf.dtype)
+    try:
+        with torch.no_grad():
+            out = hf(**kw, output_attentions=True, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"logits": out.logits.float().numpy(), **{site: np.stack(a, 1) for site, a in got.items()},
+            "lm.attn_pattern": np.stack([a.float().numpy() for a in out.attentions], 1)}

@@ -209,3 +209,60 @@ def test_traced_values_are_not_read_but_shapes_are(setup):
     with pytest.raises(ValueError, match="index"):
         jax.jit(lambda layer: sj.forward(model, batch, interventions=[_replace(batch, model, layer=layer,
                                                                                 index=np.arange(3))]).logits)(1)
+
+
+def _head_patch(batch, model, site="lm.attn_v", **kwargs):
+    cfg = model.config
+    B, T = batch.input_ids.shape
+    heads = cfg.num_kv_heads if site in ("lm.attn_k", "lm.attn_v") else cfg.num_heads
+    fields = dict(site=site, op="replace", layer=0, source=np.zeros((B, T, heads, cfg.head_dim), np.float32))
+    return sj.Intervention(**{**fields, **kwargs})
+
+
+def test_head_mask_shape_and_dtype(setup, no_trace):
+    _, model, batch, _ = setup
+    H, Hkv = model.config.num_heads, model.config.num_kv_heads
+    assert H != Hkv
+    with _raises(ValueError, "interventions[0]", ".head_mask", f"[H] = [{Hkv}]", "key/value heads", f"got shape [{H}]"):
+        sj.forward(model, batch, interventions=[_head_patch(batch, model, head_mask=np.ones(H, bool))])
+    with _raises(ValueError, ".head_mask", f"[H] = [{H}]", "query heads", f"got shape [{Hkv}]"):
+        sj.forward(model, batch, interventions=[_head_patch(batch, model, "lm.attn_z", head_mask=np.ones(Hkv, bool))])
+    with _raises(ValueError, ".head_mask", "bool", "int32"):
+        sj.forward(model, batch, interventions=[_head_patch(batch, model, head_mask=np.ones(Hkv, np.int32))])
+
+
+def test_head_mask_of_a_sweep_variant(setup, no_trace):
+    _, model, batch, _ = setup
+    B, T = batch.input_ids.shape
+    cfg = model.config
+    iv = _head_patch(batch, model, "lm.attn_q", layer=np.array([0, 1]), head_mask=np.ones((2, cfg.num_heads + 1), bool),
+                     source=np.zeros((2, B, T, cfg.num_heads, cfg.head_dim), np.float32))
+    with _raises(ValueError, ".head_mask", f"[*S, H] = [*S, {cfg.num_heads}]", f"got shape [2, {cfg.num_heads + 1}]"):
+        sj.patch_sweep(model, batch, [iv], sj.Readout(np.array([T - 1] * B), np.array([1])))
+
+
+def test_head_mask_only_at_head_sites_and_no_intervention_on_the_pattern():
+    source = np.zeros((1, 3, 8), np.float32)
+    with _raises(ValueError, "head_mask", "'lm.resid_post'", "lm.attn_z"):
+        sj.Intervention(site="lm.resid_post", op="replace", source=source, head_mask=np.ones(4, bool))
+    with _raises(ValueError, "'lm.attn_pattern'", "cached but not intervened on"):
+        sj.Intervention(site="lm.attn_pattern", op="replace", source=source)
+
+
+def test_head_site_source_and_directions_shape(setup, no_trace):
+    _, model, batch, _ = setup
+    B, T = batch.input_ids.shape
+    cfg = model.config
+    H, hd, D = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    with _raises(ValueError, ".source", f"[B, S, H, hd] = [{B}, S, {H}, {hd}]", f"got shape [{B}, {T}, {D}]"):
+        sj.forward(model, batch, interventions=[_head_patch(batch, model, "lm.attn_z",
+                                                            source=np.zeros((B, T, D), np.float32))])
+    with _raises(ValueError, ".source", f"or [H, hd] = [{H}, {hd}]", f"got shape [{hd}]"):
+        sj.forward(model, batch, interventions=[_head_patch(batch, model, "lm.attn_q", op="add",
+                                                            source=np.zeros(hd, np.float32))])
+    amplify = sj.Intervention(site="lm.attn_q", op="amplify", layer=0, directions=np.ones((D, 2), np.float32))
+    with _raises(ValueError, ".directions", f"[hd, K] = [{hd}, K]", f"got shape [{D}, 2]"):
+        sj.forward(model, batch, interventions=[amplify])
+    short = np.zeros((B, 5, cfg.num_kv_heads, hd), np.float32)
+    with _raises(ValueError, ".index", "< 5", "got 7"):
+        sj.forward(model, batch, interventions=[_head_patch(batch, model, source=short, index=np.full((B, T), 7))])

@@ -15,7 +15,8 @@ from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.nn.context import LMContext
 
-LM_LAYER_SITES = frozenset({sites.LM_RESID_PRE, sites.LM_ATTN_OUT, sites.LM_MLP_OUT, sites.LM_RESID_POST})
+LM_LAYER_SITES = (frozenset({sites.LM_RESID_PRE, sites.LM_ATTN_OUT, sites.LM_MLP_OUT, sites.LM_RESID_POST})
+                  | sites.HEAD_SITES | sites.CACHE_ONLY_SITES)
 
 # float32 matmuls stay float32 on GPU/TPU too (no TF32 / bf16 passes), so parity holds everywhere.
 PRECISION = jax.lax.Precision.HIGHEST
@@ -118,7 +119,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 CPU_SCORE_CHUNK_BYTES = 16 << 20
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, scale: float) -> jax.Array:
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, scale: float,
+            with_probs: bool = False):
     """`attention` over all of q's rows at once, head-major: [B, Hkv, G * T, hd] against
     [B, Hkv, S, hd], one batched matmul per kv head (twice as fast on XLA:CPU as contracting in
     the [B, T, H, hd] layout)."""
@@ -132,7 +134,9 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None,
         scores = jnp.where(jnp.tile(allowed, (1, G, 1))[:, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = dot(probs, vh, "bkqs,bksd->bkqd")
-    return out.reshape(B, Hkv, G, T, -1).transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, -1)
+    out = out.reshape(B, Hkv, G, T, -1).transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, -1)
+    # Query head j = kv head j // G, group member j % G: [B, Hkv, G * T, S] is [B, Hq, T, S].
+    return (out, probs.reshape(B, Hq, T, -1)) if with_probs else out
 
 
 def cpu_attention_steps(B: int, heads: int, T: int, S: int) -> int:
@@ -142,11 +146,14 @@ def cpu_attention_steps(B: int, heads: int, T: int, S: int) -> int:
     return next(n for n in range(1, B + 1) if B % n == 0 and B // n <= per_step)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, scale: float) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, scale: float,
+              with_probs: bool = False):
     """Grouped-query attention with a boolean mask, softmax in float32.
 
     q [B, T, Hq, hd], k/v [B, S, Hkv, hd], allowed [B, T, S] (True = may attend) or None (all).
-    Query head j reads kv head j // (Hq // Hkv), as HF's repeat_kv does. Returns [B, T, Hq, hd].
+    Query head j reads kv head j // (Hq // Hkv), as HF's repeat_kv does. Returns [B, T, Hq, hd],
+    and with_probs also the post-softmax weights [B, Hq, T, S] in v's dtype (HF's eager
+    attention weights).
 
     On CPU, XLA materialises the [B, Hq, T, S] scores and passes over them three times
     (softmax, then PV); batch rows are taken a few at a time so that a step's scores stay near
@@ -158,14 +165,38 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | Non
     B, T, Hq, _ = q.shape
     steps = cpu_attention_steps(B, Hq, T, k.shape[1])
     if steps == 1 or jax.default_backend() != "cpu":
-        return _attend(q, k, v, allowed, scale)
+        return _attend(q, k, v, allowed, scale, with_probs)
 
     def strided(x):  # [B, ...] -> [steps, B // steps, ...]: step j holds rows j, j + steps, ...
         return x.reshape((B // steps, steps) + x.shape[1:]).swapaxes(0, 1)
 
     operands = tuple(map(strided, (q, k, v) if allowed is None else (q, k, v, allowed)))
-    out = jax.lax.map(lambda t: _attend(*t[:3], None if allowed is None else t[3], scale), operands)
-    return out.swapaxes(0, 1).reshape(q.shape[:3] + v.shape[-1:])
+    out = jax.lax.map(lambda t: _attend(*t[:3], None if allowed is None else t[3], scale, with_probs), operands)
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((B,) + x.shape[2:]), out)
+
+
+def split_heads(taps: Taps, site: str, y: jax.Array, layer, heads: int, head_dim: int,
+                rows: jax.Array | None = None) -> jax.Array:
+    """A q/k/v projection's output y [B, T, heads * hd] -> [B, T, heads, hd] after the taps at
+    `site` (lm.attn_q/k/v): what a forward hook on HF's q_proj/k_proj/v_proj sees, before any
+    q/k norm and RoPE. rows [B, Q]: y holds these positions only (see `Taps.at`)."""
+    return taps.at(site, y.reshape(y.shape[:2] + (heads, head_dim)), layer, rows)
+
+
+def tapped_attention(taps: Taps, layer, rows: jax.Array | None, q: jax.Array, k: jax.Array, v: jax.Array,
+                     allowed: jax.Array | None, scale: float) -> jax.Array:
+    """`attention` with the taps at its heads' outputs: q [B, Q, Hq, hd] (the rows [B, Q] of the
+    layer, or every position with rows None), k/v [B, S, Hkv, hd] -> the o-projection's input
+    [B, Q, Hq * hd], each head's output after the taps at lm.attn_z (what a forward pre-hook on
+    HF's o_proj sees). The weights are computed as an output only where lm.attn_pattern is
+    cached (a forward that does not ask for them compiles as before)."""
+    if sites.LM_ATTN_PATTERN in taps.cache_sites:
+        z, probs = attention(q, k, v, allowed, scale, with_probs=True)
+        taps.at(sites.LM_ATTN_PATTERN, probs, layer)  # cache only: Intervention refuses the site
+    else:
+        z = attention(q, k, v, allowed, scale)
+    z = taps.at(sites.LM_ATTN_Z, z, layer, rows)
+    return z.reshape(z.shape[:2] + (-1,))
 
 
 def equal_size_runs(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -236,7 +267,8 @@ def select_rows(a: jax.Array, rows: jax.Array | None) -> jax.Array:
 
 class DecoderLayer(nnx.Module):
     """The pre-norm decoder layer of the Llama lineage (Qwen2, Mistral): RMSNorm, GQA attention
-    with RoPE, residual, RMSNorm, gated MLP, residual; taps at the four per-layer LM sites."""
+    with RoPE, residual, RMSNorm, gated MLP, residual; taps at every per-layer LM site
+    (`LM_LAYER_SITES`: the residual sites and the head sites)."""
 
     def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, *, eps: float,
                  qkv_bias: bool, act: str = "silu", dtype, rngs: nnx.Rngs):
@@ -256,15 +288,14 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, ctx: LMContext, taps: Taps, layer, rows=None):
         """x [B, T, D] (resid_pre) -> resid_post [B, T, D], or [B, Q, D] at `rows` [B, Q] only
         (keys and values still from every position). ctx: cos/sin [B, T, hd], allowed [B, T, T]."""
-        B, T, _ = x.shape
         x = taps.at(sites.LM_RESID_PRE, x, layer)
         h = self.input_norm(x)
         cos, sin = ctx.cos[:, :, None].astype(x.dtype), ctx.sin[:, :, None].astype(x.dtype)
-        k = apply_rope(self.k(h).reshape(B, T, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v(h).reshape(B, T, self.kv_heads, self.head_dim)
+        k = apply_rope(split_heads(taps, sites.LM_ATTN_K, self.k(h), layer, self.kv_heads, self.head_dim), cos, sin)
+        v = split_heads(taps, sites.LM_ATTN_V, self.v(h), layer, self.kv_heads, self.head_dim)
         x, h, cos, sin, allowed = (select_rows(a, rows) for a in (x, h, cos, sin, ctx.allowed))
-        q = apply_rope(self.q(h).reshape(B, -1, self.heads, self.head_dim), cos, sin)
-        a = self.o(attention(q, k, v, allowed, self.head_dim**-0.5).reshape(B, q.shape[1], -1))
+        q = apply_rope(split_heads(taps, sites.LM_ATTN_Q, self.q(h), layer, self.heads, self.head_dim, rows), cos, sin)
+        a = self.o(tapped_attention(taps, layer, rows, q, k, v, allowed, self.head_dim**-0.5))
         x = x + taps.at(sites.LM_ATTN_OUT, a, layer, rows)
         h = self.post_norm(x)
         m = self.down(ACTIVATIONS[self.act](self.gate(h)) * self.up(h))

@@ -362,18 +362,20 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, ctx: "Gemma3Context", taps: Taps, layer, rows=None):
         """x [B, T, D] (resid_pre) -> resid_post [B, T, D], or [B, Q, D] at `rows` [B, Q] only
         (keys and values still from every position). ctx: see Gemma3.lm_context; `layer` is traced."""
-        B, T, _ = x.shape
         x = taps.at(sites.LM_RESID_PRE, x, layer)
         sliding = ctx.is_sliding[layer]
         cos = jnp.where(sliding, ctx.cos_local, ctx.cos)[:, :, None].astype(x.dtype)
         sin = jnp.where(sliding, ctx.sin_local, ctx.sin)[:, :, None].astype(x.dtype)
         allowed = ctx.allowed & (~sliding | ctx.window)
         h = self.input_norm(x)
-        k = L.apply_rope(self.k_norm(self.k(h).reshape(B, T, self.kv_heads, self.head_dim)), cos, sin)
-        v = self.v(h).reshape(B, T, self.kv_heads, self.head_dim)
+        # The head sites q/k/v sit before q_norm/k_norm, where HF's q_proj/k_proj hooks see them.
+        k = L.split_heads(taps, sites.LM_ATTN_K, self.k(h), layer, self.kv_heads, self.head_dim)
+        k = L.apply_rope(self.k_norm(k), cos, sin)
+        v = L.split_heads(taps, sites.LM_ATTN_V, self.v(h), layer, self.kv_heads, self.head_dim)
         x, h, cos, sin, allowed = (L.select_rows(a, rows) for a in (x, h, cos, sin, allowed))
-        q = L.apply_rope(self.q_norm(self.q(h).reshape(B, -1, self.heads, self.head_dim)), cos, sin)
-        a = self.o(L.attention(q, k, v, allowed, self.scale).reshape(B, q.shape[1], -1))
+        q = L.split_heads(taps, sites.LM_ATTN_Q, self.q(h), layer, self.heads, self.head_dim, rows)
+        q = L.apply_rope(self.q_norm(q), cos, sin)
+        a = self.o(L.tapped_attention(taps, layer, rows, q, k, v, allowed, self.scale))
         x = x + taps.at(sites.LM_ATTN_OUT, self.post_attn_norm(a), layer, rows)
         h = self.pre_ff_norm(x)
         m = self.down(L.ACTIVATIONS[self.act](self.gate(h)) * self.up(h))
