@@ -80,8 +80,10 @@ def image_map(model, batch) -> np.ndarray:
 
 
 def _sweep(model, chunk, index_fn, under, source_is_clean=False):
-    """One region-swap sweep over a chunk of pairs -> (probs [S, R, B, 3], flipped, kept [S, R, B])."""
+    """One region-swap sweep over a chunk of pairs -> (probs [S, R, B, 3], flipped, kept [S, R, B]).
+    The chunk is run padded to --batch_size (common.padded)."""
     tok = model.processor.tokenizer
+    n, chunk = len(chunk), common.padded(chunk, FLAGS.batch_size)
     clean_items, cf_items = [p.clean for p in chunk], [p.counterfactual for p in chunk]
     clean = common.prepare(model, clean_items)
     cf = clean if source_is_clean else common.prepare(model, cf_items)
@@ -89,8 +91,8 @@ def _sweep(model, chunk, index_fn, under, source_is_clean=False):
     extra = {} if under is None else dict(clean_interventions=under(clean_items, clean),
                                           cf_interventions=under(clean_items if source_is_clean else cf_items, cf))
     res = sj.region_swap_sweep(model, clean, cf, index_fn(model, clean, clean_items), cands.readout, **extra)
-    return (cands.probs(res.probs), scoring.answers_match(res.argmax, cands.column(2), tok),
-            scoring.answers_match(res.argmax, cands.column(0), tok))
+    return (cands.probs(res.probs)[..., :n, :], scoring.answers_match(res.argmax, cands.column(2), tok)[..., :n],
+            scoring.answers_match(res.argmax, cands.column(0), tok)[..., :n])
 
 
 def sweep_pairs(model, pairs, index_fn, batch_size, under=None) -> dict:

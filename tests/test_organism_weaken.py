@@ -1,8 +1,9 @@
 """The weakened organism (spatial_jax/organism/weaken.py) and the validation table's amplification
-rows (experiments/validation.py) on hand-made inputs."""
+rows (experiments/validation.py) on hand-made inputs, and the shipped weakened organism."""
 from __future__ import annotations
 
 import json
+import os
 import types
 
 import numpy as np
@@ -74,3 +75,26 @@ def test_validation_reads_amplification_fix_rates_at_each_datasets_best_alpha(tm
     parts["shapes|horizontal"]["Random"]["fixed_by_alpha"][0] = 2
     (tmp_path / "amplification" / "results.json").write_text(json.dumps({"parts": parts}))
     assert validation.MEASURES["amplification: alpha=0"](str(tmp_path)) == pytest.approx(2 / 15)
+
+
+WEAK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints",
+                    "organism_vision_strip_weak")
+
+
+@pytest.mark.skipif(not os.path.isdir(WEAK), reason="weakened organism not shipped")
+def test_shipped_weak_variant_is_its_source_with_one_layer_edited_and_answers_as_recorded():
+    from safetensors.numpy import load_file
+
+    import spatial_jax as sj
+    from spatial_jax.organism import checkpoint
+
+    meta = checkpoint.read_meta(WEAK)["weakened"]
+    source, weak = load_file(os.path.join(meta["source"], "model.safetensors")), load_file(os.path.join(WEAK, "model.safetensors"))
+    assert set(source) == set(weak)
+    edited = {k for k in source if not np.array_equal(source[k], weak[k])}
+    assert edited == {f"{weaken.MERGER_OUT}.weight", f"{weaken.MERGER_OUT}.bias"}
+    model = sj.load(WEAK)
+    accs = {name: checkpoint.accuracy(model, items) for name, items in checkpoint.held_out_items(WEAK, "test").items()}
+    for name, acc in accs.items():
+        assert abs(acc - meta["test"][name]) <= 0.05, (name, acc)
+    assert 0.5 <= np.mean(list(accs.values())) <= 0.8  # weakened: failures left to fix, far above chance
