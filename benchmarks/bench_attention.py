@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import torch
 
-from spatial_jax.models import layers as L
+from spatial_jax.nn import layers as L
 
 SHAPES = {  # name: (B, T queries, S keys, query heads, kv heads, causal)
     "vision, 1 image": (1, 576, 576, 12, 12, False),

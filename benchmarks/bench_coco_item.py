@@ -33,9 +33,9 @@ from spatial_jax.convert.convert import DTYPES, abstract_model
 from spatial_jax.data.coco import load_coco_spatial
 from spatial_jax.data.prompts import COCO_TEMPLATES
 from spatial_jax.forward import Model
-from spatial_jax.models.qwen2_vl import Qwen2VLConfig
-from spatial_jax.models.registry import FAMILIES
-from spatial_jax.processing.word_tokenizer import split_words, write_word_level_qwen2vl_processor
+from spatial_jax.families.qwen2_vl.model import Qwen2VLConfig
+from spatial_jax.families import FAMILIES
+from spatial_jax.families.qwen2_vl.word_tokenizer import split_words, write_word_level_qwen2vl_processor
 
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype.")
 flags.DEFINE_integer("n_alpha", 16, "Alphas 0..n_alpha-1 in the timed sweep.")

@@ -48,8 +48,8 @@ from experiments import mesh_flags  # noqa: E402
 from spatial_jax import parallel  # noqa: E402
 from spatial_jax.convert.convert import DTYPES, abstract_model  # noqa: E402
 from spatial_jax.forward import Model  # noqa: E402
-from spatial_jax.models import qwen2_vl  # noqa: E402
-from spatial_jax.models.registry import FAMILIES  # noqa: E402
+from spatial_jax.families.qwen2_vl import model as qwen2_vl  # noqa: E402
+from spatial_jax.families import FAMILIES  # noqa: E402
 
 flags.DEFINE_enum("mode", "compare", ["compare", "max_batch"], "What to measure.")
 flags.DEFINE_enum("config", "small", ["small", "7b"], "small: ~10M params; 7b: Qwen2-VL-7B's shapes (8.3B).")
@@ -86,7 +86,7 @@ def random_model(cfg, dtype: str, mesh) -> Model:
     family = FAMILIES["qwen2_vl"]
     graphdef, state = nnx.split(abstract_model(family, cfg, DTYPES[dtype]))
     target = nnx.to_pure_dict(state)
-    params = parallel.init_params(target, parallel.param_shardings(target, family.name, mesh))
+    params = parallel.init_params(target, parallel.param_shardings(target, family.sharding_rules, mesh))
     nnx.replace_by_pure_dict(state, params)
     return Model(family.name, cfg, graphdef, state, dtype, path="", mesh=mesh)
 

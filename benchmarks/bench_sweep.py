@@ -45,7 +45,7 @@ import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 import spatial_jax as sj
-from spatial_jax.interventions.sweep import _row_bucket
+from spatial_jax.sweeps.sweep import _row_bucket
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _qwen2_vl_mid as mid  # noqa: E402

@@ -71,7 +71,7 @@ def tiny_case(family: str, dtype: str, seed: int = 0):
 
     import spatial_jax as sj
     from spatial_jax.convert.convert import DTYPES as JDT
-    from spatial_jax.models.registry import FAMILIES as REG
+    from spatial_jax.families import FAMILIES as REG
 
     if family == "qwen2_vl":
         import fixtures_qwen2_vl as fx
@@ -127,7 +127,7 @@ def step_attention(deadline: float) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from spatial_jax.models import layers
+    from spatial_jax.nn import layers
 
     B, T, Hq, Hkv, hd = (1, 64, 4, 2, 16) if ARGS.smoke else (8, 700, 28, 4, 128)  # Qwen2-VL-7B heads
     ks = jax.random.split(jax.random.key(0), 3)
@@ -164,7 +164,8 @@ def step_attention(deadline: float) -> dict:
 # real-size models
 
 def real_config(family: str):
-    from spatial_jax.models import gemma3, qwen2_vl
+    from spatial_jax.families.gemma3 import model as gemma3
+    from spatial_jax.families.qwen2_vl import model as qwen2_vl
 
     if ARGS.smoke:
         return tiny_case(family, "bfloat16")[0].config
@@ -216,14 +217,14 @@ def random_model(family: str, cfg, dtype: str):
     import spatial_jax as sj
     from spatial_jax import parallel
     from spatial_jax.convert.convert import DTYPES as JDT, abstract_model
-    from spatial_jax.models.registry import FAMILIES as REG
+    from spatial_jax.families import FAMILIES as REG
 
     if ARGS.smoke:
         return tiny_case(family, dtype)[0]
     graphdef, state = nnx.split(abstract_model(REG[family], cfg, JDT[dtype]))
     target = nnx.to_pure_dict(state)
     mesh = parallel.single_device_mesh()
-    params = parallel.init_params(target, parallel.param_shardings(target, family, mesh))
+    params = parallel.init_params(target, parallel.param_shardings(target, REG[family].sharding_rules, mesh))
     nnx.replace_by_pure_dict(state, params)
     return sj.Model(family, cfg, graphdef, state, dtype, "")
 

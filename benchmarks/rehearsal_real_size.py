@@ -74,12 +74,10 @@ def write_checkpoint(hf_dir: str, seed: int = 0) -> int:
     """The random real-size checkpoint (see the module docstring); returns its parameter count."""
     from flax import nnx
 
-    from experiments.common import GEOMETRY_KEY
-    from spatial_jax.convert import key_maps
     from spatial_jax.convert.convert import abstract_model, resolve_config
-    from spatial_jax.data.geometry import get_geometry
+    from spatial_jax.data.geometry import GEOMETRY_KEY, get_geometry
     from spatial_jax.data.vocabulary import synthetic_words
-    from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
+    from spatial_jax.families.qwen2_vl.word_tokenizer import write_word_level_qwen2vl_processor
     from spatial_jax.tree_paths import flatten_paths
 
     tmp = hf_dir + ".partial"
@@ -96,7 +94,7 @@ def write_checkpoint(hf_dir: str, seed: int = 0) -> int:
         json.dump(config, f, indent=2)
     family, cfg, _ = resolve_config(tmp)
     shapes = flatten_paths(nnx.to_pure_dict(nnx.state(abstract_model(family, cfg, np.float32))))
-    table, _ = key_maps.TABLES[family.name]
+    table = family.key_map
     tensors = []  # (hub name, hub shape) in the table's order
     for path, hf_name, how in table:
         if path not in shapes:  # lm_head of the tied 2B

@@ -45,12 +45,12 @@ from tqdm.auto import tqdm
 import spatial_jax as sj
 from experiments import amplification, common, plotting
 from experiments.plotting import plt
-from spatial_jax import probes, program
+from spatial_jax import families, probes, program
 from spatial_jax.data import scoring
 from spatial_jax.data.coco import (FAILED_ORDERS, CocoItem, boxes_agree, cap_items, load_coco_spatial,
                                    overlap_tokens, side_labels, strict_outcome)
 from spatial_jax.data.geometry import box_to_tokens
-from spatial_jax.data.prompts import COCO_ORDERS, COCO_PROMPT_STYLES
+from spatial_jax.data.prompts import COCO_ORDERS
 
 FLAGS = common.FLAGS
 NAME = "coco_amplification"
@@ -66,15 +66,6 @@ AXES = ("horizontal", "vertical")
 DIRECTION_SETS = amplification.DIRECTION_SETS  # the sweep's direction sets, in this order
 COLUMNS = amplification.COLUMNS
 NEUTRAL_PROMPT = "Describe the image."
-# The paper's Table 2 as third-party notes quote it (medium trust), and the official repo's
-# bundled baselines (its results/*.pkl); accuracy = (golden + fixed) / items, fixes = fixed / failures.
-PAPER = {
-    "gemma3": {"model": "Gemma-3-4b-it", "None": 0.53, "Random": 0.57, "Probe": 0.72,
-               "Random fixes": 0.096, "Probe fixes": 0.402, "bundled baseline": "231/440 (fp32)"},
-    "qwen2_vl": {"model": "Qwen2-VL-2B-Instruct", "None": 0.60, "Random": 0.65, "Probe": 0.82,
-                 "Random fixes": 0.131, "Probe fixes": 0.545},
-    "pixtral": {"model": "Pixtral-12B", "bundled baseline": "395/440 (fp32)"},
-}
 PAPER_TRUST = "paper (third-party quotes, medium trust)"
 
 
@@ -100,13 +91,13 @@ def coco_paths() -> tuple[str, str, str, str]:
 
 
 def prompt_style(family: str) -> str:
-    return FLAGS.coco_prompt_style or COCO_PROMPT_STYLES[family]
+    return FLAGS.coco_prompt_style or families.get(family).prompt_style
 
 
 def evaluation_order(items: Sequence[CocoItem], family: str) -> list[CocoItem]:
-    """Official eval order: Gemma 3 asks the vertical items first, the others keep file order
-    (it decides which items the probe's 95/5 split sees)."""
-    if family != "gemma3":
+    """Official eval order: some models (Gemma 3: `Family.coco_vertical_first`) ask the vertical
+    items first, the others keep file order (it decides which items the probe's 95/5 split sees)."""
+    if not families.get(family).coco_vertical_first:
         return list(items)
     return [it for it in items if it.axis == "vertical"] + [it for it in items if it.axis == "horizontal"]
 
@@ -148,15 +139,7 @@ def ask(model: sj.Model, questions: Sequence[Question], style: str, batch_size: 
 
 def token_grid(model: sj.Model, batch: sj.Batch, row: int) -> tuple[int, int]:
     """(rows, cols) of the visual-token grid of row `row`'s image, as the processor made it."""
-    cfg = model.config
-    if model.family == "qwen2_vl":
-        _, h, w = batch.image_grid_thw[row]
-        return h // cfg.merge_size, w // cfg.merge_size
-    if model.family == "pixtral":
-        h, w = batch.image_sizes[row]
-        return h // cfg.patch_size, w // cfg.patch_size
-    side = math.isqrt(cfg.mm_tokens_per_image)
-    return side, side
+    return families.get(model.family).model_cls.token_grids(model.config, batch)[row]
 
 
 def box_features(model: sj.Model, items: Sequence[CocoItem], rule: str, batch_size: int) -> dict:
@@ -181,7 +164,7 @@ def box_features(model: sj.Model, items: Sequence[CocoItem], rule: str, batch_si
             to_tokens = overlap_tokens if rule == "overlap" else box_to_tokens
             subj, obj = (to_tokens(box, size, grid) for box in (it.subject_box, it.object_box))
             d = data[it.axis]
-            if not boxes_agree(it.relation, subj, obj, grid[1], ties_agree_second=model.family != "gemma3"):
+            if not boxes_agree(it.relation, subj, obj, grid[1], ties_agree_second=families.get(model.family).coco_ties_agree_second):
                 d["boxes_disagree"] += 1
                 continue
             tokens = acts[row, positions[row]]
@@ -332,7 +315,7 @@ def run() -> dict:
         golden_axes = {axis: sum(it.axis == axis for it in golden) if axis in ready else 0 for axis in AXES}
         summary |= summarize(golden_axes, np.array([it.axis for it, _ in failures]), fixed)
         summary["alpha0_mismatches"] = mismatches
-    summary["paper"] = PAPER.get(model.family, {})
+    summary["paper"] = dict(families.get(model.family).paper.get("coco", {}))
     write_outputs(results.dir, summary)
     if summary.get("alpha0_mismatches"):
         raise RuntimeError(f"alpha = 0 changed {summary['alpha0_mismatches']} answers: the intervention path is "

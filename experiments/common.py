@@ -22,7 +22,7 @@ from experiments import mesh_flags
 from spatial_jax import program
 from spatial_jax.convert import hub
 from spatial_jax.data import scoring
-from spatial_jax.data.geometry import Geometry, get_geometry
+from spatial_jax.data.geometry import GEOMETRY_KEY, Geometry, get_geometry
 from spatial_jax.data.items import Item
 from spatial_jax.data.prompts import DIRECTIONS, HORIZONTAL, SYSTEM_TEXT
 from spatial_jax.data.synthetic import TASKS, make_task, setup_task
@@ -54,7 +54,6 @@ for _name in ("batch_size", "n_pairs"):
     flags.register_validator(_name, lambda v: v >= 1, "expected a positive integer")
 flags.register_validator("max_items", lambda v: v >= 0, "expected 0 (all) or a positive integer")
 
-GEOMETRY_KEY = "spatial_jax_geometry"  # optional config.json key naming a checkpoint's canvas geometry
 
 
 def geometry_of(model: sj.Model) -> Geometry:

@@ -14,6 +14,7 @@ from absl import flags
 from jax.sharding import Mesh
 
 from spatial_jax import parallel
+from spatial_jax.convert.checkpoint import checkpoint_param_bytes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("mesh", "", "Device mesh, e.g. 'data:4,model:2' or 'data:-1,model:2'. Empty: all "
@@ -32,7 +33,8 @@ def setup_from_flags(param_bytes: Optional[int] = None, model_path: Optional[str
     # Flag values are read through their holders, so this also works where argv was never
     # parsed (a notebook, a test): the defaults or values set in code apply.
     value = lambda name: FLAGS[name].value  # noqa: E731
+    if param_bytes is None and model_path and not value("mesh"):
+        param_bytes = checkpoint_param_bytes(model_path, dtype)
     return parallel.setup(value("mesh"), distributed=value("distributed"),
                           coordinator_address=value("coordinator_address"), num_processes=value("num_processes"),
-                          process_id=value("process_id"), param_bytes=param_bytes, model_path=model_path,
-                          dtype=dtype)
+                          process_id=value("process_id"), param_bytes=param_bytes)

@@ -14,10 +14,10 @@ from flax import nnx
 from experiments import common
 from spatial_jax import program
 from spatial_jax.convert.export import export_hf
-from spatial_jax.data.geometry import get_geometry
+from spatial_jax.data.geometry import GEOMETRY_KEY, get_geometry
 from spatial_jax.data.vocabulary import synthetic_words
-from spatial_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
-from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
+from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig
+from spatial_jax.families.qwen2_vl.word_tokenizer import write_word_level_qwen2vl_processor
 
 def _mrope_section(head_dim: int) -> tuple[int, int, int]:
     """(t, h, w) frequency counts summing to head_dim / 2, in Qwen2-VL's 16:24:24 proportions."""
@@ -45,7 +45,7 @@ def write_random_checkpoint(out_dir: str, *, geometry: str = "organism", seed: i
     path = os.path.join(out_dir, "config.json")
     with open(path) as f:
         config = json.load(f)
-    config[common.GEOMETRY_KEY] = geometry
+    config[GEOMETRY_KEY] = geometry
     with open(path, "w") as f:
         json.dump(config, f, indent=2)
     return out_dir

@@ -38,8 +38,8 @@ from spatial_jax.organism import data as odata
 from spatial_jax.organism import train as otrain
 from spatial_jax.organism.recipes import MECHANISMS, RECIPES
 from spatial_jax.data.geometry import get_geometry
-from spatial_jax.processing.qwen2_vl import Qwen2VLPrep
-from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
+from spatial_jax.families.qwen2_vl.processor import Qwen2VLPrep
+from spatial_jax.families.qwen2_vl.word_tokenizer import write_word_level_qwen2vl_processor
 
 FLAGS = flags.FLAGS
 _BEFORE = set(FLAGS)

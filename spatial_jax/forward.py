@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spatial_jax import parallel, validation
+from spatial_jax import families, parallel, validation
 from spatial_jax.batch import Batch, last_positions
 from spatial_jax.convert import checkpoint, hub
 from spatial_jax.convert.convert import DTYPES, abstract_model, convert_hf, resolve_config
 from spatial_jax.interventions.ops import Intervention
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.jitting import jit
-from spatial_jax.models.layers import run_layers
+from spatial_jax.runner import run
 from spatial_jax.tree_paths import flatten_paths
 
 
@@ -49,15 +49,10 @@ class Model:
     mesh: Optional[jax.sharding.Mesh] = None
 
     @property
-    def module(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.params)
-
-    @property
     def processor(self):
         """The family's processor (image preprocessing + chat template) from the checkpoint dir."""
         if self._processor is None:
-            from spatial_jax.processing import for_family
-            self._processor = for_family(self.family).from_dir(self.path)
+            self._processor = families.get(self.family).processor_cls.from_dir(self.path)
         return self._processor
 
     def prepare(self, images: Sequence[Any], prompts: Sequence[str], system: Optional[str] = None) -> Batch:
@@ -82,7 +77,7 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     if mesh is not None:
         family, cfg, _ = resolve_config(path)
         target = nnx.to_pure_dict(nnx.state(abstract_model(family, cfg, jnp.float32)))
-        shardings = parallel.param_shardings(target, family.name, mesh)
+        shardings = parallel.param_shardings(target, family.sharding_rules, mesh)
     if checkpoint.is_converted(path):
         # Restored straight into jax arrays (without shardings Orbax returns numpy arrays, which
         # every jitted call would copy to the device again).
@@ -125,21 +120,26 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
     """Pure forward pass: runs the interventions in list order and returns the asked-for sites."""
     module = nnx.merge(graphdef, params)
     taps = Taps(interventions, cache)
-    batch = batch.with_defaults()
-    x = module.embed_inputs(batch, taps)
-    x = run_layers(module.layers, x, module.lm_context(batch), taps)
-    final = module.final(x, taps)
+    final = run(module, batch.with_defaults(), taps)
     return Output(module.unembed(final) if logits else None, taps.collected)
 
 
 _apply_jit = jit(apply, static_argnames=("graphdef", "cache", "logits"))
 
 
-def _checked(model: Model, batch: Batch, interventions) -> tuple[Intervention, ...]:
+def _checked(model: Model, batch: Batch, interventions, *rows) -> tuple:
+    """The inputs checked on the host, then (on a mesh) placed: the batch's rows over `data`, the
+    interventions and the extra arrays `rows` replicated, all as global arrays (multi-host safe).
+    Returns (batch, interventions, *rows)."""
+    batch = batch.with_defaults()
     validation.check_batch(model, batch)
     interventions = validation.intervention_list(interventions)
     validation.check_interventions(model.config, np.shape(batch.input_ids), interventions)
-    return interventions
+    if model.mesh is not None:
+        batch = parallel.shard_batch(batch, model.mesh)
+        rows = tuple(parallel.put_tree(r, model.mesh) for r in rows)
+        interventions = parallel.put_tree(interventions, model.mesh)
+    return (batch, interventions, *rows)
 
 
 def forward(model: Model, batch: Batch, cache: str | Sequence[str] = (),
@@ -147,31 +147,22 @@ def forward(model: Model, batch: Batch, cache: str | Sequence[str] = (),
     """Jitted `apply` on a loaded model. cache: site names (one name is one site); see
     docs/design.md, "Sites", for shapes. Inputs are checked on the host first (validation)."""
     cache = validation.site_names(cache)
-    interventions = _checked(model, batch, interventions)
-    if model.mesh is not None:  # rows over `data`; everything as global arrays (multi-host safe)
-        batch = parallel.shard_batch(batch.with_defaults(), model.mesh)
-        interventions = parallel.put_tree(interventions, model.mesh)
+    batch, interventions = _checked(model, batch, interventions)
     return _apply_jit(model.graphdef, model.params, batch, interventions, tuple(cache), logits)
 
 
 def _next_token_logits(graphdef, params, batch: Batch, interventions, position) -> jax.Array:
     module = nnx.merge(graphdef, params)
-    taps = Taps(interventions)
-    x = run_layers(module.layers, module.embed_inputs(batch, taps), module.lm_context(batch), taps)
-    final = module.final(x, taps)
-    return module.unembed(jnp.take_along_axis(final, position[:, None, None], axis=1)[:, 0])
+    return module.unembed(run(module, batch, Taps(interventions), rows=position[:, None])[:, 0])
 
 
 _next_token_jit = jit(_next_token_logits, static_argnames=("graphdef",))
 
 
 def next_token_logits(model: Model, batch: Batch, interventions: Optional[Sequence[Intervention]] = None) -> jax.Array:
-    """Logits [B, V] float32 of the token after each row's last real token: the unembedding runs
-    at that position only (a tenth of a forward on a 150k vocabulary is not spent on the rest)."""
-    batch = batch.with_defaults()
-    interventions = _checked(model, batch, interventions)
-    position = last_positions(batch.attention_mask)
-    if model.mesh is not None:
-        batch, position = parallel.shard_batch(batch, model.mesh), parallel.put_tree(position, model.mesh)
-        interventions = parallel.put_tree(interventions, model.mesh)
+    """Logits [B, V] float32 of the token after each row's last real token: the last layer's
+    queries and MLP, the final norm and the unembedding run at that position only (a tenth of a
+    forward on a 150k vocabulary is not spent on the rest)."""
+    position = last_positions(batch.with_defaults().attention_mask)
+    batch, interventions, position = _checked(model, batch, interventions, position)
     return _next_token_jit(model.graphdef, model.params, batch, interventions, position)

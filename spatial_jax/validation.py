@@ -13,11 +13,10 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
-from PIL import Image
 
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
-from spatial_jax.models.registry import FAMILIES
+from spatial_jax import families
 
 DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "fp32": "float32", "float": "float32",
                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -47,7 +46,7 @@ def check_batch(model, batch) -> None:
     if batch.attention_mask is not None and np.shape(batch.attention_mask) != np.shape(ids):
         raise ValueError(f"batch.attention_mask: expected the shape of input_ids {_shape(np.shape(ids))}, "
                          f"got {_shape(np.shape(batch.attention_mask))}")
-    FAMILIES[model.family].model_cls.check_batch(model.config, batch)
+    families.get(model.family).model_cls.check_batch(model.config, batch)
 
 
 def site_names(cache: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -162,37 +161,3 @@ def check_readout(config: Any, input_shape: tuple[int, int], position, tokens) -
         if values.min() < 0 or values.max() >= upper:
             got = values.min() if values.min() < 0 else values.max()
             raise ValueError(f"Readout.{field}: expected entries in [0, {upper}) ({what}), got {got}")
-
-
-def images_per_prompt(images, prompts) -> list[list[Image.Image]]:
-    """`prepare`'s images and prompts: one entry per prompt (a PIL image, a list of them, or None),
-    or images=None for text only -> one list of PIL images per prompt."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts: expected a list of strings (one per row), not a string")
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts: expected a list of strings (one per row), got a {type(prompts).__name__}")
-    if not prompts:
-        raise ValueError("prompts: expected at least one prompt, got an empty list")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompts[{i}]: expected a str, got {type(prompt).__name__}")
-    if images is None:
-        images = [None] * len(prompts)
-    if isinstance(images, Image.Image) or not isinstance(images, (list, tuple)):
-        raise TypeError(f"images: expected a list with one entry per prompt (a PIL image, a list of them, or "
-                        f"None), got a {type(images).__name__}; for one prompt pass images=[img]")
-    if len(images) != len(prompts):
-        raise ValueError(f"images: got {len(prompts)} prompts but {len(images)} image entries; pass one entry "
-                         "(an image, a list of images or None) per prompt")
-    return [_as_image_list(entry, i) for i, entry in enumerate(images)]
-
-
-def _as_image_list(entry, index: int) -> list[Image.Image]:
-    if entry is None:
-        return []
-    items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
-    for j, item in enumerate(items):
-        if not isinstance(item, Image.Image):
-            raise TypeError(f"images[{index}]" + (f"[{j}]" if isinstance(entry, (list, tuple)) else "")
-                            + f" is a {type(item).__name__}, expected a PIL.Image.Image")
-    return items

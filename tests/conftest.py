@@ -81,5 +81,5 @@ def tiny_qwen2_vl_tied_dir(qwen2_vl_ckpts) -> str:
 def tiny_qwen2_vl_processor_dir(qwen2_vl_ckpts) -> str:
     """A tiny random HF Qwen2-VL dir with tokenizer, chat template and preprocessor config
     (word-level; special ids vision_start 3, vision_end 4, image_pad 6)."""
-    pytest.importorskip("spatial_jax.processing.word_tokenizer")
+    pytest.importorskip("spatial_jax.families.qwen2_vl.word_tokenizer")
     return qwen2_vl_ckpts.hf_dir("processor")

@@ -65,7 +65,7 @@ def build_tiny_qwen2_vl(out_dir: str, tie_word_embeddings: bool = False, seed: i
 
     max_shard_size (e.g. "100KB") writes several shards and model.safetensors.index.json.
     processor: also write a word-level tokenizer, chat template and preprocessor config
-    (spatial_jax.processing.word_tokenizer, over PROCESSOR_WORDS), and use its special token ids
+    (spatial_jax.families.qwen2_vl.word_tokenizer, over PROCESSOR_WORDS), and use its special token ids
     (vision_start 3, vision_end 4, image_pad 6, video_pad 7) instead of 98..101, so that
     `sj.load(out_dir).prepare(...)` and transformers' processor both work on the dir.
     """
@@ -74,7 +74,7 @@ def build_tiny_qwen2_vl(out_dir: str, tie_word_embeddings: bool = False, seed: i
 
     special_ids = None
     if processor:
-        from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
+        from spatial_jax.families.qwen2_vl.word_tokenizer import write_word_level_qwen2vl_processor
 
         vocab = write_word_level_qwen2vl_processor(out_dir, PROCESSOR_WORDS)
         assert vocab.vocab_size <= VOCAB, vocab.vocab_size

@@ -23,7 +23,7 @@ def main(path: str, dtype: str) -> None:
 
     import spatial_jax as sj
     from spatial_jax.convert.convert import DTYPES, resolve_config
-    from spatial_jax.models.qwen2_vl import Qwen2VL
+    from spatial_jax.families.qwen2_vl.model import Qwen2VL
 
     _, cfg, _ = resolve_config(path)
     grid = np.array([[1, 16, 16]])

@@ -13,8 +13,8 @@ from flax import nnx
 
 import spatial_jax as sj
 from spatial_jax.forward import _apply_jit
-from spatial_jax.interventions.sweep import _variants_jit
-from spatial_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+from spatial_jax.sweeps.sweep import _variants_jit
+from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig
 
 IMG, VS, VE = 60, 61, 62
 GRID = np.array([[1, 4, 6]])  # 24 patches, 6 merged tokens

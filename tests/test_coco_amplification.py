@@ -15,7 +15,7 @@ from experiments import coco_amplification as coco
 from experiments.random_checkpoint import write_random_checkpoint
 from spatial_jax.data.coco import overlap_tokens
 from spatial_jax.data.prompts import COCO_TEMPLATES
-from spatial_jax.processing.word_tokenizer import split_words
+from spatial_jax.processing.words import split_words
 
 FLAGS = flags.FLAGS
 AXIS_WORDS = ("left", "right", "above", "below")

@@ -15,7 +15,7 @@ import hf_reference as hr
 from fixtures_gemma3 import gemma3_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 from spatial_jax.convert.convert import flatten_paths
-from spatial_jax.models.gemma3 import Gemma3, Gemma3Config
+from spatial_jax.families.gemma3.model import Gemma3, Gemma3Config
 
 TOL = 1e-4
 

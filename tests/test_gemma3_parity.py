@@ -22,7 +22,7 @@ import fixtures_gemma3 as fg
 import hf_reference as hr
 from fixtures_gemma3 import gemma3_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
-from spatial_jax.models import layers as L
+from spatial_jax.nn import layers as L
 
 TOL = 1e-4  # max abs difference, float32
 W = list(range(12, 42))  # ordinary word ids
@@ -188,7 +188,7 @@ def test_embedding_scale_is_cast_to_param_dtype(gemma3_ckpts, dtype, want):
     from flax import nnx
 
     from spatial_jax.interventions.taps import Taps
-    from spatial_jax.models.gemma3 import Gemma3
+    from spatial_jax.families.gemma3.model import Gemma3
     from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
     cfg = dataclasses.replace(gemma3_ckpts.model().config, hidden_size=2560, num_layers=1,

@@ -10,8 +10,8 @@ import fixtures_gemma3 as fg
 import hf_reference as hr
 from fixtures_gemma3 import gemma3_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
-from spatial_jax.processing import for_family
-from spatial_jax.processing.gemma3 import Gemma3Prep
+from spatial_jax import families
+from spatial_jax.families.gemma3.processor import Gemma3Prep
 
 PROMPTS = ["What is left of the red square?", "  Is the blue circle above the green square ?  ",
            "Answer in one word."]
@@ -83,7 +83,7 @@ def test_bad_inputs_are_refused(proc_dirs):
 
 
 def test_registered_for_the_family():
-    assert for_family("gemma3") is Gemma3Prep
+    assert families.get("gemma3").processor_cls is Gemma3Prep
 
 
 def test_prepare_then_forward_matches_hf(gemma3_ckpts):

@@ -11,9 +11,9 @@ from transformers import Qwen2VLForConditionalGeneration
 import spatial_jax as sj
 from spatial_jax.convert.export import export_hf
 from spatial_jax.forward import _apply_jit
-from spatial_jax.interventions import sweep as sweep_mod
-from spatial_jax.interventions.sweep import _restart_points_jit, _variants_jit
-from spatial_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+from spatial_jax.sweeps import sweep as sweep_mod
+from spatial_jax.sweeps.sweep import _restart_points_jit, _variants_jit
+from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig
 
 IMG, VS, VE = 60, 61, 62
 GRID = np.array([[1, 4, 6]])  # 2 x 3 merged tokens

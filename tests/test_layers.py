@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spatial_jax.models import layers as L
+from spatial_jax.nn import layers as L
 
 
 def _numpy_attention(q, k, v, allowed, scale):

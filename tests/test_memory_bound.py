@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from spatial_jax.convert.export import export_hf
-from spatial_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CFG = Qwen2VLConfig(vision_depth=4, vision_dim=256, vision_heads=4, vision_mlp_dim=1024, patch_size=14,

@@ -12,8 +12,8 @@ from spatial_jax.organism import data as odata
 from spatial_jax.organism import spec
 from spatial_jax.organism import train as otrain
 from spatial_jax.organism.recipes import RECIPES, Recipe
-from spatial_jax.processing.qwen2_vl import Qwen2VLPrep
-from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
+from spatial_jax.families.qwen2_vl.processor import Qwen2VLPrep
+from spatial_jax.families.qwen2_vl.word_tokenizer import write_word_level_qwen2vl_processor
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 
 from experiments.random_checkpoint import write_random_checkpoint
 from spatial_jax.data.vocabulary import synthetic_words
-from spatial_jax.processing.word_tokenizer import word_level_vocab
+from spatial_jax.families.qwen2_vl.word_tokenizer import word_level_vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = "data:4,model:2"

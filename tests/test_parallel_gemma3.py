@@ -18,12 +18,13 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 import sharded_restore  # noqa: E402
+from spatial_jax import families
 from spatial_jax.tree_paths import flatten_paths  # noqa: E402
 import spatial_jax as sj  # noqa: E402
 from spatial_jax import parallel  # noqa: E402
 from spatial_jax.convert.checkpoint import write_converted  # noqa: E402
 from spatial_jax.convert.convert import convert_hf  # noqa: E402
-from spatial_jax.models.registry import FAMILIES  # noqa: E402
+from spatial_jax.families import FAMILIES  # noqa: E402
 from spatial_jax.parallel import rules  # noqa: E402
 
 if "gemma3" not in FAMILIES:
@@ -55,10 +56,10 @@ def assert_close(got, want, what=""):
 def _assert_rule_shardings(model, mesh):
     """Every parameter has its GEMMA3_RULES sharding; heads and the (tied) vocabulary are split."""
     pure = nnx.to_pure_dict(model.params)
-    assert rules.unmatched(pure, "gemma3") == []
+    assert rules.unmatched(pure, families.get("gemma3").sharding_rules) == []
     flat = flatten_paths(pure)
     for path, x in flat.items():
-        want = NamedSharding(mesh, rules.spec_for(path, x.shape, rules.GEMMA3_RULES, mesh))
+        want = NamedSharding(mesh, rules.spec_for(path, x.shape, families.get("gemma3").sharding_rules, mesh))
         assert x.sharding.is_equivalent_to(want, x.ndim), path
     local = {p: x.addressable_shards[0].data.shape for p, x in flat.items()}
     model_size = parallel.axis_size(mesh, parallel.MODEL)

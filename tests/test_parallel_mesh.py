@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 from absl.testing import flagsaver  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from spatial_jax import families
+from spatial_jax.families import Family
 from spatial_jax.tree_paths import flatten_paths  # noqa: E402
 from experiments import mesh_flags  # noqa: E402
 from spatial_jax import parallel  # noqa: E402
@@ -99,7 +101,7 @@ class _Mesh:
 
 def test_specs_are_right_aligned_and_fall_back_when_not_divisible():
     mesh = _Mesh(2, 4)
-    r = rules.QWEN2_VL_RULES
+    r = families.get("qwen2_vl").sharding_rules
     assert rules.spec_for("layers/q/kernel", (28, 3584, 3584), r, mesh) == P(None, None, "model")
     assert rules.spec_for("layers/o/kernel", (28, 3584, 3584), r, mesh) == P(None, "model")
     assert rules.spec_for("layers/q/bias", (28, 3584), r, mesh) == P(None, "model")
@@ -118,8 +120,8 @@ def test_qwen2_vl_7b_rules_cover_every_param_and_split_heads_and_mlp():
     from flax import nnx
 
     from spatial_jax.convert.convert import abstract_model
-    from spatial_jax.models import qwen2_vl
-    from spatial_jax.models.registry import FAMILIES
+    from spatial_jax.families.qwen2_vl import model as qwen2_vl
+    from spatial_jax.families import FAMILIES
 
     cfg = qwen2_vl.Qwen2VLConfig(
         vision_depth=2, vision_dim=1280, vision_heads=16, vision_mlp_dim=5120, patch_size=14,
@@ -128,8 +130,8 @@ def test_qwen2_vl_7b_rules_cover_every_param_and_split_heads_and_mlp():
         rms_norm_eps=1e-6, rope_theta=1e6, mrope_section=(16, 24, 24), tie_word_embeddings=False,
         image_token_id=151655, vision_start_token_id=151652, vision_end_token_id=151653)
     params = nnx.to_pure_dict(nnx.state(abstract_model(FAMILIES["qwen2_vl"], cfg, jnp.bfloat16)))
-    assert rules.unmatched(params, "qwen2_vl") == []
-    specs = flatten_paths(rules.param_specs(params, "qwen2_vl", _Mesh(2, 4)))
+    assert rules.unmatched(params, families.get("qwen2_vl").sharding_rules) == []
+    specs = flatten_paths(rules.param_specs(params, families.get("qwen2_vl").sharding_rules, _Mesh(2, 4)))
     depth = lambda p: 14 if p.startswith("layers/") else 16 if p.startswith("vision/blocks/") else 1  # noqa: E731
     count = {p: int(np.prod(x.shape)) * depth(p) for p, x in flatten_paths(params).items()}
     total = sum(count.values())
@@ -153,12 +155,12 @@ def test_generic_rules_follow_shared_layer_names():
     }
     for path, (shape, spec) in want.items():
         assert rules.spec_for(path, shape, g, mesh) == spec, path
-    assert rules.rules_for("some_new_family") is rules.GENERIC_RULES
+    assert Family.__dataclass_fields__["sharding_rules"].default is rules.GENERIC_RULES
 
 
 def test_gemma3_rules_cover_every_param():
-    pytest.importorskip("spatial_jax.models.gemma3")
-    from spatial_jax.models.registry import FAMILIES
+    pytest.importorskip("spatial_jax.families.gemma3.model")
+    from spatial_jax.families import FAMILIES
     if "gemma3" not in FAMILIES:
         pytest.skip("gemma3 is not registered yet")
     from flax import nnx
@@ -170,4 +172,4 @@ def test_gemma3_rules_cover_every_param():
     fam = FAMILIES["gemma3"]
     cfg = fam.config_cls.from_hf(fg.tiny_hf_config().to_dict())
     params = nnx.to_pure_dict(nnx.state(abstract_model(fam, cfg, jnp.float32)))
-    assert rules.unmatched(params, "gemma3") == []
+    assert rules.unmatched(params, families.get("gemma3").sharding_rules) == []

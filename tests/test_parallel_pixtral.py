@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 import fixtures_pixtral as fp  # noqa: E402
 from fixtures_pixtral import pixtral_ckpts  # noqa: E402,F401  (session fixture)
 import spatial_jax as sj  # noqa: E402
+from spatial_jax import families
 from spatial_jax import parallel  # noqa: E402
 from spatial_jax.parallel import rules  # noqa: E402
 from spatial_jax.tree_paths import flatten_paths  # noqa: E402
@@ -47,9 +48,9 @@ def test_sharded_pixtral_forward_equals_single_device(pixtral_ckpts):
     model = sj.load(pixtral_ckpts.hf_dir(), mesh=mesh)
     pure = nnx.to_pure_dict(model.params)
     flat = flatten_paths(pure)
-    assert rules.unmatched(pure, "pixtral") == []
+    assert rules.unmatched(pure, families.get("pixtral").sharding_rules) == []
     for path, x in flat.items():
-        want = NamedSharding(mesh, rules.spec_for(path, x.shape, rules.PIXTRAL_RULES, mesh))
+        want = NamedSharding(mesh, rules.spec_for(path, x.shape, families.get("pixtral").sharding_rules, mesh))
         assert x.sharding.is_equivalent_to(want, x.ndim), path
     local = {p: x.addressable_shards[0].data.shape for p, x in flat.items()}
     for path, axis in (("layers/q/kernel", -1), ("vision/blocks/q/kernel", -1), ("layers/down/kernel", -2),

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 import fixtures_qwen2_vl as fq  # noqa: E402
 import sharded_restore  # noqa: E402
+from spatial_jax import families
 from spatial_jax.tree_paths import flatten_paths  # noqa: E402
 import spatial_jax as sj  # noqa: E402
 from spatial_jax import parallel  # noqa: E402
@@ -66,9 +67,9 @@ def test_every_param_has_its_rule_sharding(converted):
     mesh = parallel.make_mesh("data:2,model:4")
     model = sj.load(converted, mesh=mesh)
     flat = _flat_params(model)
-    assert rules.unmatched(nnx.to_pure_dict(model.params), "qwen2_vl") == []
+    assert rules.unmatched(nnx.to_pure_dict(model.params), families.get("qwen2_vl").sharding_rules) == []
     for path, x in flat.items():
-        want = NamedSharding(mesh, rules.spec_for(path, x.shape, rules.QWEN2_VL_RULES, mesh))
+        want = NamedSharding(mesh, rules.spec_for(path, x.shape, families.get("qwen2_vl").sharding_rules, mesh))
         assert x.sharding.is_equivalent_to(want, x.ndim), (path, x.sharding, want)
         for shard in x.addressable_shards:
             assert shard.data.shape == want.shard_shape(x.shape), path
@@ -105,7 +106,7 @@ def test_dtype_cast_and_hf_dir_keep_the_rule_shardings(converted, tiny_qwen2_vl_
     for model in (sj.load(converted, dtype="bfloat16", mesh=mesh), sj.load(tiny_qwen2_vl_dir, mesh=mesh)):
         assert model.mesh is mesh
         for path, x in _flat_params(model).items():
-            want = NamedSharding(mesh, rules.spec_for(path, x.shape, rules.QWEN2_VL_RULES, mesh))
+            want = NamedSharding(mesh, rules.spec_for(path, x.shape, families.get("qwen2_vl").sharding_rules, mesh))
             assert x.sharding.is_equivalent_to(want, x.ndim), path
     assert str(_flat_params(sj.load(converted, dtype="bfloat16", mesh=mesh))["embed"].dtype) == "bfloat16"
 

@@ -18,7 +18,7 @@ from fixtures_pixtral import pixtral_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 from spatial_jax.convert.convert import convert_hf
 from spatial_jax.convert.safetensors_dir import CheckpointError
-from spatial_jax.models.pixtral import Pixtral, PixtralConfig
+from spatial_jax.families.pixtral.model import Pixtral, PixtralConfig
 from spatial_jax.tree_paths import flatten_paths
 
 TOL = 1e-4

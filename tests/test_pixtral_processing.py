@@ -12,8 +12,8 @@ import hf_reference as hr
 from fixtures_pixtral import pixtral_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 from spatial_jax.data.geometry import get_geometry
-from spatial_jax.processing import for_family
-from spatial_jax.processing.pixtral import PixtralPrep
+from spatial_jax import families
+from spatial_jax.families.pixtral.processor import PixtralPrep
 
 PROMPTS = ["What is left of the red square?", "  Is the blue circle above the green square ?  ",
            "Answer in one word."]
@@ -110,7 +110,7 @@ def test_bad_inputs_are_refused(proc_dirs):
 
 
 def test_registered_for_the_family():
-    assert for_family("pixtral") is PixtralPrep
+    assert families.get("pixtral").processor_cls is PixtralPrep
 
 
 def test_prepare_then_forward_matches_hf(pixtral_ckpts):

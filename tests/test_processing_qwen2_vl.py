@@ -18,10 +18,8 @@ from transformers import AutoProcessor
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen2_vl
 
 import hf_reference as hr
-from spatial_jax.processing.qwen2_vl import (
-    IMAGE_PAD, ImageConfig, Qwen2VLPrep, SpecialTokenIds, preprocess_images, smart_resize,
-)
-from spatial_jax.processing.word_tokenizer import (
+from spatial_jax.families.qwen2_vl.processor import IMAGE_PAD, ImageConfig, Qwen2VLPrep, SpecialTokenIds, preprocess_images, smart_resize
+from spatial_jax.families.qwen2_vl.word_tokenizer import (
     SPECIAL_IDS, TEMPLATE_WORDS, split_words, word_level_vocab, write_word_level_qwen2vl_processor,
 )
 

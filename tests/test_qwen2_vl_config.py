@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spatial_jax.convert import key_maps
+from spatial_jax.families.qwen2_vl.key_map import KEY_ALIASES, KEY_MAP
 from spatial_jax.convert.convert import abstract_model, flatten_paths
-from spatial_jax.models.qwen2_vl import Qwen2VLConfig
-from spatial_jax.models.registry import family_of
+from spatial_jax.families.qwen2_vl.model import Qwen2VLConfig
+from spatial_jax.families import family_of
 
 _VISION = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3, "in_channels": 3,
            "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2,
@@ -51,7 +51,7 @@ def test_real_size_params_and_key_map(hub):
     with torch.device("meta"):
         hf = Qwen2VLForConditionalGeneration(hf_cfg)
     # the names a checkpoint holds: runtime names rewritten by the family's aliases to hub names
-    table, aliases = key_maps.TABLES["qwen2_vl"]
+    table, aliases = KEY_MAP, KEY_ALIASES
     hf_shapes = {}
     for name, p in hf.state_dict().items():
         for old, new in aliases:

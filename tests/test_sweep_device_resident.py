@@ -11,8 +11,8 @@ from flax import nnx
 
 import spatial_jax as sj
 from spatial_jax import parallel
-from spatial_jax.interventions import sweep as sweep_mod
-from spatial_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+from spatial_jax.sweeps import sweep as sweep_mod
+from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig
 
 IMG, VS, VE = 60, 61, 62
 GRID = np.array([[1, 4, 6]])

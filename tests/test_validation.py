@@ -14,7 +14,7 @@ import spatial_jax as sj
 from experiments.random_checkpoint import write_random_checkpoint
 
 forward_lib = importlib.import_module("spatial_jax.forward")  # the module; sj.forward is the function
-sweep_lib = importlib.import_module("spatial_jax.interventions.sweep")
+sweep_lib = importlib.import_module("spatial_jax.sweeps.sweep")
 
 L = 2
 

@@ -48,7 +48,7 @@ def _tokens(n, r0, r1, c0, c1):
 def test_hand_labelled_regions_equal_the_official_tables(key):
     geometry, middle = key
     n = {"qwen2_vl": 12, "gemma3": 16}[geometry]
-    r = hand_labelled_regions(geometry, middle)
+    r = hand_labelled_regions(get_geometry(geometry), middle)
     assert r.grid == (n, n)
     for got, want in ((r.objects, OFFICIAL_OBJECTS[key]), (r.strips, OFFICIAL_STRIPS[key])):
         assert got[0].tolist() == _tokens(n, *want[0]) and got[2].tolist() == _tokens(n, *want[1])
@@ -59,7 +59,7 @@ def test_hand_labelled_regions_equal_the_official_tables(key):
 
 def test_hand_labelled_regions_only_where_the_official_code_has_them():
     with pytest.raises(ValueError, match="no official hand-labelled"):
-        hand_labelled_regions("pixtral", "chair")
+        hand_labelled_regions(get_geometry("pixtral"), "chair")
 
 
 def test_probing_boxes_equal_the_official_bbox_norm_to_patches():

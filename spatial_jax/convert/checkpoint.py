@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import uuid
+from typing import Optional
 
 import jax
 import numpy as np
@@ -113,3 +115,15 @@ def read_converted(path: str, shardings=None):
         restore_concurrent_gb=max(RESTORE_CONCURRENT_GB, int(np.ceil(largest / 1e9)))))
     params = restorer.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), args=ocp.args.StandardRestore(target))
     return family, cfg, raw, meta["dtype"], params
+
+
+def checkpoint_param_bytes(path: str, dtype: Optional[str] = None) -> int:
+    """Bytes of a checkpoint's parameters (converted or HF dir), from its config alone."""
+    family, cfg, _ = resolve_config(path)
+    if dtype is None:
+        dtype = "float32"
+        if is_converted(path):
+            with open(os.path.join(path, META_FILE)) as f:
+                dtype = json.load(f)["dtype"]
+    state = nnx.state(abstract_model(family, cfg, DTYPES[dtype]))
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))

@@ -1,6 +1,7 @@
 """HF safetensors -> our parameter tree, streamed tensor by tensor through the family's key map."""
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
@@ -8,9 +9,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from spatial_jax.convert import key_maps
 from spatial_jax.convert.safetensors_dir import CheckpointError, TensorReader, read_config, shard_of_tensor
-from spatial_jax.models.registry import Family, family_of
+from spatial_jax.families import Family, family_of
 from spatial_jax.tree_paths import flatten_paths, unflatten_paths
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -59,9 +59,9 @@ def convert_hf(hf_dir: str, dtype: str = "float32", place: Optional[Callable[[st
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
     family, cfg, raw = resolve_config(hf_dir)
-    table, aliases = key_maps.TABLES[family.name]
+    table = family.key_map
     np_dtype = np.dtype(DTYPES[dtype])
-    reader = TensorReader(shard_of_tensor(hf_dir), aliases)
+    reader = TensorReader(shard_of_tensor(hf_dir), family.key_aliases)
     expected = flatten_paths(nnx.to_pure_dict(nnx.state(abstract_model(family, cfg, DTYPES[dtype]))))
 
     scratch = np.empty(max(map(reader.nbytes, reader.names()), default=0), np.uint8)  # every read lands here
@@ -90,7 +90,7 @@ def convert_hf(hf_dir: str, dtype: str = "float32", place: Optional[Callable[[st
     missing = sorted(set(expected) - set(params))
     if missing:
         raise CheckpointError(f"{hf_dir}: no key-map entry fills {missing[0]} ({len(missing)} params)")
-    unused = sorted(set(reader.names()) - used)
+    unused = sorted(n for n in set(reader.names()) - used if not any(re.search(p, n) for p in family.ignored_keys))
     if unused:
         head = next(hf for path, hf, _ in table if path == "lm_head/kernel")
         tied = cfg.tie_word_embeddings and unused == [head]

@@ -11,7 +11,7 @@ import os
 import numpy as np
 from safetensors.numpy import save_file
 
-from spatial_jax.convert import key_maps
+from spatial_jax import families
 from spatial_jax.tree_paths import flatten_paths
 
 
@@ -24,9 +24,10 @@ def _inverse(x: np.ndarray, how: str | None, cfg) -> np.ndarray:
 
 
 def export_hf(out_dir: str, family: str, cfg, params: dict) -> None:
-    """params: the model's pure-dict state (nested dict of arrays), float32 on disk."""
+    """family: its registry name; params: the model's pure-dict state (nested dict of arrays),
+    float32 on disk."""
     os.makedirs(out_dir, exist_ok=True)
-    table, _ = key_maps.TABLES[family]
+    table = families.get(family).key_map
     flat = flatten_paths(params)
     tensors = {}
     for path, hf_name, how in table:

@@ -14,7 +14,7 @@ from spatial_jax.data.prompts import DIRECTIONS, OPPOSITE, SYSTEM_TEXT, cloze_pr
 from spatial_jax.data.regions import Regions, box_regions, layout_regions
 from spatial_jax.data.scoring import (Candidates, answer_probs, answers_match, is_single_token, normalize,
                                       spelling_ids, spelling_table, top1_correct, top1_tokens)
-from spatial_jax.data.synthetic import (LAST_TOKEN_COLOURS, OBJECTS, PIXTRAL_COLOURS, PIXTRAL_OBJECTS, SHAPES,
+from spatial_jax.data.synthetic import (LAST_TOKEN_COLOURS, OBJECTS, SHAPES,
                                         SQUARE_COLOURS, TASKS, SyntheticTask, generate, make_task, objects_for,
                                         palette_for, setup_task, split_triples)
 from spatial_jax.data.whatsup import side_objects, single_token_objects, stitch, whatsup_item, whatsup_items
@@ -28,7 +28,7 @@ __all__ = [
     "Regions", "box_regions", "layout_regions",
     "Candidates", "answer_probs", "answers_match", "is_single_token", "normalize", "spelling_ids", "spelling_table",
     "top1_correct", "top1_tokens",
-    "LAST_TOKEN_COLOURS", "OBJECTS", "PIXTRAL_COLOURS", "PIXTRAL_OBJECTS", "SHAPES", "SQUARE_COLOURS", "TASKS",
+    "LAST_TOKEN_COLOURS", "OBJECTS", "SHAPES", "SQUARE_COLOURS", "TASKS",
     "SyntheticTask", "generate", "make_task", "objects_for", "palette_for", "setup_task", "split_triples",
     "side_objects", "single_token_objects", "stitch", "whatsup_item", "whatsup_items",
 ]

@@ -1,7 +1,10 @@
 """Per-model patch-grid geometry: canvas, slots, strips, and pixel-box -> visual-token mapping.
 
-One `Geometry` per model family (paper Table 4; the Pixtral row as the official code runs it).
-Datasets, regions and experiments all read it from `GEOMETRIES` / `get_geometry(name)`.
+One `Geometry` per model family (paper Table 4), kept in the family's folder
+(`spatial_jax/families/<name>/__init__.py`, `Family.geometry`), which registering the family
+enters in `GEOMETRIES`; datasets, regions and experiments all read it from there
+(`get_geometry(name)`). The model organism's canvas (`ORGANISM`) is registered here: it is a
+property of the organism checkpoints, not of a family.
 
 Visual tokens are numbered row-major over the merged token grid, index = row * n_cols + col:
 the order in which Qwen2-VL (after its 2x2 merge) and Gemma 3 (after its 4x4 pooling) feed
@@ -12,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping, Optional
 
 import numpy as np
 
@@ -38,6 +41,12 @@ class Geometry:
       spacing: sp, empty tokens between neighbouring objects.
       whatsup_px: side of a stitched What'sUp image (the model's native input size).
       grid_rounding: how an image of another size maps to a token grid (see `token_grid`).
+      colours: the official Squares/Shapes palette where a model's differs (name -> RGB; None: the
+        default `synthetic.SQUARE_COLOURS`).
+      objects: the official Objects set where a model's differs (None: `synthetic.OBJECTS`).
+      whatsup_hand_labelled: the official hand-labelled What'sUp criss-cross regions on this grid,
+        {"objects" | "strips": {middle: {"left" | "right": (rows range, cols range)}}} (None: the
+        official code has none for this model; see data/whatsup_regions.py).
     """
 
     name: str
@@ -47,6 +56,9 @@ class Geometry:
     spacing: int
     whatsup_px: int
     grid_rounding: GridRounding
+    colours: Optional[Mapping[str, tuple[int, int, int]]] = None
+    objects: Optional[tuple[str, ...]] = None
+    whatsup_hand_labelled: Optional[Mapping[str, Mapping[str, Mapping[str, tuple[range, range]]]]] = None
 
     @property
     def canvas_px(self) -> int:
@@ -177,20 +189,23 @@ def box_to_tokens(box: Box, image_size: tuple[int, int], grid: tuple[int, int]) 
     return np.array([r * n_cols + c for r in rows for c in cols], dtype=np.int32)
 
 
-GEOMETRIES: dict[str, Geometry] = {
-    "qwen2_vl": Geometry("qwen2_vl", n_tokens=12, token_px=28, object_tokens=2, spacing=2,
-                         whatsup_px=336, grid_rounding="round"),
-    "gemma3": Geometry("gemma3", n_tokens=16, token_px=56, object_tokens=3, spacing=3,
-                       whatsup_px=896, grid_rounding="fixed"),
-    # Table 4 says 16x16 tokens of 15 px; Pixtral's patch is 16 px, so the official code (and we)
-    # use 15x15 tokens of 16 px = 240 px. Pixtral also inserts [IMG_BREAK] tokens between rows:
-    # the indices here are over the grid, without them.
-    "pixtral": Geometry("pixtral", n_tokens=15, token_px=16, object_tokens=2, spacing=2,
-                        whatsup_px=512, grid_rounding="ceil"),
-    # The model organism: a small Qwen2-VL on a 6x6 merged-token (168 px) canvas.
-    "organism": Geometry("organism", n_tokens=6, token_px=28, object_tokens=1, spacing=1,
-                         whatsup_px=168, grid_rounding="round"),
-}
+# The model organism: a small Qwen2-VL on a 6x6 merged-token (168 px) canvas.
+ORGANISM = Geometry("organism", n_tokens=6, token_px=28, object_tokens=1, spacing=1, whatsup_px=168,
+                    grid_rounding="round")
+
+# The optional config.json key naming a checkpoint's canvas geometry (the organisms have one of their
+# own); without it a checkpoint's geometry is its family's.
+GEOMETRY_KEY = "spatial_jax_geometry"
+
+# name -> Geometry: the families' (entered by `spatial_jax.families` as it registers them) and the organism's.
+GEOMETRIES: dict[str, Geometry] = {}
+
+
+def register_geometry(geometry: Geometry) -> None:
+    """Makes `geometry` known by its name; a second geometry under a taken name is an error."""
+    if GEOMETRIES.get(geometry.name, geometry) != geometry:
+        raise ValueError(f"a different geometry is already registered as {geometry.name!r}")
+    GEOMETRIES[geometry.name] = geometry
 
 
 def get_geometry(name: str) -> Geometry:
@@ -199,3 +214,6 @@ def get_geometry(name: str) -> Geometry:
         return GEOMETRIES[name]
     except KeyError:
         raise KeyError(f"unknown geometry {name!r}; known: {sorted(GEOMETRIES)}") from None
+
+
+register_geometry(ORGANISM)

@@ -40,8 +40,9 @@ def cloze_prompt(task: str, direction: str, reference: str) -> str:
     return CLOZE_TEMPLATES[task].format(prep=PREPOSITIONS[direction], ref=reference.lower())
 
 
-# COCO-spatial two-option questions (paper.md section 2, COCO). "direct" is Gemma 3's prompt,
-# "anchor" Qwen2-VL's and Pixtral's. {a} and {b} are the axis' two options in the asked order.
+# COCO-spatial two-option questions (paper.md section 2, COCO), in the two styles the official code
+# uses (each family's `Family.prompt_style` names its own). {a} and {b} are the axis' two options in
+# the asked order.
 COCO_TEMPLATES = {
     ("direct", "horizontal"): "Is the {subj} to the {a} or to the {b} of the {obj}? Answer with one word.",
     ("direct", "vertical"): "Is the {subj} {a} or {b} the {obj}? Answer with one word.",
@@ -50,7 +51,17 @@ COCO_TEMPLATES = {
     ("anchor", "vertical"): "Using the {obj} as the reference point, where is the {subj} located? "
                             "Answer with one word: {a} or {b}.",
 }
-COCO_PROMPT_STYLES = {"gemma3": "direct", "qwen2_vl": "anchor", "pixtral": "anchor", "organism": "anchor"}
+COCO_PROMPT_STYLES = ("direct", "anchor")
+# model name -> its style: each family's `Family.prompt_style` (entered as the family registers), and
+# the organism's.
+MODEL_PROMPT_STYLES: dict[str, str] = {"organism": "anchor"}
+
+
+def register_prompt_style(model: str, style: str) -> None:
+    """Makes `model` (a family name) usable as a `coco_prompt` style, meaning `style`."""
+    if style not in COCO_PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; expected one of {COCO_PROMPT_STYLES}")
+    MODEL_PROMPT_STYLES[model] = style
 AXIS_OPTIONS = {"horizontal": ("left", "right"), "vertical": ("above", "below")}
 # "lr" asks the options in AXIS_OPTIONS order ("left or right", "above or below"), "rl" reversed;
 # the paper's strict protocol asks both.
@@ -61,10 +72,13 @@ def coco_prompt(subject: str, obj: str, axis: str, style: str, order: str) -> st
     """The question whether `subject` is on one side or the other of `obj`.
 
     Args:
-      axis: "horizontal" or "vertical"; style: "direct" or "anchor" (or a COCO_PROMPT_STYLES key);
-      order: "lr" or "rl".
+      axis: "horizontal" or "vertical"; style: "direct" or "anchor", or a model name
+        (MODEL_PROMPT_STYLES: a family's `prompt_style`); order: "lr" or "rl".
     """
-    style = COCO_PROMPT_STYLES.get(style, style)
+    style = MODEL_PROMPT_STYLES.get(style, style)
+    if style not in COCO_PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; expected one of {COCO_PROMPT_STYLES} or a model "
+                         f"name in {sorted(MODEL_PROMPT_STYLES)}")
     if order not in COCO_ORDERS:
         raise ValueError(f"unknown option order {order!r}; expected one of {COCO_ORDERS}")
     a, b = AXIS_OPTIONS[axis] if order == "lr" else AXIS_OPTIONS[axis][::-1]

@@ -30,14 +30,11 @@ from spatial_jax.data.regions import layout_regions
 
 TASKS = ("squares", "shapes", "objects")
 
-# The official palettes (shared/palette.py): the default, and Pixtral's, which has Orange for Brown.
+# The official default palette (shared/palette.py); a model whose official palette differs says so in
+# its Geometry (Geometry.colours).
 SQUARE_COLOURS: dict[str, sprites.RGB] = {
     "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
     "black": (0, 0, 0), "brown": (150, 75, 0), "gray": (128, 128, 128),
-}
-PIXTRAL_COLOURS: dict[str, sprites.RGB] = {
-    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
-    "black": (0, 0, 0), "orange": (255, 165, 0), "gray": (128, 128, 128),
 }
 # The colour pool of the official last-token pairs (last_token_exp COLOR_RGB without White), for
 # every model: the default palette plus Orange.
@@ -46,7 +43,6 @@ LAST_TOKEN_COLOURS: dict[str, sprites.RGB] = {**SQUARE_COLOURS, "orange": (255, 
 SHAPE_NAMES: tuple[str, ...] = ("square", "circle", "triangle", "star", "cross", "heart")
 SHAPES: tuple[tuple[str, str], ...] = tuple(zip(SHAPE_NAMES, SQUARE_COLOURS))
 OBJECTS: tuple[str, ...] = ("orange", "apple", "pot", "bell", "hat", "rose", "key", "bomb")
-PIXTRAL_OBJECTS: tuple[str, ...] = tuple(o for o in OBJECTS if o != "bomb")
 
 Triple = tuple[str, str, str]
 
@@ -137,13 +133,13 @@ def render_layout(geometry: Geometry, slot_sprites: Sequence[Callable[[int], Ima
 
 
 def palette_for(geometry: Geometry) -> dict[str, sprites.RGB]:
-    """The official Squares/Shapes palette of a model's geometry (Pixtral's has Orange for Brown)."""
-    return dict(PIXTRAL_COLOURS if geometry.name == "pixtral" else SQUARE_COLOURS)
+    """The official Squares/Shapes palette of a model's geometry (`Geometry.colours`, else the default)."""
+    return dict(SQUARE_COLOURS if geometry.colours is None else geometry.colours)
 
 
 def objects_for(geometry: Geometry) -> tuple[str, ...]:
-    """The official object set of a model's geometry (Pixtral's has no bomb)."""
-    return PIXTRAL_OBJECTS if geometry.name == "pixtral" else OBJECTS
+    """The official object set of a model's geometry (`Geometry.objects`, else all of OBJECTS)."""
+    return OBJECTS if geometry.objects is None else geometry.objects
 
 
 # How the official code builds a task in the experiments that differ from behaviour's default:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from spatial_jax.data.prompts import CLOZE_TEMPLATES, PREPOSITIONS, SYSTEM_TEXT
 from spatial_jax.data.synthetic import OBJECTS, SHAPES, SQUARE_COLOURS
-from spatial_jax.processing.word_tokenizer import split_words
+from spatial_jax.processing.words import split_words
 
 
 def synthetic_words(extra: tuple[str, ...] = ()) -> list[str]:

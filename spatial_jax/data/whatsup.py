@@ -96,7 +96,7 @@ def whatsup_item(folder: str | Path, geometry: Geometry, entities: Sequence[str]
     elif regions == "bbox":
         token_regions = bbox_regions(middle, grid[0])
     elif regions == "hand_labelled":
-        token_regions = hand_labelled_regions(geometry.name, middle)
+        token_regions = hand_labelled_regions(geometry, middle)
     else:
         raise ValueError(f"unknown What'sUp regions {regions!r}; expected one of {REGION_SOURCES}")
     if token_regions.grid != grid:

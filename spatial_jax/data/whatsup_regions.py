@@ -6,7 +6,8 @@
   neighbouring positions may share a column (e.g. the chair's middle and right boxes on 12 x 12);
   such tokens count for both positions.
 - Criss-cross (official `criss_cross_patching/src/regions.py`): the left and right object and strip
-  regions are hand-labelled per middle object on Qwen2-VL's 12 x 12 and Gemma 3's 16 x 16 grids;
+  regions are hand-labelled per middle object on Qwen2-VL's 12 x 12 and Gemma 3's 16 x 16 grids
+  (the tables live with those families' geometries: `Geometry.whatsup_hand_labelled`);
   there is no middle region and no table for any other grid (the official code runs no Pixtral
   What'sUp criss-cross). Gemma 3's "table" strips are 6 and 4 columns wide: the official swap pairs
   clean[left + right] with cf[right + left] position by position, so there the pairing is uneven
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from spatial_jax.data.geometry import GEOMETRIES, Geometry
 from spatial_jax.data.regions import Regions, block, complement, object_regions
 
 POSITIONS = ("left", "middle", "right")
@@ -32,34 +34,6 @@ BBOX_NORM: dict[str, dict[str, tuple[tuple[float, float], tuple[float, float]]]]
                  "middle": ((24 / 64, 60 / 64), (20 / 64, 44 / 64)),
                  "right": ((52 / 64, 60 / 64), (44 / 64, 56 / 64))},
 }
-
-# geometry -> middle -> side -> (rows range, cols range) on the geometry's square grid.
-HAND_LABELLED_OBJECTS: dict[str, dict[str, dict[str, tuple[range, range]]]] = {
-    "qwen2_vl": {  # 12 x 12
-        "chair": {"left": (range(8, 11), range(1, 4)), "right": (range(8, 11), range(8, 11))},
-        "table": {"left": (range(6, 11), range(0, 3)), "right": (range(6, 11), range(9, 12))},
-        "armchair": {"left": (range(9, 11), range(1, 4)), "right": (range(9, 11), range(8, 11))},
-    },
-    "gemma3": {  # 16 x 16
-        "chair": {"left": (range(12, 15), range(3, 6)), "right": (range(12, 15), range(10, 13))},
-        "table": {"left": (range(10, 15), range(2, 4)), "right": (range(10, 15), range(12, 14))},
-        "armchair": {"left": (range(13, 15), range(2, 5)), "right": (range(13, 15), range(11, 14))},
-    },
-}
-HAND_LABELLED_STRIPS: dict[str, dict[str, dict[str, tuple[range, range]]]] = {
-    "qwen2_vl": {
-        "chair": {"left": (range(12), range(0, 4)), "right": (range(12), range(8, 12))},
-        "table": {"left": (range(12), range(0, 3)), "right": (range(12), range(9, 12))},
-        "armchair": {"left": (range(12), range(0, 4)), "right": (range(12), range(8, 12))},
-    },
-    "gemma3": {
-        "chair": {"left": (range(16), range(0, 6)), "right": (range(16), range(10, 16))},
-        "table": {"left": (range(16), range(0, 6)), "right": (range(16), range(12, 16))},
-        "armchair": {"left": (range(16), range(0, 5)), "right": (range(16), range(11, 16))},
-    },
-}
-HAND_LABELLED_GRIDS = {"qwen2_vl": 12, "gemma3": 16}
-
 
 def bbox_norm_to_patches(box: tuple[tuple[float, float], tuple[float, float]], n: int) -> np.ndarray:
     """The official `bbox_norm_to_patches`: a normalised ((r0, r1), (c0, c1)) box -> int32 indices
@@ -78,19 +52,22 @@ def bbox_regions(middle: str, n: int) -> Regions:
     return object_regions(tuple(bbox_norm_to_patches(BBOX_NORM[middle][p], n) for p in POSITIONS), (n, n))
 
 
-def hand_labelled_regions(geometry_name: str, middle: str) -> Regions:
-    """Criss-cross regions of the official tables: left and right object and strip tokens, the
-    middle slot empty (the official swap uses only the sides)."""
-    if geometry_name not in HAND_LABELLED_GRIDS:
-        raise ValueError(f"no official hand-labelled What'sUp regions for geometry {geometry_name!r} (only "
-                         f"{sorted(HAND_LABELLED_GRIDS)}); use the box regions instead")
-    n = HAND_LABELLED_GRIDS[geometry_name]
+def hand_labelled_regions(geometry: Geometry, middle: str) -> Regions:
+    """Criss-cross regions of the official tables (`geometry.whatsup_hand_labelled`, on its
+    n_tokens x n_tokens grid): left and right object and strip tokens, the middle slot empty (the
+    official swap uses only the sides)."""
+    tables = geometry.whatsup_hand_labelled
+    if tables is None:
+        known = sorted(name for name, g in GEOMETRIES.items() if g.whatsup_hand_labelled is not None)
+        raise ValueError(f"no official hand-labelled What'sUp regions for geometry {geometry.name!r} (only "
+                         f"{known}); use the box regions instead")
+    n = geometry.n_tokens
     empty = np.zeros(0, np.int32)
 
     def sides(table):
-        left, right = (block((n, n), *table[geometry_name][middle][s]) for s in ("left", "right"))
+        left, right = (block((n, n), *table[middle][s]) for s in ("left", "right"))
         return left, empty, right
 
-    objects = sides(HAND_LABELLED_OBJECTS)
-    return Regions(grid=(n, n), objects=objects, strips=sides(HAND_LABELLED_STRIPS),
+    objects = sides(tables["objects"])
+    return Regions(grid=(n, n), objects=objects, strips=sides(tables["strips"]),
                    background=complement(n * n, objects))

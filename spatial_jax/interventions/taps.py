@@ -34,7 +34,3 @@ class Taps:
         """A fresh Taps for one scan step that only sees the sites that step runs."""
         return Taps([iv for iv in self.interventions if iv.site in step_sites],
                     [s for s in self.cache_sites if s in step_sites])
-
-    def wants(self, step_sites: frozenset[str]) -> bool:
-        return any(iv.site in step_sites for iv in self.interventions) or bool(
-            self.cache_sites & step_sites)

@@ -19,12 +19,12 @@ import spatial_jax as sj
 from spatial_jax.convert.checkpoint import partial_dir
 from spatial_jax.convert.export import export_hf
 from spatial_jax.data import scoring
-from spatial_jax.data.geometry import get_geometry
+from spatial_jax.data.geometry import GEOMETRY_KEY, get_geometry
 from spatial_jax.data.items import Item
 from spatial_jax.data.prompts import SYSTEM_TEXT
 from spatial_jax.data.synthetic import SyntheticTask, make_task, render_layout
-from spatial_jax.organism.spec import GEOMETRY, GEOMETRY_KEY
-from spatial_jax.processing.word_tokenizer import write_word_level_qwen2vl_processor
+from spatial_jax.organism.spec import GEOMETRY
+from spatial_jax.families.qwen2_vl.word_tokenizer import write_word_level_qwen2vl_processor
 
 META_FILE = "organism.json"
 

@@ -30,7 +30,7 @@ from PIL import Image
 from spatial_jax.data.geometry import Geometry, get_geometry
 from spatial_jax.data.prompts import DIRECTIONS, SYSTEM_TEXT, cloze_prompt, is_horizontal, target_slot
 from spatial_jax.data.synthetic import SHAPES, make_task, split_triples
-from spatial_jax.processing.qwen2_vl import Qwen2VLPrep, preprocess_image
+from spatial_jax.families.qwen2_vl.processor import Qwen2VLPrep, preprocess_image
 from spatial_jax.organism.recipes import parse_treatment
 from spatial_jax.organism.spec import training_colours
 

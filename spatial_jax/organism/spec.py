@@ -12,12 +12,10 @@ from typing import Mapping
 
 from spatial_jax.data.synthetic import SQUARE_COLOURS
 from spatial_jax.data.vocabulary import synthetic_words
-from spatial_jax.models.qwen2_vl import Qwen2VLConfig
-from spatial_jax.processing.word_tokenizer import SPECIAL_IDS, WordLevelVocab
+from spatial_jax.families.qwen2_vl.model import Qwen2VLConfig
+from spatial_jax.families.qwen2_vl.word_tokenizer import SPECIAL_IDS, WordLevelVocab
 
 GEOMETRY = "organism"
-# config.json key the experiment binaries read to pick the canvas geometry (experiments/common.py).
-GEOMETRY_KEY = "spatial_jax_geometry"
 
 # Colours seen only in training (Squares and the colours Shapes are painted in), so that the test
 # palette's triples are a small part of what the model sees. Far enough from the 6 test colours and

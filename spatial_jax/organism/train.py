@@ -1,7 +1,7 @@
 """Training the model organism: the jitted step, held-out evaluation and early stopping.
 
-The forward pass used in training is the model's own pieces (`Qwen2VL.vision`, `lm_context`,
-`layers`, `final`, `unembed`) with three training-only differences, none of which changes the
+The forward pass used in training is the one runner's (`spatial_jax.runner.run`, after the tower's
+`VisionTower.from_patches`), with these training-only differences, none of which changes the
 function the model computes at inference:
 
 * pixel_values are gathered from the cell table inside the step (see organism/data.py);
@@ -29,10 +29,9 @@ from flax import nnx
 
 from spatial_jax.batch import Batch
 from spatial_jax.forward import load as sj_load
+from spatial_jax.runner import run
 from spatial_jax.interventions.taps import Taps
-from spatial_jax.models.layers import run_layers
-from spatial_jax.models import layers as L
-from spatial_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, VisionTower, image_groups, vision_rope
+from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig
 from spatial_jax.organism import data as odata
 from spatial_jax.organism.recipes import CONDITIONS, RECIPES, Recipe
 
@@ -58,17 +57,6 @@ class TrainConfig:
     weak_band: tuple[float, float] = (0.6, 0.75)
 
 
-def vision_from_embeddings(tower: VisionTower, x: jax.Array, grid_thw: tuple) -> jax.Array:
-    """`VisionTower.__call__` after its patch embedding: x [N_patches, Dv] -> visual tokens [N / merge^2, D]."""
-    cfg = tower.cfg
-    N = x.shape[0]
-    cos, sin = vision_rope(cfg, grid_thw)
-    groups = image_groups(grid_thw)
-    x, _ = L.scan_layers(tower.blocks, lambda block, h, idx, _: (block(h, cos, sin, groups), None), x[None])
-    x = tower.merger_norm(x).reshape(N // cfg.merge_size**2, -1)
-    return tower.merger_fc2(jax.nn.gelu(tower.merger_fc1(x), approximate=False))
-
-
 def visual_tokens(module: Qwen2VL, cells, cell_table, grid_thw: tuple) -> jax.Array:
     """[n_img, Ni, D] post-merger visual tokens of images given as cells [n_img, Ni] int rows of
     cell_table [n_cells, merge^2, patch_dim] (organism/data.py); the patch embedding runs once per
@@ -76,7 +64,7 @@ def visual_tokens(module: Qwen2VL, cells, cell_table, grid_thw: tuple) -> jax.Ar
     tower = module.vision
     patches = tower.patch_embed(cell_table.reshape(-1, cell_table.shape[-1]).astype(tower.patch_embed.kernel.dtype))
     patches = patches.reshape(cell_table.shape[0], cell_table.shape[1], -1)
-    vis = vision_from_embeddings(tower, patches[cells].reshape(-1, patches.shape[-1]), grid_thw)
+    vis = tower.from_patches(patches[cells].reshape(-1, patches.shape[-1]), grid_thw, Taps())
     return vis.reshape(cells.shape[0], -1, vis.shape[-1])
 
 
@@ -105,17 +93,10 @@ def organism_logits(module: Qwen2VL, input_ids, attention_mask, cells, cell_tabl
     slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, vis.shape[1] - 1)
     x = jnp.where(is_img[..., None], jnp.take_along_axis(vis, slot[..., None], axis=1), x)
     batch = Batch(input_ids=input_ids, attention_mask=attention_mask, image_grid_thw=grid_thw)
-    ctx = module.lm_context(batch)
-    graphdef, state = nnx.split(module.layers)
-    n = cfg.num_layers
-    if n > 1:
-        below = nnx.merge(graphdef, jax.tree.map(lambda p: p[:n - 1], state))
-        x = run_layers(below, x, ctx, Taps())
-    last = nnx.merge(graphdef, jax.tree.map(lambda p: p[n - 1], state))
     # Only the last position's output is read: its query, attention output and MLP, keys and
     # values from every position.
     rows = jnp.full((B, 1), input_ids.shape[1] - 1, jnp.int32)
-    return module.unembed(module.final(last(x, ctx, Taps(), n - 1, rows), Taps())[:, 0])
+    return module.unembed(run(module, batch, Taps(), embeddings=x, rows=rows)[:, 0])
 
 
 @dataclasses.dataclass(frozen=True)

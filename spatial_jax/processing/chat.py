@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
-ImageEntry = Union[Image.Image, Sequence[Image.Image], None]  # one prompt's images (validation.images_per_prompt)
+ImageEntry = Union[Image.Image, Sequence[Image.Image], None]  # one prompt's images (images_per_prompt)
 
 
 def checked_dir(path: Union[str, os.PathLike]) -> str:
@@ -90,3 +90,37 @@ class ChatPrep:
     @property
     def padding_side(self) -> str:
         return self.tokenizer.padding_side
+
+
+def images_per_prompt(images, prompts) -> list[list[Image.Image]]:
+    """`prepare`'s images and prompts: one entry per prompt (a PIL image, a list of them, or None),
+    or images=None for text only -> one list of PIL images per prompt."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts: expected a list of strings (one per row), not a string")
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts: expected a list of strings (one per row), got a {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts: expected at least one prompt, got an empty list")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}]: expected a str, got {type(prompt).__name__}")
+    if images is None:
+        images = [None] * len(prompts)
+    if isinstance(images, Image.Image) or not isinstance(images, (list, tuple)):
+        raise TypeError(f"images: expected a list with one entry per prompt (a PIL image, a list of them, or "
+                        f"None), got a {type(images).__name__}; for one prompt pass images=[img]")
+    if len(images) != len(prompts):
+        raise ValueError(f"images: got {len(prompts)} prompts but {len(images)} image entries; pass one entry "
+                         "(an image, a list of images or None) per prompt")
+    return [_as_image_list(entry, i) for i, entry in enumerate(images)]
+
+
+def _as_image_list(entry, index: int) -> list[Image.Image]:
+    if entry is None:
+        return []
+    items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+    for j, item in enumerate(items):
+        if not isinstance(item, Image.Image):
+            raise TypeError(f"images[{index}]" + (f"[{j}]" if isinstance(entry, (list, tuple)) else "")
+                            + f" is a {type(item).__name__}, expected a PIL.Image.Image")
+    return items

@@ -49,9 +49,8 @@ from flax import nnx
 
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
-from spatial_jax.models import layers as L
-
-_VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
+from spatial_jax.nn import layers as L
+from spatial_jax.nn.context import LMContext
 
 # Defaults of transformers 5.23's Gemma3TextConfig / SiglipVisionConfig / Gemma3Config: the hub
 # config.json of gemma-3-4b-it leaves many keys out and relies on these.
@@ -113,7 +112,6 @@ class Gemma3Config:
     boi_token_id: int
     eoi_token_id: int
 
-    family = "gemma3"
 
     @property
     def patch_dim(self) -> int:
@@ -288,14 +286,7 @@ class VisionTower(nnx.Module):
         dtype = self.patch_embed.kernel.dtype
         x = self.patch_embed(L.patchify(pixel_values.astype(dtype), cfg.patch_size)) + self.pos_embed[...]
 
-        def step(layer, x, idx, _):
-            t = taps.for_step(_VISION_STEP_SITES)
-            x = t.at(sites.VISION_BLOCK_OUT, layer(x), idx)
-            return x, t.collected
-
-        x, collected = L.scan_layers(self.layers, step, x)
-        if sites.VISION_BLOCK_OUT in collected:
-            taps.collected[sites.VISION_BLOCK_OUT] = jnp.moveaxis(collected[sites.VISION_BLOCK_OUT], 0, 1)
+        x, _ = L.run_vision_blocks(self.layers, x, taps, lambda layer, h: layer(h))
         x = self.post_norm(x)
         # AvgPool2d(k, k) over the patch grid; token index = row * tokens_per_side + col.
         n, side, ts = x.shape[0], cfg.patches_per_side, cfg.tokens_per_side
@@ -335,6 +326,19 @@ def attention_masks(attention_mask: jax.Array, token_type_ids: Optional[jax.Arra
     return allowed, window
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Gemma3Context(LMContext):
+    """LMContext (cos/sin: the global layers' RoPE; allowed: the causal mask, both ways within an
+    image) plus the sliding layers' RoPE cos_local/sin_local [B, T, hd], their window [B, T, T]
+    bool, and is_sliding [L] bool (which layers are sliding)."""
+
+    cos_local: jax.Array
+    sin_local: jax.Array
+    window: jax.Array
+    is_sliding: jax.Array
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Gemma3Config, *, dtype, rngs: nnx.Rngs):
         d, hd, eps = cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps
@@ -355,15 +359,15 @@ class DecoderLayer(nnx.Module):
         self.scale = cfg.query_pre_attn_scalar**-0.5
         self.act = cfg.hidden_act
 
-    def __call__(self, x, ctx: dict, taps: Taps, layer, rows=None):
+    def __call__(self, x, ctx: "Gemma3Context", taps: Taps, layer, rows=None):
         """x [B, T, D] (resid_pre) -> resid_post [B, T, D], or [B, Q, D] at `rows` [B, Q] only
         (keys and values still from every position). ctx: see Gemma3.lm_context; `layer` is traced."""
         B, T, _ = x.shape
         x = taps.at(sites.LM_RESID_PRE, x, layer)
-        sliding = ctx["is_sliding"][layer]
-        cos = jnp.where(sliding, ctx["cos_local"], ctx["cos_global"])[:, :, None].astype(x.dtype)
-        sin = jnp.where(sliding, ctx["sin_local"], ctx["sin_global"])[:, :, None].astype(x.dtype)
-        allowed = ctx["allowed"] & (~sliding | ctx["window"])
+        sliding = ctx.is_sliding[layer]
+        cos = jnp.where(sliding, ctx.cos_local, ctx.cos)[:, :, None].astype(x.dtype)
+        sin = jnp.where(sliding, ctx.sin_local, ctx.sin)[:, :, None].astype(x.dtype)
+        allowed = ctx.allowed & (~sliding | ctx.window)
         h = self.input_norm(x)
         k = L.apply_rope(self.k_norm(self.k(h).reshape(B, T, self.kv_heads, self.head_dim)), cos, sin)
         v = self.v(h).reshape(B, T, self.kv_heads, self.head_dim)
@@ -406,6 +410,11 @@ class Gemma3(L.LanguageModel):
         return L.scatter_rows(x, is_img, vis.reshape(-1, vis.shape[-1]))
 
     @staticmethod
+    def token_grids(cfg: Gemma3Config, batch) -> list[tuple[int, int]]:
+        """(rows, cols) of soft tokens of each image of the batch: every image is the same pooled square."""
+        return [(cfg.tokens_per_side, cfg.tokens_per_side)] * int(np.shape(batch.pixel_values)[0])
+
+    @staticmethod
     def check_batch(cfg: Gemma3Config, batch) -> None:
         """Host-side input checks, raising ValueError with what is wrong."""
         if batch.token_type_ids is not None and np.shape(batch.token_type_ids) != np.shape(batch.input_ids):
@@ -425,7 +434,7 @@ class Gemma3(L.LanguageModel):
                 raise ValueError(f"the prompts have {slots} <image_soft_token> slots but the {shape[0]} images "
                                  f"give {shape[0] * cfg.mm_tokens_per_image} visual tokens")
 
-    def lm_context(self, batch) -> dict:
+    def lm_context(self, batch) -> "Gemma3Context":
         """What every decoder layer needs besides the residual: both RoPE tables, the global mask,
         the sliding window, and the per-layer pattern `is_sliding` [L]."""
         cfg = self.cfg
@@ -433,5 +442,5 @@ class Gemma3(L.LanguageModel):
         cos_l, sin_l = L.rope_cos_sin(pos, cfg.head_dim, cfg.rope_local_theta, cfg.rope_local_factor)
         cos_g, sin_g = L.rope_cos_sin(pos, cfg.head_dim, cfg.rope_global_theta, cfg.rope_global_factor)
         allowed, window = attention_masks(batch.attention_mask, batch.token_type_ids, cfg.sliding_window)
-        return {"cos_local": cos_l, "sin_local": sin_l, "cos_global": cos_g, "sin_global": sin_g,
-                "allowed": allowed, "window": window, "is_sliding": jnp.asarray(cfg.is_sliding)}
+        return Gemma3Context(cos=cos_g, sin=sin_g, allowed=allowed, cos_local=cos_l, sin_local=sin_l, window=window,
+                             is_sliding=jnp.asarray(cfg.is_sliding))

@@ -13,7 +13,7 @@ from spatial_jax.batch import Batch, last_positions
 from spatial_jax.forward import Model, forward
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
-from spatial_jax.interventions.sweep import Readout, SweepResult, patch_sweep
+from spatial_jax.sweeps.sweep import Readout, SweepResult, patch_sweep
 
 
 def _slot_sweep(model: Model, base: Batch, source: Batch, index: np.ndarray, tokens: np.ndarray,

@@ -13,6 +13,7 @@ from flax import nnx
 
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
+from spatial_jax.nn.context import LMContext
 
 LM_LAYER_SITES = frozenset({sites.LM_RESID_PRE, sites.LM_ATTN_OUT, sites.LM_MLP_OUT, sites.LM_RESID_POST})
 
@@ -251,16 +252,16 @@ class DecoderLayer(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hd
         self.act = act
 
-    def __call__(self, x, ctx: dict, taps: Taps, layer, rows=None):
+    def __call__(self, x, ctx: LMContext, taps: Taps, layer, rows=None):
         """x [B, T, D] (resid_pre) -> resid_post [B, T, D], or [B, Q, D] at `rows` [B, Q] only
         (keys and values still from every position). ctx: cos/sin [B, T, hd], allowed [B, T, T]."""
         B, T, _ = x.shape
         x = taps.at(sites.LM_RESID_PRE, x, layer)
         h = self.input_norm(x)
-        cos, sin = ctx["cos"][:, :, None].astype(x.dtype), ctx["sin"][:, :, None].astype(x.dtype)
+        cos, sin = ctx.cos[:, :, None].astype(x.dtype), ctx.sin[:, :, None].astype(x.dtype)
         k = apply_rope(self.k(h).reshape(B, T, self.kv_heads, self.head_dim), cos, sin)
         v = self.v(h).reshape(B, T, self.kv_heads, self.head_dim)
-        x, h, cos, sin, allowed = (select_rows(a, rows) for a in (x, h, cos, sin, ctx["allowed"]))
+        x, h, cos, sin, allowed = (select_rows(a, rows) for a in (x, h, cos, sin, ctx.allowed))
         q = apply_rope(self.q(h).reshape(B, -1, self.heads, self.head_dim), cos, sin)
         a = self.o(attention(q, k, v, allowed, self.head_dim**-0.5).reshape(B, q.shape[1], -1))
         x = x + taps.at(sites.LM_ATTN_OUT, a, layer, rows)
@@ -346,44 +347,22 @@ def scan_layers(stacked: nnx.Module, step: Callable, carry, xs=None):
     return jax.lax.scan(body, carry, (state, jnp.arange(n), xs))
 
 
-def run_layers(stacked: nnx.Module, x: jax.Array, ctx, taps: Taps) -> jax.Array:
-    """Runs decoder layers `layer(x, ctx, taps, idx)` over x [B, T, D] as a scan; the cached
-    per-layer sites leave it as [B, L, T, D]."""
-    def step(layer, h, idx, _):
-        t = taps.for_step(LM_LAYER_SITES)
-        return layer(h, ctx, t, idx), t.collected
-
-    x, collected = scan_layers(stacked, step, x)
-    for site, per_layer in collected.items():
-        taps.collected[site] = jnp.moveaxis(per_layer, 0, 1)
-    return x
+VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
 
 
-def run_layers_from(stacked: nnx.Module, x: jax.Array, ctx, taps: Taps, start: jax.Array, rows: jax.Array,
-                    prefix: jax.Array | None = None) -> jax.Array:
-    """A sweep variant's layers: from layer `start` (a traced scalar) on, returning the last
-    layer's output at `rows` [B, R] only ([B, R, D]; the last layer computes just those).
+def run_vision_blocks(blocks: nnx.Module, x: jax.Array, taps: Taps, block_fn: Callable,
+                      keep_outputs: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """The one loop over a vision tower's stacked blocks: x -> block_fn(block, x) block after block
+    (a scan), tapped at `vision.block_out` after each (cached as [n, Lv, ...], the block axis second).
 
-    x: the residual entering layer `start`, [B, T, D]; a variant patching at layer l reuses the
-    clean run below l instead of recomputing it. With `prefix` [B, L, P, D], the clean run's
-    residual entering each layer at positions < P (which the variant does not change: causal
-    attention), x holds positions P..T-1 only and each layer computes just those, the prefix's
-    keys and values coming from the clean residual. Caches nothing.
-    """
-    if taps.cache_sites & LM_LAYER_SITES:
-        raise ValueError("per-layer sites cannot be cached when starting above layer 0")
-    graphdef, state = nnx.split(stacked)
-    n = jax.tree.leaves(state)[0].shape[0]
-    P = 0 if prefix is None else prefix.shape[2]
-    changed = None if prefix is None else jnp.broadcast_to(jnp.arange(P, P + x.shape[1]), x.shape[:2])
+    Returns the last block's output and, with keep_outputs, every block's output [Lv, *x.shape]
+    (towers that read an earlier block's features)."""
+    def step(block, h, idx, _):
+        t = taps.for_step(VISION_STEP_SITES)
+        h = t.at(sites.VISION_BLOCK_OUT, block_fn(block, h), idx)
+        return h, (t.collected, h if keep_outputs else None)
 
-    def entering(idx, h):
-        """The residual entering layer idx at every position."""
-        return h if prefix is None else jnp.concatenate([jax.lax.dynamic_index_in_dim(prefix, idx, 1, False), h], 1)
-
-    def run(idx, h, rows=changed):
-        layer_state = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, idx, keepdims=False), state)
-        return nnx.merge(graphdef, layer_state)(entering(idx, h), ctx, taps.for_step(LM_LAYER_SITES), idx, rows)
-
-    x = jax.lax.fori_loop(start, n - 1, run, x)
-    return jax.lax.cond(start < n, lambda h: run(n - 1, h, rows), lambda h: select_rows(h, rows - P), x)
+    x, (collected, outputs) = scan_layers(blocks, step, x)
+    if sites.VISION_BLOCK_OUT in collected:
+        taps.collected[sites.VISION_BLOCK_OUT] = jnp.moveaxis(collected[sites.VISION_BLOCK_OUT], 0, 1)
+    return x, outputs

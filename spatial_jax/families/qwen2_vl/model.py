@@ -17,10 +17,9 @@ from flax import nnx
 
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
-from spatial_jax.models import layers as L
-from spatial_jax.models.layers import DecoderLayer
-
-_VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
+from spatial_jax.nn import layers as L
+from spatial_jax.nn.context import LMContext
+from spatial_jax.nn.layers import DecoderLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +50,6 @@ class Qwen2VLConfig:
     vision_start_token_id: int
     vision_end_token_id: int
 
-    family = "qwen2_vl"
 
     @property
     def patch_dim(self) -> int:
@@ -197,20 +195,15 @@ class VisionTower(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array, grid_thw: tuple, taps: Taps) -> jax.Array:
         """pixel_values [N, patch_dim], static grid_thw ((1, h, w), ...) -> visual tokens [1, N / merge^2, D]."""
+        return self.from_patches(self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype)), grid_thw, taps)
+
+    def from_patches(self, x: jax.Array, grid_thw: tuple, taps: Taps) -> jax.Array:
+        """The tower after its patch embedding: x [N, Dv] -> visual tokens [1, N / merge^2, D]."""
         cfg = self.cfg
-        N = pixel_values.shape[0]
-        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))[None]
+        N = x.shape[0]
         cos, sin = vision_rope(cfg, grid_thw)
         groups = image_groups(grid_thw)
-
-        def step(block, x, idx, _):
-            t = taps.for_step(_VISION_STEP_SITES)
-            x = t.at(sites.VISION_BLOCK_OUT, block(x, cos, sin, groups), idx)
-            return x, t.collected
-
-        x, collected = L.scan_layers(self.blocks, step, x)
-        if sites.VISION_BLOCK_OUT in collected:
-            taps.collected[sites.VISION_BLOCK_OUT] = jnp.moveaxis(collected[sites.VISION_BLOCK_OUT], 0, 1)
+        x, _ = L.run_vision_blocks(self.blocks, x[None], taps, lambda block, h: block(h, cos, sin, groups))
         x = self.merger_norm(x).reshape(1, N // cfg.merge_size**2, -1)
         x = self.merger_fc2(jax.nn.gelu(self.merger_fc1(x), approximate=False))
         return taps.at(sites.VISION_TOKENS, x)
@@ -278,6 +271,11 @@ class Qwen2VL(L.LanguageModel):
             batch, lambda: self.vision(batch.pixel_values, batch.image_grid_thw, taps)[0])
 
     @staticmethod
+    def token_grids(cfg: Qwen2VLConfig, batch) -> list[tuple[int, int]]:
+        """(rows, cols) of merged visual tokens of each image of the batch, in order."""
+        return [(int(h) // cfg.merge_size, int(w) // cfg.merge_size) for _, h, w in np.asarray(batch.image_grid_thw)]
+
+    @staticmethod
     def check_batch(cfg: Qwen2VLConfig, batch) -> None:
         """Host-side input checks, raising ValueError with what is wrong."""
         ids = L.host_input_ids(batch)
@@ -310,10 +308,10 @@ class Qwen2VL(L.LanguageModel):
                 raise ValueError(f"the prompts' <|image_pad|> runs have {runs} slots, but image_grid_thw "
                                  f"gives {per_image} visual tokens per image")
 
-    def lm_context(self, batch) -> dict:
+    def lm_context(self, batch) -> LMContext:
         """What every decoder layer needs besides the residual: M-RoPE cos/sin and the mask."""
         cfg = self.cfg
         pos = mrope_positions(batch.input_ids, batch.attention_mask, batch.image_grid_thw,
                               cfg.image_token_id, cfg.merge_size)
         cos, sin = mrope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-        return {"cos": cos, "sin": sin, "allowed": L.causal_mask(batch.attention_mask)}
+        return LMContext(cos, sin, L.causal_mask(batch.attention_mask))

@@ -31,14 +31,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from spatial_jax import parallel, validation
+from spatial_jax import families, parallel, validation
 from spatial_jax.batch import Batch
 from spatial_jax.forward import Model
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.ops import Intervention
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.jitting import jit
-from spatial_jax.models.layers import run_layers, run_layers_from
+from spatial_jax.runner import run, run_layers
 
 
 @jax.tree_util.register_dataclass
@@ -59,11 +59,11 @@ class SweepResult:
     argmax: np.ndarray
 
 
-def _read(module, x: jax.Array, taps: Taps, rows: jax.Array, tokens: jax.Array):
-    """x [B, 1, D]: the last layer's output at the read positions rows [B, 1] -> final norm (site
-    lm.final), then the logits and probabilities of tokens ([K] or [B, K]) and the argmax."""
-    logits = module.unembed(module.final(x, taps, rows)[:, 0])  # [B, V]
-    tokens = jnp.broadcast_to(tokens, (x.shape[0],) + jnp.shape(tokens)[-1:])
+def _read(module, final: jax.Array, tokens: jax.Array):
+    """final [B, 1, D]: the final norm's output at the read positions -> the logits and
+    probabilities of tokens ([K] or [B, K]) and the argmax."""
+    logits = module.unembed(final[:, 0])  # [B, V]
+    tokens = jnp.broadcast_to(tokens, (final.shape[0],) + jnp.shape(tokens)[-1:])
     logp = jax.nn.log_softmax(logits, axis=-1)
     return (jnp.take_along_axis(logits, tokens, axis=-1), jnp.exp(jnp.take_along_axis(logp, tokens, axis=-1)),
             jnp.argmax(logits, axis=-1).astype(jnp.int32))
@@ -73,7 +73,7 @@ def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout,
     """vmapped over the leading axis of `ivs`; `base` interventions apply unbatched in every
     variant. x_start None: every variant runs the full forward (vision included, start 0);
     otherwise each restarts the LM at layer `start` from x_start [B, T - P, D], the positions
-    after the unchanged prefix [B, L, P, D] (see `run_layers_from`). The last layer runs at the
+    after the unchanged prefix [B, L, P, D] (see `runner.run_layers`). The last layer runs at the
     read positions only."""
     module = nnx.merge(graphdef, params)
     ctx = module.lm_context(batch)
@@ -81,9 +81,8 @@ def _variants_from(graphdef, params, batch: Batch, x_start, start, ivs, readout,
 
     def one(variant_ivs):
         taps = Taps(tuple(base) + tuple(variant_ivs))
-        x = module.embed_inputs(batch, taps) if x_start is None else x_start
-        return _read(module, run_layers_from(module.layers, x, ctx, taps, start, rows, prefix), taps, rows,
-                     readout.tokens)
+        return _read(module, run(module, batch, taps, embeddings=x_start, start=start, rows=rows, prefix=prefix,
+                                 ctx=ctx), readout.tokens)
 
     return jax.vmap(one)(ivs)
 
@@ -104,7 +103,7 @@ def _restart_points(graphdef, params, batch: Batch, base) -> tuple[jax.Array, ja
     embeddings = module.embed_inputs(batch, taps)
     ctx = module.lm_context(batch)
     run_layers(module.layers, embeddings, ctx, taps)
-    return jnp.concatenate([embeddings[:, None], taps.collected[sites.LM_RESID_POST]], 1), ctx["allowed"]
+    return jnp.concatenate([embeddings[:, None], taps.collected[sites.LM_RESID_POST]], 1), ctx.allowed
 
 
 _restart_points_jit = jit(_restart_points, static_argnames=("graphdef",))
@@ -222,7 +221,7 @@ def _call_size(n: int, chunk: int, mesh) -> int:
 def _on_mesh(model: Model, mesh: jax.sharding.Mesh) -> Model:
     """The model with its params placed on `mesh` by the family's sharding rules."""
     pure = nnx.to_pure_dict(model.params)
-    placed = parallel.place_params(pure, parallel.param_shardings(pure, model.family, mesh))
+    placed = parallel.place_params(pure, parallel.param_shardings(pure, families.get(model.family).sharding_rules, mesh))
     state = jax.tree.map(lambda x: x, model.params)
     nnx.replace_by_pure_dict(state, placed)
     return dataclasses.replace(model, params=state, mesh=mesh)

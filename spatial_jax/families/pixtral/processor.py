@@ -35,14 +35,12 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from spatial_jax.processing.chat import (
-    ChatPrep, ImageEntry, check_image_tokens, checked_dir, expand_placeholders, load_tokenizer,
+    images_per_prompt,     ChatPrep, ImageEntry, check_image_tokens, checked_dir, expand_placeholders, load_tokenizer,
     render_user_turn, token_id, tokenize_chat_texts,
 )
-from spatial_jax.processing.qwen2_vl import (
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROCESSOR_CONFIG, _read_json, image_processor_values, load_chat_template,
-    read_image_processor_config, rescale_and_normalize, to_rgb,
+from spatial_jax.processing.images import (
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROCESSOR_CONFIG, read_json, image_processor_values, load_chat_template, read_image_processor_config, rescale_and_normalize, to_rgb,
 )
-from spatial_jax.validation import images_per_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +154,7 @@ class PixtralPrep(ChatPrep):
         """
         path = checked_dir(path)
         processor_file = os.path.join(path, PROCESSOR_CONFIG)
-        proc = _read_json(processor_file) if os.path.isfile(processor_file) else {}
+        proc = read_json(processor_file) if os.path.isfile(processor_file) else {}
         if proc.get("spatial_merge_size", 1) != 1:
             raise ValueError(f"{processor_file}: spatial_merge_size {proc['spatial_merge_size']} (a Mistral 3 "
                              "processor); Pixtral has 1")

@@ -37,9 +37,9 @@ from flax import nnx
 
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
-from spatial_jax.models import layers as L
+from spatial_jax.nn import layers as L
+from spatial_jax.nn.context import LMContext
 
-_VISION_STEP_SITES = frozenset({sites.VISION_BLOCK_OUT})
 VISION_EPS = 1e-5  # PixtralRMSNorm's eps in the vision tower, fixed in HF's code (not in the config)
 
 # Defaults of transformers 5.23's MistralConfig / PixtralVisionConfig / LlavaConfig: a hub
@@ -88,7 +88,6 @@ class PixtralConfig:
     tie_word_embeddings: bool
     image_token_id: int
 
-    family = "pixtral"
 
     @property
     def patch_dim(self) -> int:
@@ -267,15 +266,8 @@ class VisionTower(nnx.Module):
         # Block outputs leave the scan only if the projector reads one other than the last.
         keep_outputs = any(0 < i < cfg.vision_layers for i in cfg.feature_layers)
 
-        def step(block, h, idx, _):
-            t = taps.for_step(_VISION_STEP_SITES)
-            h = t.at(sites.VISION_BLOCK_OUT, block(h, cos, sin, runs), idx)
-            return h, (t.collected, h if keep_outputs else None)
-
         first = x
-        x, (collected, outputs) = L.scan_layers(self.blocks, step, x)
-        if sites.VISION_BLOCK_OUT in collected:
-            taps.collected[sites.VISION_BLOCK_OUT] = jnp.moveaxis(collected[sites.VISION_BLOCK_OUT], 0, 1)
+        x, outputs = L.run_vision_blocks(self.blocks, x, taps, lambda block, h: block(h, cos, sin, runs), keep_outputs)
 
         def hidden(i: int) -> jax.Array:
             return first if i == 0 else x if i == cfg.vision_layers else outputs[i - 1]
@@ -315,6 +307,11 @@ class Pixtral(L.LanguageModel):
             batch, lambda: self.vision(batch.pixel_values, image_sizes_of(batch), taps)[0])
 
     @staticmethod
+    def token_grids(cfg: PixtralConfig, batch) -> list[tuple[int, int]]:
+        """(rows, cols) of visual tokens of each image of the batch ([IMG_BREAK]s not counted), in order."""
+        return [(int(h) // cfg.patch_size, int(w) // cfg.patch_size) for h, w in np.asarray(batch.image_sizes)]
+
+    @staticmethod
     def check_batch(cfg: PixtralConfig, batch) -> None:
         """Host-side input checks, raising ValueError with what is wrong."""
         ids = L.host_input_ids(batch)
@@ -338,8 +335,8 @@ class Pixtral(L.LanguageModel):
             if slots != tokens:
                 raise ValueError(f"the prompts have {slots} [IMG] slots but the images give {tokens} visual tokens")
 
-    def lm_context(self, batch) -> dict:
+    def lm_context(self, batch) -> LMContext:
         """What every decoder layer needs besides the residual: RoPE cos/sin and the mask."""
         cfg = self.cfg
         cos, sin = L.rope_cos_sin(L.positions_from_mask(batch.attention_mask), cfg.head_dim, cfg.rope_theta)
-        return {"cos": cos, "sin": sin, "allowed": L.causal_mask(batch.attention_mask, cfg.sliding_window)}
+        return LMContext(cos, sin, L.causal_mask(batch.attention_mask, cfg.sliding_window))

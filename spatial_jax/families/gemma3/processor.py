@@ -31,14 +31,12 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from spatial_jax.processing.chat import (
-    ChatPrep, ImageEntry, checked_dir, load_tokenizer, render_user_turn, token_id,
+    images_per_prompt,     ChatPrep, ImageEntry, checked_dir, load_tokenizer, render_user_turn, token_id,
     tokenize_chat_texts,
 )
-from spatial_jax.processing.qwen2_vl import (
-    PROCESSOR_CONFIG, _read_json, image_processor_values, load_chat_template, read_image_processor_config,
-    rescale_and_normalize, to_rgb,
+from spatial_jax.processing.images import (
+    PROCESSOR_CONFIG, read_json, image_processor_values, load_chat_template, read_image_processor_config, rescale_and_normalize, to_rgb,
 )
-from spatial_jax.validation import images_per_prompt
 
 BOI = "<start_of_image>"
 EOI = "<end_of_image>"
@@ -96,7 +94,7 @@ def _image_seq_length(path: str) -> int:
     for name, key in ((PROCESSOR_CONFIG, "image_seq_length"), ("config.json", "mm_tokens_per_image")):
         file = os.path.join(path, name)
         if os.path.isfile(file):
-            value = _read_json(file).get(key)
+            value = read_json(file).get(key)
             if value is not None:
                 return int(value)
     return DEFAULT_IMAGE_SEQ_LENGTH

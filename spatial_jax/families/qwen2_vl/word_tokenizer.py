@@ -24,14 +24,13 @@ import os
 from collections.abc import Iterable
 from typing import Union
 
-from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import WordLevel
 
 from spatial_jax.processing.chat import TOKENIZER_CONFIG, TOKENIZER_FILE
-from spatial_jax.processing.qwen2_vl import (
-    CHAT_TEMPLATE_JINJA, ENDOFTEXT, IM_END, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESSOR_CONFIG,
-    SPECIAL_TOKENS, SpecialTokenIds,
-)
+from spatial_jax.processing.words import PRE_TOKENIZER, split_words
+from spatial_jax.families.qwen2_vl.processor import ENDOFTEXT, IM_END, SPECIAL_TOKENS, SpecialTokenIds
+from spatial_jax.processing.images import CHAT_TEMPLATE_JINJA, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESSOR_CONFIG
 
 # Qwen2-VL-7B-Instruct's chat template (hub chat_template.json): a default system turn when the chat
 # has none; each image is <|vision_start|><|image_pad|><|vision_end|> where its content item stands.
@@ -53,12 +52,8 @@ QWEN2_VL_CHAT_TEMPLATE = (
 SPECIAL_IDS = SpecialTokenIds(*range(len(SPECIAL_TOKENS)))
 UNK_TOKEN = "<unk>"
 NEWLINE = "\n"
-PRE_TOKENIZER_PATTERN = r"\n|\w+|[^\w\s]"
 # Words the chat template itself writes (default system turn and role names).
 TEMPLATE_WORDS = ("system", "You", "are", "a", "helpful", "assistant", ".", "user")
-
-_PRE_TOKENIZER = pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERN), behavior="removed", invert=True)
-
 
 @dataclasses.dataclass(frozen=True)
 class WordLevelVocab:
@@ -72,11 +67,6 @@ class WordLevelVocab:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
-
-
-def split_words(text: str) -> list[str]:
-    """The word-level tokens of plain text (no special tokens), e.g. to collect a vocabulary from prompts."""
-    return [piece for piece, _ in _PRE_TOKENIZER.pre_tokenize_str(text)]
 
 
 def word_level_vocab(words: Iterable[str]) -> dict[str, int]:
@@ -98,7 +88,7 @@ def word_level_vocab(words: Iterable[str]) -> dict[str, int]:
 def build_word_level_tokenizer(words: Iterable[str]) -> Tokenizer:
     """The `tokenizers` object behind tokenizer.json: WordLevel over `word_level_vocab(words)`."""
     tokenizer = Tokenizer(WordLevel(word_level_vocab(words), unk_token=UNK_TOKEN))
-    tokenizer.pre_tokenizer = _PRE_TOKENIZER
+    tokenizer.pre_tokenizer = PRE_TOKENIZER
     # Added tokens are cut out of the text before the pre-tokenizer runs, so "<|im_end|>\n" and runs of
     # "<|image_pad|>" tokenize without surrounding spaces.
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*SPECIAL_TOKENS, UNK_TOKEN)])
