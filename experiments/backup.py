@@ -35,9 +35,11 @@ def ablated_predict(model, task):
     """predict(items) -> the ablated model's decoded, normalised top-1 answers (the pair filter)."""
     def predict(items):
         out = []
-        for chunk, batch in common.batches(model, items, FLAGS.batch_size):
+        for i in range(0, len(items), FLAGS.batch_size):
+            chunk = common.padded(items[i:i + FLAGS.batch_size], FLAGS.batch_size)  # copies dropped below
+            batch = common.prepare(model, chunk)
             logits = sj.next_token_logits(model, batch, [ablation_intervention(model, task, chunk, batch)])
-            out += scoring.top1_tokens(np.asarray(logits), model.processor.tokenizer)
+            out += scoring.top1_tokens(np.asarray(logits), model.processor.tokenizer)[:len(items[i:i + FLAGS.batch_size])]
         return out
     return predict
 

@@ -79,9 +79,11 @@ def image_map(model, batch) -> np.ndarray:
     return index[None]
 
 
-def _sweep(model, chunk, index_fn, under, source_is_clean=False):
-    """One region-swap sweep over a chunk of pairs -> (probs [S, R, B, 3], flipped, kept [S, R, B])."""
+def _sweep(model, chunk, index_fn, under, batch_size, source_is_clean=False):
+    """One region-swap sweep over a chunk of pairs -> (probs [S, R, B, 3], flipped, kept [S, R, B]).
+    The chunk is run padded to batch_size (common.padded)."""
     tok = model.processor.tokenizer
+    n, chunk = len(chunk), common.padded(chunk, batch_size)
     clean_items, cf_items = [p.clean for p in chunk], [p.counterfactual for p in chunk]
     clean = common.prepare(model, clean_items)
     cf = clean if source_is_clean else common.prepare(model, cf_items)
@@ -89,8 +91,8 @@ def _sweep(model, chunk, index_fn, under, source_is_clean=False):
     extra = {} if under is None else dict(clean_interventions=under(clean_items, clean),
                                           cf_interventions=under(clean_items if source_is_clean else cf_items, cf))
     res = sj.region_swap_sweep(model, clean, cf, index_fn(model, clean, clean_items), cands.readout, **extra)
-    return (cands.probs(res.probs), scoring.answers_match(res.argmax, cands.column(2), tok),
-            scoring.answers_match(res.argmax, cands.column(0), tok))
+    return (cands.probs(res.probs)[..., :n, :], scoring.answers_match(res.argmax, cands.column(2), tok)[..., :n],
+            scoring.answers_match(res.argmax, cands.column(0), tok)[..., :n])
 
 
 def sweep_pairs(model, pairs, index_fn, batch_size, under=None) -> dict:
@@ -99,7 +101,8 @@ def sweep_pairs(model, pairs, index_fn, batch_size, under=None) -> dict:
 
     under(items, batch) -> interventions applied to the clean and the cf runs alike (Fig. 9).
     """
-    parts = [_sweep(model, pairs[i:i + batch_size], index_fn, under) for i in range(0, len(pairs), batch_size)]
+    parts = [_sweep(model, pairs[i:i + batch_size], index_fn, under, batch_size)
+             for i in range(0, len(pairs), batch_size)]
     probs, flipped, kept = (np.concatenate(x, axis=-2 if k == 0 else -1) for k, x in enumerate(zip(*parts)))
     return {"flip": flipped.mean(-1), "keep": kept.mean(-1), "probs_mean": probs.mean(-2),
             "probs_std": probs.std(-2)}
@@ -109,8 +112,9 @@ def control_sweeps(model, pairs, batch_size, under=None) -> dict:
     """The identity and whole-image controls on the first `batch_size` pairs: flip and keep rates
     per slot [S] of each, and whether each passed."""
     chunk = pairs[:batch_size]
-    identity = _sweep(model, chunk, lambda m, batch, items: image_map(m, batch), under, source_is_clean=True)
-    whole = _sweep(model, chunk, lambda m, batch, items: image_map(m, batch), under)
+    identity = _sweep(model, chunk, lambda m, batch, items: image_map(m, batch), under, batch_size,
+                      source_is_clean=True)
+    whole = _sweep(model, chunk, lambda m, batch, items: image_map(m, batch), under, batch_size)
     out = {"n_pairs": len(chunk)}
     for name, (_, flipped, kept) in zip(CONTROLS, (identity, whole)):
         out[name] = {"flip": flipped[:, 0].mean(-1), "keep": kept[:, 0].mean(-1)}

@@ -6,7 +6,8 @@ figure, and pass / miss; then each organism's certificate and its own report.
 The organisms (checkpoints/organism*, small Qwen2-VLs trained here; spatial_jax/organism/recipes.py):
 lm_position (layout from the visual tokens' LM positions), vision_strip (from the vision tower's
 strip tokens), vision_object (from its object tokens only), dual (vision first, positions as the
-backup). Amplification also runs on organism_vision_strip_weak, a partly trained vision_strip,
+backup). Amplification also runs on organism_vision_strip_weak, vision_strip with the layout
+component of its visual tokens scaled by 0.3 in the exported weights (experiments/weaken_organism.py),
 since a trained organism has no failures to fix. Each organism runs with fewer items than a full
 run (SETTINGS) so that all four fit in ~15 minutes on a 2-core CPU; the swap and backup
 experiments keep >= 200 golden pairs each.
@@ -61,7 +62,7 @@ def _certificate_table(metas: dict[str, dict]) -> str:
 
 def main(argv):
     del argv
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     base = FLAGS.output_dir
     shipped = {m: p for m, p in ORGANISMS.items() if os.path.isfile(os.path.join(p, "config.json"))}
     if not shipped:
@@ -97,7 +98,8 @@ def main(argv):
     pairs = {m: {e: validation.n_pairs(d, e) for e in ("criss_cross", "backup")} for m, d in out_dirs.items()}
     parts = [
         "# spatial_jax report: the paper's methods on organisms of known mechanism",
-        f"`make demo`, {time.perf_counter() - start:.0f} s wall. Datasets {', '.join(FLAGS.dataset)}, seed {FLAGS.seed}.",
+        f"`make demo`, {time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu_start:.0f} s CPU (this "
+        f"process), load average {os.getloadavg()[0]:.1f} at the end. Datasets {', '.join(FLAGS.dataset)}, seed {FLAGS.seed}.",
         "## Validation table",
         "Each cell: outcome expected from the organism's mechanism (experiments/validation.py, written "
         "before the run) / observed figure / pass or MISS. A miss is a finding about the method on that "

@@ -37,11 +37,12 @@ def candidate_probs(model, pairs, batch_size) -> np.ndarray:
     total, n = 0.0, 0
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        cands = scoring.Candidates.of(model.processor.tokenizer, [p.candidates for p in chunk])
-        clean = common.prepare(model, [p.clean for p in chunk])
-        cf = common.prepare(model, [p.counterfactual for p in chunk])
+        run = common.padded(chunk, batch_size)  # one batch shape per prompt length; the copies are dropped
+        cands = scoring.Candidates.of(model.processor.tokenizer, [p.candidates for p in run])
+        clean = common.prepare(model, [p.clean for p in run])
+        cf = common.prepare(model, [p.counterfactual for p in run])
         res = sj.last_token_sweep(model, clean, cf, cands.readout)
-        total = total + cands.probs(res.probs).sum(1)  # [L+1, 5]
+        total = total + cands.probs(res.probs)[:, :len(chunk)].sum(1)  # [L+1, 5]
         n += len(chunk)
     return total / n
 

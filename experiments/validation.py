@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from experiments import amplification
 from spatial_jax.data.geometry import get_geometry
 
 ORGANISMS = ("lm_position", "vision_strip", "vision_object", "dual")
@@ -163,17 +164,19 @@ def backup(out_dir: str) -> Optional[float]:
 
 
 def _amplification(column: str) -> Callable[[str], Optional[float]]:
-    """Failure-weighted mean of a Table-2 column over the parts that amplified (had a probe); for
-    "alpha=0", the share of failures the alpha = 0 replay fixed."""
+    """Fix rate over the datasets that amplified: "Probe" / "Random" at each dataset's one best
+    alpha > 0 (amplification.tables, Table 2's columns), failures fixed / failures; "alpha=0": the
+    share of failures either direction set fixed at alpha = 0."""
     def read(out_dir: str) -> Optional[float]:
         parts = _parts(out_dir, "amplification")
-        done = [p for p in (parts or {}).values() if "Probe" in p]
-        if not done:
+        swept = [p for p in (parts or {}).values() if "Probe" in p]
+        if not swept:
             return None
-        n = sum(p["failures"] for p in done)
         if column == "alpha=0":
-            return sum(p["replay_fixed_at_alpha0"] for p in done) / n
-        return sum(p[column] * p["failures"] for p in done) / n
+            fixed = sum(max(p[name]["fixed_by_alpha"][0] for name in amplification.DIRECTION_SETS) for p in swept)
+            return fixed / sum(p["failures"] for p in swept)
+        rows = [t["overall"] for t in amplification.tables(parts).values() if column in t["overall"]]
+        return sum(t[column]["fixed"] for t in rows) / sum(t["failures"] for t in rows)
     return read
 
 
