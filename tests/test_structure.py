@@ -98,6 +98,20 @@ def _reachable(graph, start):
     return seen
 
 
+def test_no_library_module_imports_the_facade():
+    """`import spatial_jax as sj` is for users and binaries: inside the library it would hide the
+    real dependency (and a cycle) behind the package's __init__."""
+    offenders = []
+    for folder, _, files in os.walk(ROOT):
+        for name in files:
+            if name.endswith(".py") and not (folder == ROOT and name == "__init__.py"):
+                path = os.path.join(folder, name)
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if isinstance(node, ast.Import) and any(a.name == "spatial_jax" for a in node.names):
+                        offenders.append(os.path.relpath(path, ROOT))
+    assert offenders == []
+
+
 def test_nothing_outside_a_family_folder_names_a_family_module():
     """Family code is reached through the registry: no module outside families/ imports a family's folder."""
     offenders = []

@@ -1,5 +1,5 @@
 """Saving the organism as a Hugging Face checkpoint, and the checks run on a saved one through the
-public API only (`sj.load`, `model.prepare`, `sj.next_token_logits`, `sj.Intervention`).
+public API only (`load`, `model.prepare`, `next_token_logits`, `Intervention`).
 
 A saved organism directory holds config.json (with `spatial_jax_geometry: "organism"`),
 model.safetensors, the word-level tokenizer and processor files, and organism.json: how it was
@@ -15,7 +15,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-import spatial_jax as sj
+from spatial_jax.batch import Batch
+from spatial_jax.forward import Model, forward, load, next_token_logits
+from spatial_jax.interventions.ops import Intervention
+from spatial_jax.sweeps.paper_sweeps import swap_index
 from spatial_jax.convert.checkpoint import partial_dir
 from spatial_jax.convert.export import export_hf
 from spatial_jax.data import scoring
@@ -75,7 +78,7 @@ def held_out_items(model_dir: str, split: str = "test", tasks: Optional[Sequence
     return out
 
 
-def predictions(model: sj.Model, items: Sequence[Item], batch_size: int = 64, system: Optional[str] = SYSTEM_TEXT,
+def predictions(model: Model, items: Sequence[Item], batch_size: int = 64, system: Optional[str] = SYSTEM_TEXT,
                 interventions=None) -> list[str]:
     """Top-1 next token (decoded, normalised) for each item, prompts made by `model.prepare`."""
     out = []
@@ -83,12 +86,12 @@ def predictions(model: sj.Model, items: Sequence[Item], batch_size: int = 64, sy
         chunk = items[i:i + batch_size]
         batch = model.prepare(images=[it.image for it in chunk], prompts=[it.prompt for it in chunk], system=system)
         ivs = interventions(model, chunk, batch) if interventions else None
-        logits = np.asarray(sj.next_token_logits(model, batch, ivs))
+        logits = np.asarray(next_token_logits(model, batch, ivs))
         out += scoring.top1_tokens(logits, model.processor.tokenizer)
     return out
 
 
-def accuracy(model: sj.Model, items: Sequence[Item], batch_size: int = 64, system: Optional[str] = SYSTEM_TEXT) -> float:
+def accuracy(model: Model, items: Sequence[Item], batch_size: int = 64, system: Optional[str] = SYSTEM_TEXT) -> float:
     preds = predictions(model, items, batch_size, system)
     return float(np.mean([p == scoring.normalize(it.answer) for p, it in zip(preds, items)]))
 
@@ -98,21 +101,21 @@ def strip_swap(identity: bool = False):
     visual tokens of the first and last strips (left/right thirds for horizontal layouts, top/bottom
     for vertical ones) exchange their contents; `identity` swaps each strip with itself instead."""
 
-    def build(model: sj.Model, items: Sequence[Item], batch: sj.Batch):
+    def build(model: Model, items: Sequence[Item], batch: Batch):
         ids = np.asarray(batch.input_ids)
         T = ids.shape[1]
         index = []
         for row, item in zip(ids, items):
             positions = np.flatnonzero(row == model.config.image_token_id)
             a, b = positions[item.regions.strips[0]], positions[item.regions.strips[2]]
-            index.append(sj.swap_index(T, [(a, a) if identity else (a, b)]))
-        clean = sj.forward(model, batch, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"][:, 0]
-        return [sj.Intervention(site="lm.resid_pre", layer=0, op="replace", source=clean, index=np.stack(index))]
+            index.append(swap_index(T, [(a, a) if identity else (a, b)]))
+        clean = forward(model, batch, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"][:, 0]
+        return [Intervention(site="lm.resid_pre", layer=0, op="replace", source=clean, index=np.stack(index))]
 
     return build
 
 
-def swap_rates(model: sj.Model, items: Sequence[Item], identity: bool = False, batch_size: int = 64,
+def swap_rates(model: Model, items: Sequence[Item], identity: bool = False, batch_size: int = 64,
                system: Optional[str] = SYSTEM_TEXT) -> dict[str, float]:
     """Under `strip_swap`: fraction of answers that are the original answer ("orig") and that are the
     entity at the other end ("flip", the answer of the opposite direction)."""
@@ -127,9 +130,9 @@ def swap_rates(model: sj.Model, items: Sequence[Item], identity: bool = False, b
 CERTIFICATE = ("clean", "shuffled", "ablated", "ablated_shuffled")
 
 
-def _lm_input(model: sj.Model, images, prompts, system) -> np.ndarray:
+def _lm_input(model: Model, images, prompts, system) -> np.ndarray:
     batch = model.prepare(images=list(images), prompts=list(prompts), system=system)
-    return np.asarray(sj.forward(model, batch, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"][:, 0])
+    return np.asarray(forward(model, batch, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"][:, 0])
 
 
 def _transparent(side: int) -> Image.Image:
@@ -148,12 +151,12 @@ def certificate_interventions(task: SyntheticTask, condition: str, rng: np.rando
     if condition not in CERTIFICATE:
         raise ValueError(f"unknown condition {condition!r}; known: {CERTIFICATE}")
 
-    def build(model: sj.Model, items: Sequence[Item], batch: sj.Batch):
+    def build(model: Model, items: Sequence[Item], batch: Batch):
         if condition == "clean":
             return None
         ids = np.asarray(batch.input_ids)
         prompts = [it.prompt for it in items]
-        source = np.asarray(sj.forward(model, batch, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"][:, 0])
+        source = np.asarray(forward(model, batch, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"][:, 0])
         positions = [np.flatnonzero(row == model.config.image_token_id) for row in ids]
         if condition.startswith("ablated"):
             g = task.geometry
@@ -171,12 +174,12 @@ def certificate_interventions(task: SyntheticTask, condition: str, rng: np.rando
         index = np.full(ids.shape, -1, np.int32)
         for b, pos in enumerate(positions):
             index[b, pos] = rng.permutation(pos) if condition.endswith("shuffled") else pos
-        return [sj.Intervention(site="lm.resid_pre", layer=0, op="replace", source=source, index=index)]
+        return [Intervention(site="lm.resid_pre", layer=0, op="replace", source=source, index=index)]
 
     return build
 
 
-def certificate(model: sj.Model, geometry: str, items_by_task: dict[str, Sequence[Item]], seed: int = 0,
+def certificate(model: Model, geometry: str, items_by_task: dict[str, Sequence[Item]], seed: int = 0,
                 batch_size: int = 64, system: Optional[str] = SYSTEM_TEXT) -> dict[str, dict[str, float]]:
     """Per task, top-1 accuracy under each CERTIFICATE condition (permutations seeded by `seed`)."""
     out = {}

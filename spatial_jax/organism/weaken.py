@@ -18,20 +18,20 @@ from typing import Sequence
 
 import numpy as np
 
-import spatial_jax as sj
+from spatial_jax.forward import Model, forward
 from spatial_jax.data.items import Item
 from spatial_jax.data.prompts import SYSTEM_TEXT
 
 MERGER_OUT = "visual.merger.mlp.2"  # HF tensor prefix of the layer whose outputs enter the LM
 
 
-def visual_tokens(model: sj.Model, items: Sequence[Item], batch_size: int = 64) -> np.ndarray:
+def visual_tokens(model: Model, items: Sequence[Item], batch_size: int = 64) -> np.ndarray:
     """[n, N, D] the items' visual tokens at the LM input (resid_pre of layer 0), raster order."""
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         batch = model.prepare(images=[it.image for it in chunk], prompts=[it.prompt for it in chunk], system=SYSTEM_TEXT)
-        acts = np.asarray(sj.forward(model, batch, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"][:, 0])
+        acts = np.asarray(forward(model, batch, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"][:, 0])
         at_image = np.asarray(batch.input_ids) == model.config.image_token_id
         out += [a[m] for a, m in zip(acts, at_image)]
     return np.stack(out)
