@@ -8,16 +8,9 @@ from flax import nnx
 
 import spatial_jax as sj
 from spatial_jax import parallel
-from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig
+from spatial_jax.families.qwen2_vl.model import Qwen2VL
+from test_sweep_device_resident import CFG, GRID, IMG, N_TOK, VE, VS  # the same tiny random Qwen2-VL
 
-IMG, VS, VE = 60, 61, 62
-GRID = np.array([[1, 4, 6]])  # 24 patches, 6 visual tokens per image
-N_TOK = 6
-CFG = Qwen2VLConfig(vision_depth=2, vision_dim=32, vision_heads=4, vision_mlp_dim=64, patch_size=14,
-                    temporal_patch_size=2, merge_size=2, in_channels=3, vision_rope_theta=1e4, vocab_size=64,
-                    hidden_size=48, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=12, intermediate_size=80,
-                    rms_norm_eps=1e-6, rope_theta=1e4, mrope_section=(2, 2, 2), tie_word_embeddings=False,
-                    image_token_id=IMG, vision_start_token_id=VS, vision_end_token_id=VE)
 TOKENS = np.array([1, 2, 3])
 B = 2
 
@@ -125,10 +118,10 @@ def test_estimate_equals_central_difference(model, site, layer, lm):
 
 def _slot_replacements(model, clean, cf):
     """resid_pre replaced from the cf run at every layer, on two token sets: [L, 2] variants."""
-    L, T = CFG.num_layers, clean.input_ids.shape[1]
+    L, (rows, T) = CFG.num_layers, clean.input_ids.shape
     src = np.asarray(sj.forward(model, cf, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"])
     img = _image_index(clean)
-    masks = np.stack([img, np.where(np.arange(T) == T - 1, T - 1, -1)[None].repeat(B, 0)])
+    masks = np.stack([img, np.where(np.arange(T) == T - 1, T - 1, -1)[None].repeat(rows, 0)])
     return sj.Intervention(site="lm.resid_pre", op="replace", layer=np.repeat(np.arange(L), 2).reshape(L, 2),
                            index=np.broadcast_to(masks, (L,) + masks.shape),
                            source=np.broadcast_to(np.moveaxis(src, 1, 0)[:, None], (L, 2) + src[:, 0].shape))
@@ -167,12 +160,7 @@ def test_mesh_equals_one_device(model):
     """On 8 simulated devices (data:4, model:2) the estimate and the verified variants equal the
     one-device result."""
     clean, cf = _batch(0, rows=4), _batch(1, rows=4)
-    global B
-    saved, B = B, 4
-    try:
-        iv = _slot_replacements(model, clean, cf)
-    finally:
-        B = saved
+    iv = _slot_replacements(model, clean, cf)
     readout = _readout(clean)
     one = sj.attribution_sweep(model, clean, [iv], readout, verify_top=2)
     got = sj.attribution_sweep(model, clean, [iv], readout, verify_top=2, mesh=parallel.make_mesh("data:4,model:2"))
