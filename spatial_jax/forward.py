@@ -127,11 +127,19 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
 _apply_jit = jit(apply, static_argnames=("graphdef", "cache", "logits"))
 
 
-def _checked(model: Model, batch: Batch, interventions) -> tuple[Intervention, ...]:
+def _checked(model: Model, batch: Batch, interventions, *rows) -> tuple:
+    """The inputs checked on the host, then (on a mesh) placed: the batch's rows over `data`, the
+    interventions and the extra arrays `rows` replicated, all as global arrays (multi-host safe).
+    Returns (batch, interventions, *rows)."""
+    batch = batch.with_defaults()
     validation.check_batch(model, batch)
     interventions = validation.intervention_list(interventions)
     validation.check_interventions(model.config, np.shape(batch.input_ids), interventions)
-    return interventions
+    if model.mesh is not None:
+        batch = parallel.shard_batch(batch, model.mesh)
+        rows = tuple(parallel.put_tree(r, model.mesh) for r in rows)
+        interventions = parallel.put_tree(interventions, model.mesh)
+    return (batch, interventions, *rows)
 
 
 def forward(model: Model, batch: Batch, cache: str | Sequence[str] = (),
@@ -139,10 +147,7 @@ def forward(model: Model, batch: Batch, cache: str | Sequence[str] = (),
     """Jitted `apply` on a loaded model. cache: site names (one name is one site); see
     docs/design.md, "Sites", for shapes. Inputs are checked on the host first (validation)."""
     cache = validation.site_names(cache)
-    interventions = _checked(model, batch, interventions)
-    if model.mesh is not None:  # rows over `data`; everything as global arrays (multi-host safe)
-        batch = parallel.shard_batch(batch.with_defaults(), model.mesh)
-        interventions = parallel.put_tree(interventions, model.mesh)
+    batch, interventions = _checked(model, batch, interventions)
     return _apply_jit(model.graphdef, model.params, batch, interventions, tuple(cache), logits)
 
 
@@ -158,10 +163,6 @@ def next_token_logits(model: Model, batch: Batch, interventions: Optional[Sequen
     """Logits [B, V] float32 of the token after each row's last real token: the last layer's
     queries and MLP, the final norm and the unembedding run at that position only (a tenth of a
     forward on a 150k vocabulary is not spent on the rest)."""
-    batch = batch.with_defaults()
-    interventions = _checked(model, batch, interventions)
-    position = last_positions(batch.attention_mask)
-    if model.mesh is not None:
-        batch, position = parallel.shard_batch(batch, model.mesh), parallel.put_tree(position, model.mesh)
-        interventions = parallel.put_tree(interventions, model.mesh)
+    position = last_positions(batch.with_defaults().attention_mask)
+    batch, interventions, position = _checked(model, batch, interventions, position)
     return _next_token_jit(model.graphdef, model.params, batch, interventions, position)

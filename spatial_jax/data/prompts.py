@@ -52,6 +52,16 @@ COCO_TEMPLATES = {
                             "Answer with one word: {a} or {b}.",
 }
 COCO_PROMPT_STYLES = ("direct", "anchor")
+# model name -> its style: each family's `Family.prompt_style` (entered as the family registers), and
+# the organism's.
+MODEL_PROMPT_STYLES: dict[str, str] = {"organism": "anchor"}
+
+
+def register_prompt_style(model: str, style: str) -> None:
+    """Makes `model` (a family name) usable as a `coco_prompt` style, meaning `style`."""
+    if style not in COCO_PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; expected one of {COCO_PROMPT_STYLES}")
+    MODEL_PROMPT_STYLES[model] = style
 AXIS_OPTIONS = {"horizontal": ("left", "right"), "vertical": ("above", "below")}
 # "lr" asks the options in AXIS_OPTIONS order ("left or right", "above or below"), "rl" reversed;
 # the paper's strict protocol asks both.
@@ -62,11 +72,13 @@ def coco_prompt(subject: str, obj: str, axis: str, style: str, order: str) -> st
     """The question whether `subject` is on one side or the other of `obj`.
 
     Args:
-      axis: "horizontal" or "vertical"; style: "direct" or "anchor" (a family's `prompt_style`);
-      order: "lr" or "rl".
+      axis: "horizontal" or "vertical"; style: "direct" or "anchor", or a model name
+        (MODEL_PROMPT_STYLES: a family's `prompt_style`); order: "lr" or "rl".
     """
+    style = MODEL_PROMPT_STYLES.get(style, style)
     if style not in COCO_PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; expected one of {COCO_PROMPT_STYLES}")
+        raise ValueError(f"unknown prompt style {style!r}; expected one of {COCO_PROMPT_STYLES} or a model "
+                         f"name in {sorted(MODEL_PROMPT_STYLES)}")
     if order not in COCO_ORDERS:
         raise ValueError(f"unknown option order {order!r}; expected one of {COCO_ORDERS}")
     a, b = AXIS_OPTIONS[axis] if order == "lr" else AXIS_OPTIONS[axis][::-1]

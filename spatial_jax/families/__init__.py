@@ -12,6 +12,7 @@ import importlib
 from typing import Any, Mapping
 
 from spatial_jax.data.geometry import register_geometry
+from spatial_jax.data.prompts import register_prompt_style
 from spatial_jax.families.contract import VLM, Family, check_family
 
 FAMILY_MODULES = ("qwen2_vl", "gemma3", "pixtral")
@@ -24,6 +25,7 @@ def _register(module_names) -> dict[str, Family]:
         if family.name in registry:
             raise ValueError(f"two families are called {family.name!r}")
         register_geometry(family.geometry)
+        register_prompt_style(family.name, family.prompt_style)
         registry[family.name] = family
     return registry
 
