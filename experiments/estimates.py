@@ -60,8 +60,9 @@ def summarise(estimate: np.ndarray, exact: np.ndarray | None, label: str) -> dic
 
 
 def _pooled(summary: dict, field: str) -> np.ndarray | None:
-    """Every part's per-pair `field` [S, ..., n] joined over pairs (None if a part lacks it)."""
-    parts = [v["attribution"] for v in summary.values() if v.get("n_pairs")]
+    """Every part's per-pair `field` [S, ..., n] joined over pairs (None if a part lacks it, or
+    no part has an estimate: the exact method)."""
+    parts = [v["attribution"] for v in summary.values() if v.get("n_pairs") and "attribution" in v]
     if not parts or any(field not in p for p in parts):
         return None
     return np.concatenate([np.asarray(p[field]) for p in parts], -1)
@@ -71,7 +72,7 @@ def headline(summary: dict) -> str:
     est, exact = _pooled(summary, "estimate"), _pooled(summary, "exact")
     if est is None:
         return ""
-    label = next(v["attribution"]["metric"] for v in summary.values() if v.get("n_pairs"))
+    label = next(v["attribution"]["metric"] for v in summary.values() if "attribution" in v)
     if exact is None:
         return f"attribution estimate of {label} (no exact run to compare)"
     r = pearson(est, exact)
@@ -86,7 +87,7 @@ def plot(out_dir: str, summary: dict, title: str, groups: tuple[str, ...] = ("",
         return
     est = est.reshape(est.shape[0], len(groups), -1)
     exact = None if exact is None else exact.reshape(est.shape)
-    label = next(v["attribution"]["metric"] for v in summary.values() if v.get("n_pairs"))
+    label = next(v["attribution"]["metric"] for v in summary.values() if "attribution" in v)
     S = est.shape[0]
     fig, axes = plt.subplots(1, len(groups) + (exact is not None), figsize=(4.4 * (len(groups) + 1), 3.4),
                              squeeze=False)
