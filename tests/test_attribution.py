@@ -81,7 +81,7 @@ def test_linear_segment_is_exact(model, op):
     np.testing.assert_allclose(est.logits, exact.logits, rtol=1e-4, atol=1e-4)
 
 
-SITES = [("lm.resid_pre", 0, True), ("lm.attn_out", 2, True), ("lm.mlp_out", 1, True), ("lm.resid_post", 3, True),
+SITES = [("lm.resid_pre", 0, True), ("lm.attn_out", 2, True), ("lm.mlp_out", 1, True), ("lm.resid_post", 2, True),
          ("vision.tokens", 0, False), ("vision.block_out", 1, False)]
 
 
