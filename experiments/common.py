@@ -40,6 +40,9 @@ flags.DEFINE_string("geometry", "", "Canvas geometry name; empty: the checkpoint
 flags.DEFINE_integer("max_items", 0, "Use at most this many items per dataset (0: all).")
 flags.DEFINE_integer("batch_size", 16, "Prompts per forward.")
 flags.DEFINE_integer("n_pairs", 50, "Golden pairs per direction for the patching experiments.")
+flags.DEFINE_enum("method", "exact", ["exact", "attribution", "both"],
+                  "Patching experiments (last_token, criss_cross, backup): exact patches (the official protocol), "
+                  "their first-order attribution-patching estimate (sj.attribution_sweep), or both, compared.")
 flags.DEFINE_integer("seed", 0, "Seed for item sampling and pair building.")
 flags.DEFINE_bool("golden", True, "Keep only pairs the model answers correctly (the paper's protocol). "
                   "--nogolden keeps every pair: for smoke runs on untrained models.")

@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags, logging
 
 import spatial_jax as sj
-from experiments import common, plotting
+from experiments import common, estimates, plotting
 from experiments.plotting import plt
 from spatial_jax import program
 from spatial_jax.data import pairs as pairs_lib
@@ -79,9 +79,14 @@ def image_map(model, batch) -> np.ndarray:
     return index[None]
 
 
-def _sweep(model, chunk, index_fn, under, batch_size, source_is_clean=False):
-    """One region-swap sweep over a chunk of pairs -> (probs [S, R, B, 3], flipped, kept [S, R, B]).
-    The chunk is run padded to batch_size (common.padded)."""
+ODDS = "change of log p(c2) - log p(c0)"  # the estimate's quantity: towards the cf answer, from the clean run
+
+
+def _sweep(model, chunk, index_fn, under, batch_size, source_is_clean=False, method="exact") -> dict:
+    """One region-swap sweep over a chunk of pairs -> probs [S, R, B, 3], flipped, kept [S, R, B]
+    (exact), estimate_odds (attribution) and exact_odds (both) [S, R, B]: the change of
+    log p(c2) - log p(c0) from the clean run's. The chunk is run padded to batch_size
+    (common.padded); the copies' results are dropped."""
     tok = model.processor.tokenizer
     n, chunk = len(chunk), common.padded(chunk, batch_size)
     clean_items, cf_items = [p.clean for p in chunk], [p.counterfactual for p in chunk]
@@ -90,22 +95,39 @@ def _sweep(model, chunk, index_fn, under, batch_size, source_is_clean=False):
     cands = scoring.Candidates.of(tok, [p.candidates for p in chunk])
     extra = {} if under is None else dict(clean_interventions=under(clean_items, clean),
                                           cf_interventions=under(clean_items if source_is_clean else cf_items, cf))
-    res = sj.region_swap_sweep(model, clean, cf, index_fn(model, clean, clean_items), cands.readout, **extra)
-    return (cands.probs(res.probs)[..., :n, :], scoring.answers_match(res.argmax, cands.column(2), tok)[..., :n],
-            scoring.answers_match(res.argmax, cands.column(0), tok)[..., :n])
+    index = index_fn(model, clean, clean_items)
+    out = {}
+    if method in ("exact", "both"):
+        res = sj.region_swap_sweep(model, clean, cf, index, cands.readout, **extra)
+        out.update(probs=cands.probs(res.probs)[..., :n, :],
+                   flipped=scoring.answers_match(res.argmax, cands.column(2), tok)[..., :n],
+                   kept=scoring.answers_match(res.argmax, cands.column(0), tok)[..., :n])
+    if method in ("attribution", "both"):
+        est = sj.region_swap_sweep(model, clean, cf, index, cands.readout, method="attribution", **extra)
+        clean_odds = estimates.log_odds(cands, est.clean, 2, 0)
+        out["estimate_odds"] = (estimates.log_odds(cands, est.logits, 2, 0) - clean_odds)[..., :n]
+        if method == "both":
+            out["exact_odds"] = (estimates.log_odds(cands, res.logits, 2, 0) - clean_odds)[..., :n]
+    return out
 
 
-def sweep_pairs(model, pairs, index_fn, batch_size, under=None) -> dict:
+def sweep_pairs(model, pairs, index_fn, batch_size, under=None, method="exact") -> dict:
     """Region-swap sweeps over golden pairs -> per slot and region set: flip / keep rates [S, R]
-    and the candidates' probabilities, mean and std over pairs [S, R, 3].
+    and the candidates' probabilities, mean and std over pairs [S, R, 3] (exact); the estimate
+    of the change of log p(c2) - log p(c0) beside the exact one (`estimates.summarise`; attribution, both).
 
     under(items, batch) -> interventions applied to the clean and the cf runs alike (Fig. 9).
     """
-    parts = [_sweep(model, pairs[i:i + batch_size], index_fn, under, batch_size)
+    parts = [_sweep(model, pairs[i:i + batch_size], index_fn, under, batch_size, method=method)
              for i in range(0, len(pairs), batch_size)]
-    probs, flipped, kept = (np.concatenate(x, axis=-2 if k == 0 else -1) for k, x in enumerate(zip(*parts)))
-    return {"flip": flipped.mean(-1), "keep": kept.mean(-1), "probs_mean": probs.mean(-2),
-            "probs_std": probs.std(-2)}
+    cat = {k: np.concatenate([p[k] for p in parts], axis=-2 if k == "probs" else -1) for k in parts[0]}
+    out = {}
+    if "probs" in cat:
+        out.update(flip=cat["flipped"].mean(-1), keep=cat["kept"].mean(-1), probs_mean=cat["probs"].mean(-2),
+                   probs_std=cat["probs"].std(-2))
+    if "estimate_odds" in cat:
+        out["attribution"] = estimates.summarise(cat["estimate_odds"], cat.get("exact_odds"), ODDS)
+    return out
 
 
 def control_sweeps(model, pairs, batch_size, under=None) -> dict:
@@ -116,8 +138,8 @@ def control_sweeps(model, pairs, batch_size, under=None) -> dict:
                       source_is_clean=True)
     whole = _sweep(model, chunk, lambda m, batch, items: image_map(m, batch), under, batch_size)
     out = {"n_pairs": len(chunk)}
-    for name, (_, flipped, kept) in zip(CONTROLS, (identity, whole)):
-        out[name] = {"flip": flipped[:, 0].mean(-1), "keep": kept[:, 0].mean(-1)}
+    for name, res in zip(CONTROLS, (identity, whole)):
+        out[name] = {"flip": res["flipped"][:, 0].mean(-1), "keep": res["kept"][:, 0].mean(-1)}
     out["passed"] = control_verdicts(out)
     return out
 
@@ -137,11 +159,13 @@ def golden_pairs(model, task, predict) -> dict:
 
 
 def measure_direction(model, pairs, index_fn, under=None) -> dict:
-    """One results.json part: the sweep's metrics and the controls."""
+    """One results.json part: the sweep's metrics and (exact) the controls."""
     if not pairs:
         return {"n_pairs": 0}
-    return {"n_pairs": len(pairs), **sweep_pairs(model, pairs, index_fn, FLAGS.batch_size, under),
-            "controls": control_sweeps(model, pairs, FLAGS.batch_size, under)}
+    out = {"n_pairs": len(pairs), **sweep_pairs(model, pairs, index_fn, FLAGS.batch_size, under, FLAGS.method)}
+    if estimates.exact_wanted():
+        out["controls"] = control_sweeps(model, pairs, FLAGS.batch_size, under)
+    return out
 
 
 def run() -> dict:
@@ -151,16 +175,23 @@ def run() -> dict:
         if task.name not in golden:
             golden[task.name] = golden_pairs(model, task, common.pair_filter(model))
         value = measure_direction(model, golden[task.name][direction], region_swaps)
-        if value["n_pairs"]:
+        if value["n_pairs"] and estimates.exact_wanted():
             logging.info("%s|%s: %d pairs; strip flip at slot 0 %.2f, object flip at slot 0 %.2f; controls %s",
                          task.name, direction, value["n_pairs"], value["flip"][0, 1], value["flip"][0, 0],
                          common.brief(value["controls"]["passed"]))
         return value
 
     out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure, whatsup={"regions": FLAGS.whatsup_regions},
-                                        whatsup_regions=FLAGS.whatsup_regions)
-    plot(out_dir, summary, "Criss-cross swaps (paper Figs. 6, 7)")
+                                        whatsup_regions=FLAGS.whatsup_regions, **estimates.run_config())
+    plot_all(out_dir, summary, "Criss-cross swaps (paper Figs. 6, 7)")
     return summary
+
+
+def plot_all(out_dir: str, summary: dict, title: str, region_sets=REGION_SETS) -> None:
+    """The exact sweep's figures (`plot`) and the estimate's (`estimates.plot`), as the run has them."""
+    if estimates.exact_wanted():
+        plot(out_dir, summary, title, region_sets)
+    estimates.plot(out_dir, summary, title, region_sets)
 
 
 def _by_dataset(summary: dict) -> dict[str, dict[str, dict]]:
@@ -262,10 +293,13 @@ def headline(summary: dict, region_sets=REGION_SETS) -> str:
     n = sum(v["n_pairs"] for v in parts)
     if not n:
         return "no golden pairs"
+    estimated = estimates.headline(summary)
+    if not any("flip" in v for v in parts):
+        return f"{n} pairs; {estimated}"
     flip = common.pair_weighted_mean(parts, "flip")  # [L+1, R]
     return f"{n} pairs; " + "; ".join(
         f"{name} swap flips {flip[0, r]:.2f} at emb, peak {flip[:, r].max():.2f} at {common.slot_text(int(flip[:, r].argmax()))}"
-        for r, name in enumerate(region_sets)) + "; " + controls_text(summary)
+        for r, name in enumerate(region_sets)) + "; " + controls_text(summary) + (f"; {estimated}" if estimated else "")
 
 
 def main(argv):

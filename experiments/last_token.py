@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 import spatial_jax as sj
-from experiments import common, plotting
+from experiments import common, estimates, plotting
 from experiments.plotting import plt
 from spatial_jax import program
 from spatial_jax.data import pairs as pairs_lib
@@ -32,19 +32,35 @@ CANDIDATES = ("c0 (clean answer)", "c1 (reference)", "c2 (clean entity at cf's p
               "c4 (cf only)")
 
 
-def candidate_probs(model, pairs, batch_size) -> np.ndarray:
-    """Mean probability [L+1, 5] of (c0..c4) at each slot over `pairs`, each summed over its spellings."""
-    total, n = 0.0, 0
+ODDS = "change of log p(c3) - log p(c0)"  # the estimate's quantity: the cf answer against the clean one
+
+
+def candidate_probs(model, pairs, batch_size, method: str = "exact") -> dict:
+    """Over `pairs`: "probs", the mean probability [L+1, 5] of (c0..c4) at each slot, each summed
+    over its spellings (exact); "attribution", the estimated change of log p(c3) - log p(c0) from
+    the clean run per slot and pair beside the exact one (`estimates.summarise`; methods attribution, both)."""
+    total, estimate, exact = 0.0, [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         run = common.padded(chunk, batch_size)  # one batch shape per prompt length; the copies are dropped
+        n = len(chunk)
         cands = scoring.Candidates.of(model.processor.tokenizer, [p.candidates for p in run])
         clean = common.prepare(model, [p.clean for p in run])
         cf = common.prepare(model, [p.counterfactual for p in run])
-        res = sj.last_token_sweep(model, clean, cf, cands.readout)
-        total = total + cands.probs(res.probs)[:, :len(chunk)].sum(1)  # [L+1, 5]
-        n += len(chunk)
-    return total / n
+        if method in ("exact", "both"):
+            res = sj.last_token_sweep(model, clean, cf, cands.readout)
+            total = total + cands.probs(res.probs)[:, :n].sum(1)  # [L+1, 5]
+        if method in ("attribution", "both"):
+            est = sj.last_token_sweep(model, clean, cf, cands.readout, method="attribution")
+            clean_odds = estimates.log_odds(cands, est.clean, 3, 0)
+            estimate.append((estimates.log_odds(cands, est.logits, 3, 0) - clean_odds)[..., :n])
+            if method == "both":
+                exact.append((estimates.log_odds(cands, res.logits, 3, 0) - clean_odds)[..., :n])
+    out = {} if method == "attribution" else {"probs": total / len(pairs)}
+    if estimate:
+        out["attribution"] = estimates.summarise(np.concatenate(estimate, -1),
+                                                 np.concatenate(exact, -1) if exact else None, ODDS)
+    return out
 
 
 def run() -> dict:
@@ -59,10 +75,13 @@ def run() -> dict:
         logging.info("%s|%s: %d golden pairs", task.name, direction, len(pairs))
         if not pairs:
             return {"n_pairs": 0}
-        return {"n_pairs": len(pairs), "probs": candidate_probs(model, pairs, FLAGS.batch_size).tolist()}
+        return {"n_pairs": len(pairs), **candidate_probs(model, pairs, FLAGS.batch_size, FLAGS.method)}
 
-    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure, setup="last_token", whatsup={"pair_sides": 5})
-    plot(out_dir, summary)
+    out_dir, summary = common.run_parts(NAME, DIRECTIONS, measure, setup="last_token", whatsup={"pair_sides": 5},
+                                        **estimates.run_config())
+    if estimates.exact_wanted():
+        plot(out_dir, summary)
+    estimates.plot(out_dir, summary, "Last-token patching (paper Fig. 3)")
     return summary
 
 
@@ -97,8 +116,12 @@ def headline(summary: dict) -> str:
     n = sum(v["n_pairs"] for v in parts)
     if not n:
         return "no golden pairs"
+    estimated = estimates.headline(summary)
+    if not any("probs" in v for v in parts):
+        return f"{n} pairs; {estimated}"
     leader = common.pair_weighted_mean(parts, "probs").argmax(-1)  # [L+1]
-    return f"{n} pairs; most probable candidate per patched slot (emb, 0, 1, ...): " + " ".join(f"c{c}" for c in leader)
+    return (f"{n} pairs; most probable candidate per patched slot (emb, 0, 1, ...): " + " ".join(f"c{c}" for c in leader)
+            + (f"; {estimated}" if estimated else ""))
 
 
 def main(argv):

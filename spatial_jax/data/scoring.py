@@ -167,6 +167,14 @@ class Candidates:
         token_probs = np.asarray(token_probs)
         return (token_probs.reshape(token_probs.shape[:-1] + self.ids.shape[1:]) * self.mask).sum(-1)
 
+    def word_logits(self, token_logits) -> np.ndarray:
+        """token_logits [..., B, K * M] -> [..., B, K]: the log of each word's probability summed
+        over its spellings, up to the normaliser all tokens share (a difference is a log-odds)."""
+        t = np.asarray(token_logits, np.float64)
+        t = np.where(self.mask, t.reshape(t.shape[:-1] + self.ids.shape[1:]), -np.inf)
+        top = t.max(-1, keepdims=True)
+        return (top + np.log(np.exp(t - top).sum(-1, keepdims=True)))[..., 0]
+
     def column(self, k: int) -> list[str]:
         """[B] the k-th candidate word of every row."""
         return [w[k] for w in self.words]

@@ -1,0 +1,170 @@
+"""attribution_sweep (attribution patching): first order in alpha, exact on a linear segment,
+equal to central finite differences at every kind of site, verify_top equal to patch_sweep for
+the chosen variants, the same on a mesh."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import spatial_jax as sj
+from spatial_jax import parallel
+from spatial_jax.families.qwen2_vl.model import Qwen2VL
+from test_sweep_device_resident import CFG, GRID, IMG, N_TOK, VE, VS  # the same tiny random Qwen2-VL
+
+TOKENS = np.array([1, 2, 3])
+B = 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    graphdef, params = nnx.split(Qwen2VL(CFG, rngs=nnx.Rngs(3)))
+    return sj.Model("qwen2_vl", CFG, graphdef, params, "float32", "")
+
+
+def _batch(seed, rows=B):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([[3 + r % 5, 4, VS] + [IMG] * N_TOK + [VE, 5 + r % 7, 6, 7] for r in range(rows)])
+    pv = rng.standard_normal((rows * int(GRID.prod()), 1176)).astype(np.float32)
+    return sj.Batch(input_ids=ids, pixel_values=pv, image_grid_thw=np.repeat(GRID, rows, 0))
+
+
+def _readout(batch):
+    return sj.Readout(sj.last_positions(np.ones(np.shape(batch.input_ids))), TOKENS)
+
+
+def _image_index(batch):
+    ids = np.asarray(batch.input_ids)
+    return np.where(ids == IMG, np.arange(ids.shape[1]), -1)
+
+
+def _clean_logits(model, batch):
+    logits = np.asarray(sj.forward(model, batch).logits)
+    return logits[np.arange(B), _readout(batch).position][:, TOKENS]
+
+
+def test_add_is_first_order_in_alpha(model):
+    """An add of a fixed direction at alpha: the estimate's relative error against the exact
+    change falls linearly with alpha (halving alpha halves it)."""
+    clean = _batch(0)
+    rng = np.random.default_rng(1)
+    # the residual's own scale (embeddings of std 0.02), so that alpha sets the size of the change
+    src = 0.02 * rng.standard_normal((B, clean.input_ids.shape[1], CFG.hidden_size)).astype(np.float32)
+    alphas = np.array([0.4, 0.2, 0.1, 0.05], np.float32)
+    iv = sj.Intervention(site="lm.resid_post", op="add", layer=np.full(4, 1), index=np.broadcast_to(
+        _image_index(clean), (4, B, clean.input_ids.shape[1])), source=np.broadcast_to(src, (4,) + src.shape),
+        alpha=alphas)
+    est = sj.attribution_sweep(model, clean, [iv], _readout(clean))
+    exact = sj.patch_sweep(model, clean, [iv], _readout(clean))
+    change = exact.logits - est.clean
+    err = np.abs(est.logits - exact.logits).max((1, 2)) / np.abs(change).max((1, 2))
+    np.testing.assert_allclose(est.clean, _clean_logits(model, clean), atol=1e-5)
+    ratios = err[:-1] / err[1:]
+    assert np.all((ratios > 1.6) & (ratios < 2.5)), (err, ratios)
+    assert err[-1] < 0.05, err
+
+
+@pytest.mark.parametrize("op", ["replace", "add", "amplify"])
+def test_linear_segment_is_exact(model, op):
+    """At lm.final (after the final norm) the logits are linear in the activation and every op's
+    change is linear in it: the estimate is the exact result, at any size of change."""
+    clean = _batch(0)
+    T, D = clean.input_ids.shape[1], CFG.hidden_size
+    rng = np.random.default_rng(2)
+    index = np.broadcast_to(np.arange(T), (3, B, T)).copy()
+    index[1] = np.roll(index[1], 3, axis=-1)
+    kw = dict(directions=np.broadcast_to(rng.standard_normal((D, 2)).astype(np.float32), (3, D, 2))) if op == "amplify" else dict(
+        source=np.broadcast_to(rng.standard_normal((B, T, D)).astype(np.float32) * 3, (3, B, T, D)))
+    iv = sj.Intervention(site="lm.final", op=op, layer=np.zeros(3, int), index=index, alpha=np.array([4.0, -2.0, 8.0], np.float32), **kw)
+    est = sj.attribution_sweep(model, clean, [iv], _readout(clean))
+    exact = sj.patch_sweep(model, clean, [iv], _readout(clean))
+    assert np.abs(exact.logits - est.clean).max() > 0.1  # a real change
+    np.testing.assert_allclose(est.logits, exact.logits, rtol=1e-4, atol=1e-4)
+
+
+SITES = [("lm.resid_pre", 0, True), ("lm.attn_out", 2, True), ("lm.mlp_out", 1, True), ("lm.resid_post", 2, True),
+         ("vision.tokens", 0, False), ("vision.block_out", 1, False)]
+
+
+@pytest.mark.parametrize("site,layer,lm", SITES)
+def test_estimate_equals_central_difference(model, site, layer, lm):
+    """The estimate of an add of a random direction equals (y(+h) - y(-h)) / 2h from two exact
+    patched runs at +-h, at every kind of site (the vision ones per batch row)."""
+    clean = _batch(0)
+    T = clean.input_ids.shape[1]
+    rng = np.random.default_rng(3)
+    if lm:
+        index, shape = _image_index(clean), (B, T, CFG.hidden_size)
+        index[1, 2] = 2  # a text token too, in one row only
+    else:
+        n = B * (N_TOK if site == "vision.tokens" else int(GRID.prod()))
+        dim = CFG.hidden_size if site == "vision.tokens" else CFG.vision_dim
+        index, shape = np.where(np.arange(n) % 3 != 1, np.arange(n), -1)[None], (1, n, dim)
+    # the site's own scale, at least the LM residual's (random merger outputs are far smaller)
+    scale = max(0.02, np.asarray(sj.forward(model, clean, cache=(site,), logits=False).cache[site]).std())
+    src = scale * rng.standard_normal(shape).astype(np.float32)
+    h = 1e-2
+
+    def iv(alphas):
+        k = len(alphas)
+        return sj.Intervention(site=site, op="add", layer=np.full(k, layer), index=np.broadcast_to(index, (k,) + index.shape),
+                               source=np.broadcast_to(src, (k,) + shape), alpha=np.asarray(alphas, np.float32))
+
+    est = sj.attribution_sweep(model, clean, [iv([1.0])], _readout(clean))
+    exact = sj.patch_sweep(model, clean, [iv([h, -h])], _readout(clean)).logits
+    fd = (exact[0] - exact[1]) / (2 * h)
+    assert np.abs(fd).max() > 1e-4  # a real change, far above float32 noise (~1e-5 here)
+    np.testing.assert_allclose(est.logits[0] - est.clean, fd, rtol=2e-2, atol=2e-3 * np.abs(fd).max())
+
+
+def _slot_replacements(model, clean, cf):
+    """resid_pre replaced from the cf run at every layer, on two token sets: [L, 2] variants."""
+    L, (rows, T) = CFG.num_layers, clean.input_ids.shape
+    src = np.asarray(sj.forward(model, cf, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"])
+    img = _image_index(clean)
+    masks = np.stack([img, np.where(np.arange(T) == T - 1, T - 1, -1)[None].repeat(rows, 0)])
+    return sj.Intervention(site="lm.resid_pre", op="replace", layer=np.repeat(np.arange(L), 2).reshape(L, 2),
+                           index=np.broadcast_to(masks, (L,) + masks.shape),
+                           source=np.broadcast_to(np.moveaxis(src, 1, 0)[:, None], (L, 2) + src[:, 0].shape))
+
+
+def test_replace_matches_its_direction_and_verify_top_equals_patch_sweep(model):
+    """A replace is estimated as the add of (source - clean): equal to the central difference
+    along that direction; verify_top picks each row's largest estimated effects and returns
+    exactly patch_sweep's result for those variants."""
+    clean, cf = _batch(0), _batch(1)
+    iv = _slot_replacements(model, clean, cf)
+    readout = _readout(clean)
+    est = sj.attribution_sweep(model, clean, [iv], readout, verify_top=3)
+    full = sj.patch_sweep(model, clean, [iv], readout)
+
+    assert est.top.shape == (B, 3) and est.exact.logits.shape == (B, 3, len(TOKENS))
+    flat_effect = est.effect.reshape(-1, B)
+    for b in range(B):
+        assert list(est.top[b]) == list(np.argsort(-flat_effect[:, b], kind="stable")[:3])
+        at = np.unravel_index(est.top[b], est.effect.shape[:2])
+        np.testing.assert_allclose(est.exact.logits[b], full.logits[at][:, b], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(est.exact.argmax[b], full.argmax[at][:, b])
+
+    # the direction of variant (layer 2, image tokens): (cf - clean) at its tokens
+    cache = sj.forward(model, clean, cache=("lm.resid_pre",), logits=False).cache["lm.resid_pre"]
+    delta = np.where(iv.index[2, 0][..., None] >= 0, iv.source[2, 0] - np.asarray(cache)[:, 2], 0)
+    h = 1e-2
+    add = sj.Intervention(site="lm.resid_pre", op="add", layer=np.full(2, 2), source=np.broadcast_to(delta, (2,) + delta.shape),
+                          alpha=np.array([h, -h], np.float32))
+    y = sj.patch_sweep(model, clean, [add], readout).logits
+    np.testing.assert_allclose(est.logits[2, 0] - est.clean, (y[0] - y[1]) / (2 * h), rtol=2e-2,
+                               atol=2e-3 * np.abs(y[0] - y[1]).max() / (2 * h))
+
+
+def test_mesh_equals_one_device(model):
+    """On 8 simulated devices (data:4, model:2) the estimate and the verified variants equal the
+    one-device result."""
+    clean, cf = _batch(0, rows=4), _batch(1, rows=4)
+    iv = _slot_replacements(model, clean, cf)
+    readout = _readout(clean)
+    one = sj.attribution_sweep(model, clean, [iv], readout, verify_top=2)
+    got = sj.attribution_sweep(model, clean, [iv], readout, verify_top=2, mesh=parallel.make_mesh("data:4,model:2"))
+    np.testing.assert_allclose(got.logits, one.logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got.top, one.top)
+    np.testing.assert_allclose(got.exact.logits, one.exact.logits, rtol=1e-4, atol=1e-4)
+    assert jax.device_count() == 8
