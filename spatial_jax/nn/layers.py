@@ -330,6 +330,13 @@ class LanguageModel(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Dense(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
 
+    def init_llama_decoder(self, cfg, *, qkv_bias: bool, act: str = "silu", dtype, rngs: nnx.Rngs) -> None:
+        """`init_language_model` with the shared `DecoderLayer` (the Llama lineage: Qwen2 with q/k/v
+        biases, Llama and Mistral without)."""
+        self.init_language_model(cfg, lambda: DecoderLayer(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            eps=cfg.rms_norm_eps, qkv_bias=qkv_bias, act=act, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+
     def embed_with_visual_tokens(self, batch, visual_tokens: Callable[[], jax.Array]) -> jax.Array:
         """Token embeddings [B, T, D] with visual_tokens() [N, D] (run only when the batch has
         pixel_values) written over the image-token slots in order."""

@@ -297,9 +297,7 @@ class Pixtral(L.LanguageModel):
     def __init__(self, cfg: PixtralConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.vision = VisionTower(cfg, dtype=dtype, rngs=rngs)
-        self.init_language_model(cfg, lambda: L.DecoderLayer(
-            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-            eps=cfg.rms_norm_eps, qkv_bias=False, act=cfg.hidden_act, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+        self.init_llama_decoder(cfg, qkv_bias=False, act=cfg.hidden_act, dtype=dtype, rngs=rngs)
 
     def embed_inputs(self, batch, taps: Taps) -> jax.Array:
         """LM input [B, T, D]: token embeddings with the visual tokens over the `[IMG]` slots."""

@@ -19,7 +19,6 @@ from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
 from spatial_jax.nn import layers as L
 from spatial_jax.nn.context import LMContext
-from spatial_jax.nn.layers import DecoderLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,9 +260,7 @@ class Qwen2VL(L.LanguageModel):
     def __init__(self, cfg: Qwen2VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.vision = VisionTower(cfg, dtype=dtype, rngs=rngs)
-        self.init_language_model(cfg, lambda: DecoderLayer(
-            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-            eps=cfg.rms_norm_eps, qkv_bias=True, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+        self.init_llama_decoder(cfg, qkv_bias=True, dtype=dtype, rngs=rngs)
 
     def embed_inputs(self, batch, taps: Taps) -> jax.Array:
         """LM input [B, T, D]: token embeddings with the visual tokens over the `<|image_pad|>` slots."""
