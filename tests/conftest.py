@@ -16,6 +16,17 @@ import pytest  # noqa: E402
 import fixtures_qwen2_vl as fq  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compile_caches():
+    """Each test module leaves no compiled programs behind: the whole suite runs in one process,
+    and thousands of XLA:CPU executables, each with its own code mappings, pile up (vm.max_map_count
+    is 65530 here; a fresh-clone `make test` aborted inside an XLA compile after ~700 tests)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 class Qwen2VLCheckpoints:
     """Tiny HF Qwen2-VL checkpoints, each built once per session on first use.
 
