@@ -79,14 +79,9 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
         target = nnx.to_pure_dict(nnx.state(abstract_model(family, cfg, jnp.float32)))
         shardings = parallel.param_shardings(target, family.sharding_rules, mesh)
     if checkpoint.is_converted(path):
-        # Restored straight into jax arrays (without shardings Orbax returns numpy arrays, which
-        # every jitted call would copy to the device again).
-        if shardings is None:
-            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            restore_to = jax.tree.map(lambda _: one, nnx.to_pure_dict(nnx.state(abstract_model(
-                *resolve_config(path)[:2], jnp.float32))))
-        family, cfg, _, stored_dtype, params = checkpoint.read_converted(
-            path, shardings if shardings is not None else restore_to)
+        # Restored straight into jax arrays on the device(s), never a numpy tree that every
+        # jitted call would copy to the device again.
+        family, cfg, _, stored_dtype, params = checkpoint.read_converted(path, shardings)
         if dtype is not None and dtype != stored_dtype:
             _cast_in_place(params, DTYPES[dtype])  # keeps each sharding
         dtype = dtype or stored_dtype

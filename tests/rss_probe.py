@@ -1,12 +1,14 @@
-"""Run as a script by test_memory_bound.py: peak host RSS of `sj.load(HF dir, dtype)` + one forward.
+"""Run as a script by test_memory_bound.py: peak host RSS of `sj.load(path, dtype)` + one forward.
 
-    python tests/rss_probe.py HF_DIR DTYPE   -> prints one JSON line
+    python tests/rss_probe.py PATH DTYPE   -> prints one JSON line
+    (PATH a HF dir or a converted dir; DTYPE "stored" loads a converted dir in its own dtype)
 
 The baseline is taken after a forward of the same architecture at toy widths (so jax's backend,
 XLA's compiler pools and the imports are already paid for), then the model is loaded and run
 once; `peak` is VmHWM at the end."""
 import dataclasses
 import json
+import os
 import sys
 
 import numpy as np
@@ -26,6 +28,9 @@ def main(path: str, dtype: str) -> None:
     from spatial_jax.families.qwen2_vl.model import Qwen2VL
 
     _, cfg, _ = resolve_config(path)
+    if dtype == "stored":
+        with open(os.path.join(path, "spatial_jax.json")) as f:
+            dtype = json.load(f)["dtype"]
     grid = np.array([[1, 16, 16]])
     n_img = int(grid.prod()) // cfg.merge_size**2
     ids = np.array([[1, 2, cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id]

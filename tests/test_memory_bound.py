@@ -1,8 +1,9 @@
-"""Host memory of `sj.load` from a HF dir plus one forward, measured in a subprocess on a
-~300 MB (float32) Qwen2-VL: the peak above the process's baseline is at most 1.3x the
-parameter bytes plus the forward's activations in either dtype, and bfloat16's at most 0.6x
-float32's (issue 17: the loaded tree was kept beside its device copy, and XLA:CPU built a float32
-copy of every bf16 stacked weight)."""
+"""Host memory of `sj.load` from a HF dir or a converted (Orbax) dir plus one forward, measured in
+a subprocess on a ~300 MB (float32) Qwen2-VL: the peak above the process's baseline is at most 1.3x
+the parameter bytes plus the forward's activations in either dtype, and bfloat16's at most 0.6x
+float32's (issue 17: the loaded tree was kept beside its device copy, XLA:CPU built a float32
+copy of every bf16 stacked weight, and Orbax's restore held every leaf twice in host buffers
+beside its device copy, 1.6-2.0x the params here)."""
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ import sys
 import pytest
 from flax import nnx
 
+from spatial_jax.convert.checkpoint import write_converted
+from spatial_jax.convert.convert import convert_hf
 from spatial_jax.convert.export import export_hf
 from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig
 
@@ -29,6 +32,17 @@ def hf_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def converted_dirs(hf_dir, tmp_path_factory):
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        family, _, _, params = convert_hf(hf_dir, dtype)
+        out[dtype] = str(tmp_path_factory.mktemp("converted") / dtype)
+        write_converted(out[dtype], hf_dir, family.name, dtype, params)
+        del params
+    return out
+
+
 def _probe(hf_dir: str, dtype: str) -> dict:
     # one device, as a user's process; this checkout's package first
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": os.path.dirname(HERE)}
@@ -38,9 +52,16 @@ def _probe(hf_dir: str, dtype: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_load_and_forward_peak_within_bounds(hf_dir):
-    f32, bf16 = _probe(hf_dir, "float32"), _probe(hf_dir, "bfloat16")
+def _check_bounds(f32: dict, bf16: dict) -> None:
     assert bf16["params"] * 2 == f32["params"] > 150e6
     for r in (f32, bf16):
         assert r["peak"] - r["base"] <= 1.3 * r["params"] + r["activations"], r
     assert bf16["peak"] - bf16["base"] <= 0.6 * (f32["peak"] - f32["base"]), (f32, bf16)
+
+
+def test_load_and_forward_peak_within_bounds(hf_dir):
+    _check_bounds(_probe(hf_dir, "float32"), _probe(hf_dir, "bfloat16"))
+
+
+def test_converted_load_and_forward_peak_within_bounds(converted_dirs):
+    _check_bounds(_probe(converted_dirs["float32"], "stored"), _probe(converted_dirs["bfloat16"], "stored"))
