@@ -13,7 +13,7 @@ takes 336 x 336 images (the qwen2_vl canvas: 576 patches, 144 visual tokens).
 Then runs each step in a fresh subprocess and reads its wall time and peak RSS (ru_maxrss of the
 child, i.e. its VmHWM): the converter to float32 and to bfloat16; `sj.load` of the HF dir in
 each dtype; one forward per dtype on the converted dirs (load, first call = compile + run,
-second call); `experiments.behaviour` on a few items and `experiments.criss_cross` on one pair
+second call; wall and process CPU seconds); `experiments.behaviour` on a few items and `experiments.criss_cross` on one pair
 per direction, each dtype. Prints a table (markdown) with the load average beside each row.
 Needs ~15 GB of free memory: it waits (up to 30 min) for MemAvailable >= --min_free_gb before
 each step, and skips the step otherwise.
@@ -175,10 +175,10 @@ def forward_step(ckpt: str, dtype: str | None) -> None:
     img = PIL.Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8))
     batch = model.prepare(images=[img], prompts=["Is the red square to the left of the blue circle ?"])
     info["tokens"] = int(np.shape(batch.input_ids)[1])
-    for key in ("first_forward_s", "second_forward_s"):
-        t0 = time.time()
+    for key in ("first_forward", "second_forward"):
+        t0, c0 = time.time(), time.process_time()
         logits = np.asarray(sj.forward(model, batch).logits)
-        info[key] = time.time() - t0
+        info[key + "_s"], info[key + "_cpu_s"] = time.time() - t0, time.process_time() - c0
     info["finite"] = bool(np.isfinite(logits).all())
     print(json.dumps(info))
 
@@ -242,15 +242,16 @@ def main():
         r.update(name=name, avail_gb=avail)
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print("\n| step | wall s | peak RSS GB | load s | 1st fwd s | 2nd fwd s | params GB | RSS after load GB "
-          "| load avg | rc |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| step | wall s | peak RSS GB | load s | 1st fwd s | 2nd fwd s | 2nd fwd CPU s | params GB "
+          "| RSS after load GB | load avg | rc |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     def cell(r, key, scale=1.0):
         return f"{r[key] / scale:.1f}" if key in r else ""
 
     for r in rows:
         print(f"| {r['name']} | {r['wall_s']:.0f} | {r['peak_bytes'] / 1e9:.2f} | {cell(r, 'load_s')} | "
-              f"{cell(r, 'first_forward_s')} | {cell(r, 'second_forward_s')} | {cell(r, 'param_bytes', 1e9)} | "
+              f"{cell(r, 'first_forward_s')} | {cell(r, 'second_forward_s')} | {cell(r, 'second_forward_cpu_s')} | "
+              f"{cell(r, 'param_bytes', 1e9)} | "
               f"{cell(r, 'rss_after_load', 1e9)} | {r['load'][0]:.1f}-{r['load'][1]:.1f} | {r['rc']} |")
 
 
