@@ -21,6 +21,8 @@ from safetensors.numpy import load_file, save_file
 
 import fixtures_qwen2_vl as fq
 import spatial_jax as sj
+from spatial_jax.convert.checkpoint import write_converted
+from spatial_jax.convert.convert import convert_hf
 
 BIN_DIR = os.path.dirname(sys.executable)
 CONSOLE_SCRIPT = os.path.join(BIN_DIR, "spatial-jax-convert")
@@ -228,3 +230,21 @@ def test_console_script_is_installed():
     assert any(ep.name == "spatial-jax-convert" and ep.value == "spatial_jax.convert.cli:run" for ep in eps)
     assert os.access(CONSOLE_SCRIPT, os.X_OK)
 
+
+
+
+def test_converted_dir_not_matching_its_config_fails_cleanly(tiny_qwen2_vl_dir, tmp_path):
+    """The leaf-by-leaf restore reads the stored shapes: a config that builds other shapes is
+    one error naming the parameter, not a model with wrong-shaped weights."""
+    bad = str(tmp_path / "bad")
+    family, _, _, params = convert_hf(tiny_qwen2_vl_dir, "float32")
+    write_converted(bad, tiny_qwen2_vl_dir, family.name, "float32", params)
+    with open(os.path.join(bad, "config.json")) as f:
+        cfg = json.load(f)
+    text = cfg.get("text_config", cfg)
+    text["intermediate_size"] += 8
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=r"stored parameter \S+ is \(\d+, \d+, \d+\) float32, the config's model "
+                                         r"needs \(\d+, \d+, \d+\) float32"):
+        sj.load(bad)

@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spatial_jax.convert.convert import DTYPES, _aligned_empty, abstract_model, resolve_config
+from spatial_jax.tree_paths import flatten_paths
 from flax import nnx
 import tensorstore as ts
 
@@ -118,20 +119,17 @@ class _OneDeviceHandler(ocp.type_handlers.NumpyHandler):
             buf = _aligned_empty(tuple(t.shape), t.dtype.numpy_dtype)
             await ts.array(buf).write(t)
             out.append(jax.device_put(buf, self._device))
-            del buf
         return out
 
 
 def _check_restored(params: dict, target: dict, path: str) -> None:
     """One-line error when the stored tree does not match the model its config builds."""
-    from spatial_jax.tree_paths import flatten_paths
-
     got, want = flatten_paths(params), flatten_paths(target)
     for p in sorted(set(got) | set(want)):
         if p not in got or p not in want or got[p].shape != want[p].shape or got[p].dtype != want[p].dtype:
             g, w = got.get(p), want.get(p)
-            raise ValueError(f"{path}: stored parameter {p} is {None if g is None else (g.shape, g.dtype)}, "
-                             f"the config's model needs {None if w is None else (w.shape, w.dtype)}")
+            raise ValueError(f"{path}: stored parameter {p} is {'absent' if g is None else f'{g.shape} {g.dtype}'}, "
+                             f"the config's model needs {'none' if w is None else f'{w.shape} {w.dtype}'}")
 
 
 def read_converted(path: str, shardings=None):
