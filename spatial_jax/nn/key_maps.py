@@ -31,3 +31,23 @@ DECODER_LAYER = (
 
 # The Llama/Mistral layer: the same without the q/k/v biases.
 DECODER_LAYER_NO_QKV_BIAS = tuple(entry for entry in DECODER_LAYER if not entry[0].endswith("/bias"))
+
+# `layers.ViTLayer` <- the encoder layer of HF's SigLIP and CLIP vision models (the same names).
+VIT_LAYER = (
+    ("norm1/scale", "layer_norm1.weight", None),
+    ("norm1/bias", "layer_norm1.bias", None),
+    ("q/kernel", "self_attn.q_proj.weight", "T"),
+    ("q/bias", "self_attn.q_proj.bias", None),
+    ("k/kernel", "self_attn.k_proj.weight", "T"),
+    ("k/bias", "self_attn.k_proj.bias", None),
+    ("v/kernel", "self_attn.v_proj.weight", "T"),
+    ("v/bias", "self_attn.v_proj.bias", None),
+    ("o/kernel", "self_attn.out_proj.weight", "T"),
+    ("o/bias", "self_attn.out_proj.bias", None),
+    ("norm2/scale", "layer_norm2.weight", None),
+    ("norm2/bias", "layer_norm2.bias", None),
+    ("fc1/kernel", "mlp.fc1.weight", "T"),
+    ("fc1/bias", "mlp.fc1.bias", None),
+    ("fc2/kernel", "mlp.fc2.weight", "T"),
+    ("fc2/bias", "mlp.fc2.bias", None),
+)
