@@ -177,7 +177,7 @@ class Candidates:
         (`log_odds`), as `attribution_sweep(metric=)` takes it: a Partial whose mask is an array
         argument, so that a new batch of candidates of the same shape compiles nothing new."""
         from jax.tree_util import Partial
-        return Partial(log_odds, self.mask, towards, against)
+        return Partial(log_odds, mask=self.mask, towards=towards, against=against)
 
     def column(self, k: int) -> list[str]:
         """[B] the k-th candidate word of every row."""
