@@ -4,7 +4,7 @@ pairs, the ~350M Qwen2-VL of benchmarks/_qwen2_vl_mid.py, 336x336 images, T = 17
 
     python benchmarks/bench_attribution.py --pairs 50 --torch_pairs 1
     python benchmarks/bench_attribution.py --small --pairs 4 --torch_pairs 1 --no_rss   # quick check
-    python benchmarks/bench_attribution.py --organisms     # estimate vs exact on checkpoints/organism*
+    python benchmarks/bench_attribution.py --organisms [--qk_fix] [--grad_drop]   # estimate vs exact on checkpoints/organism*
 
 Interleaved per batch of --batch pairs (the order rotating): region_swap_sweep exact,
 method="attribution" (one clean forward and one backward per read token, the rest contractions)
@@ -17,7 +17,9 @@ side in a fresh process (load only; one batch of exact, attribution, metric: the
 memory is an attribution side's peak over load's).
 
 --organisms: the organisms' estimate-vs-exact correlation on their own criss-cross and
-last-token sweeps (the binaries with --method both, --n_pairs 8, squares), read from results.json.
+last-token sweeps (the binaries with --method both, --n_pairs 8, squares, and --qk_fix /
+--grad_drop if given), read from results.json: r of the signed changes, per slot, and r of
+their magnitudes (the ranking verify_top uses), GradDrop's score's beside it.
 """
 from __future__ import annotations
 
@@ -85,15 +87,18 @@ def pearson(a, b) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
-def organisms() -> None:
+def organisms(extra: list[str], sweeps: list[str]) -> None:
+    """extra: more flags for the binaries (--qk_fix, --grad_drop); sweeps: which binaries."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
-    print("| organism | sweep | pairs | r (all slots) | r per slot | max abs exact change |\n|---|---|---|---|---|---|")
+    print(f"flags: {' '.join(extra) or '-'}")
+    print("| organism | sweep | pairs | r (all slots) | r per slot | max abs exact change | r of abs (estimate; GradDrop) |"
+          "\n|---|---|---|---|---|---|---|")
     for ckpt in sorted(glob.glob(os.path.join(root, "organism*"))):
         out = tempfile.mkdtemp()
-        for name in ("criss_cross", "last_token"):
+        for name in sweeps:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", f"experiments.{name}", f"--checkpoint={ckpt}", "--dataset=squares",
-                            "--n_pairs=8", "--method=both", f"--output_dir={out}"], check=True, capture_output=True,
+                            "--n_pairs=8", "--method=both", f"--output_dir={out}", *extra], check=True, capture_output=True,
                            cwd=os.path.dirname(root))
             with open(os.path.join(out, name, "results.json")) as f:
                 parts = [v["attribution"] for v in json.load(f)["parts"].values() if v["n_pairs"]]
@@ -101,9 +106,11 @@ def organisms() -> None:
             exact = np.concatenate([np.asarray(p["exact"]) for p in parts], -1)
             per_slot = [pearson(e, x) if np.std(x) > 0 and np.std(e) > 0 else float("nan")
                         for e, x in zip(est.reshape(len(est), -1), exact.reshape(len(exact), -1))]
+            gd = ("; " + f"{pearson(np.concatenate([np.asarray(p['grad_drop_score']) for p in parts], -1), np.abs(exact)):.4f}"
+                  if "grad_drop_score" in parts[0] else "")
             print(f"| {os.path.basename(ckpt)} | {name} ({parts[0]['metric']}) | {est.shape[-1]} | "
                   f"{pearson(est, exact):.4f} | {' '.join(f'{r:.3f}' for r in per_slot)} | {np.abs(exact).max():.3g} | "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"{pearson(np.abs(est), np.abs(exact)):.4f}{gd} | ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def peak_rss(args, tmp: str) -> dict:
@@ -132,13 +139,16 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--no_rss", action="store_true")
     ap.add_argument("--organisms", action="store_true")
+    ap.add_argument("--qk_fix", action="store_true", help="--organisms: the binaries with --qk_fix")
+    ap.add_argument("--grad_drop", action="store_true", help="--organisms: the binaries with --grad_drop")
+    ap.add_argument("--sweeps", default="criss_cross,last_token", help="--organisms: the binaries to run")
     ap.add_argument("--hf_dir", default=None)
     ap.add_argument("--side", default=None, choices=["load", "forward", *METHODS])
     ap.add_argument("--rss_only", action="store_true", help="only the peak-RSS children (no timing)")
     ap.add_argument("--converted", default=None)
     args = ap.parse_args()
     if args.organisms:
-        return organisms()
+        return organisms([f"--{f}" for f in ("qk_fix", "grad_drop") if getattr(args, f)], args.sweeps.split(","))
     if args.side:
         return child(args)
     load0 = os.getloadavg()
