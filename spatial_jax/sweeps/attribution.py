@@ -316,7 +316,8 @@ def attribution_sweep(model: Model, batch: Batch, interventions: Sequence[Interv
                       grad_drop: bool = False, memory_budget_bytes: float | None = None, progress: bool = False,
                       mesh: jax.sharding.Mesh | None = None, **exact_kwargs) -> AttributionResult:
     """First-order estimates of what `patch_sweep(model, batch, interventions, readout, base=base)`
-    returns as logits, for every variant, from one clean forward and one backward per read token.
+    returns as logits, for every variant, from one clean forward and one backward per read token
+    (or, with a metric, of the metric's change from one backward).
 
     Takes patch_sweep's arguments (interventions with leading variant axes S, `base` applied in
     the clean run and before every variant's own, the mesh: params as sharded, the clean run's
