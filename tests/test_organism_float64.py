@@ -45,6 +45,17 @@ def test_float64_port_equals_float64_transformers_at_every_position(path):
     assert got["same_answers"], got
 
 
+def test_float64_without_x64_is_refused():
+    import jax
+
+    import spatial_jax as sj
+    from test_organism_checkpoint import ORGANISM
+    if jax.config.jax_enable_x64:
+        pytest.skip("this process runs with jax_enable_x64")
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        sj.load(ORGANISM, dtype="float64")
+
+
 def main(path: str) -> None:
     """Prints, as one JSON line, the largest |ours - exact| over every real position and at the
     answer position, for the prompts of test_organism_checkpoint's parity test (each alone)."""
