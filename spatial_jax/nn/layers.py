@@ -275,6 +275,34 @@ def select_rows(a: jax.Array, rows: jax.Array | None) -> jax.Array:
     return jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)
 
 
+class ViTLayer(nnx.Module):
+    """The pre-LayerNorm encoder layer of SigLIP (Gemma 3) and CLIP (LLaVA): unmasked attention
+    with biases over one image's patches, then a two-layer MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float, act: str, *, dtype, rngs: nnx.Rngs):
+        self.norm1 = LayerNorm(dim, eps=eps, dtype=dtype)
+        self.q = Dense(dim, dim, bias=True, dtype=dtype, rngs=rngs)
+        self.k = Dense(dim, dim, bias=True, dtype=dtype, rngs=rngs)
+        self.v = Dense(dim, dim, bias=True, dtype=dtype, rngs=rngs)
+        self.o = Dense(dim, dim, bias=True, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(dim, eps=eps, dtype=dtype)
+        self.fc1 = Dense(dim, mlp_dim, bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = Dense(mlp_dim, dim, bias=True, dtype=dtype, rngs=rngs)
+        self.heads = heads
+        self.act = act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [n, N, Dv] -> [n, N, Dv]."""
+        n, N, D = x.shape
+        hd = D // self.heads
+        h = self.norm1(x)
+        q = self.q(h).reshape(n, N, self.heads, hd)
+        k = self.k(h).reshape(n, N, self.heads, hd)
+        v = self.v(h).reshape(n, N, self.heads, hd)
+        x = x + self.o(attention(q, k, v, None, hd**-0.5).reshape(n, N, D))
+        return x + self.fc2(ACTIVATIONS[self.act](self.fc1(self.norm2(x))))
+
+
 class DecoderLayer(nnx.Module):
     """The pre-norm decoder layer of the Llama lineage (Qwen2, Mistral): RMSNorm, GQA attention
     with RoPE, residual, RMSNorm, gated MLP, residual; taps at every per-layer LM site
