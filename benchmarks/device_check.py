@@ -40,7 +40,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
                     "H200": 989.0, "A100-SXM4-80GB": 312.0, "A100-SXM4-40GB": 312.0, "A100 80GB PCIe": 312.0,
                     "L4": 121.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
-FAMILIES = ("qwen2_vl", "gemma3", "pixtral")
+FAMILIES = ("qwen2_vl", "gemma3", "pixtral", "qwen2_5_vl", "llava")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -67,23 +67,25 @@ class Report:
 
 def tiny_case(family: str, dtype: str, seed: int = 0):
     """(model, batch) of `family`'s tiny test config with random weights, one image prompt."""
+    import importlib
+
     from flax import nnx
 
     import spatial_jax as sj
     from spatial_jax.convert.convert import DTYPES as JDT
     from spatial_jax.families import FAMILIES as REG
 
-    if family == "qwen2_vl":
-        import fixtures_qwen2_vl as fx
-        inputs = fx.make_inputs([[[5, 6, 7], fx.image(4, 6), [8, 9, 10, 11]]], seed=seed)
-    elif family == "gemma3":
-        import fixtures_gemma3 as fx
-        inputs = fx.make_inputs([[list(range(12, 15)), fx.IMAGE, list(range(15, 20))]], seed=seed)
-    else:
-        import fixtures_pixtral as fx
-        inputs = fx.make_inputs([[list(range(16, 19)), (32, 48), list(range(19, 24))]], seed=seed)
+    config_fx = importlib.import_module(f"fixtures_{family}")
+    # Qwen2.5-VL's inputs are Qwen2-VL's
+    fx = importlib.import_module("fixtures_qwen2_vl") if family == "qwen2_5_vl" else config_fx
+    prompt = {"qwen2_vl": lambda: [[5, 6, 7], fx.image(4, 6), [8, 9, 10, 11]],
+              "qwen2_5_vl": lambda: [[5, 6, 7], fx.image(4, 6), [8, 9, 10, 11]],
+              "gemma3": lambda: [list(range(12, 15)), fx.IMAGE, list(range(15, 20))],
+              "pixtral": lambda: [list(range(16, 19)), (32, 48), list(range(19, 24))],
+              "llava": lambda: [list(range(16, 19)), "image", list(range(19, 24))]}[family]()
+    inputs = fx.make_inputs([prompt], seed=seed)
     fam = REG[family]
-    cfg = fam.config_cls.from_hf(fx.tiny_hf_config().to_dict())
+    cfg = fam.config_cls.from_hf(config_fx.tiny_hf_config().to_dict())
     graphdef, params = nnx.split(fam.model_cls(cfg, dtype=JDT[dtype], rngs=nnx.Rngs(seed)))
     return sj.Model(family, cfg, graphdef, params, dtype, ""), fx.to_batch(inputs)
 

@@ -47,8 +47,8 @@ from experiments import amplification, common, plotting
 from experiments.plotting import plt
 from spatial_jax import families, probes, program
 from spatial_jax.data import scoring
-from spatial_jax.data.coco import (FAILED_ORDERS, CocoItem, boxes_agree, cap_items, load_coco_spatial,
-                                   overlap_tokens, side_labels, strict_outcome)
+from spatial_jax.data.coco import (FAILED_ORDERS, CocoItem, box_in_view, boxes_agree, cap_items,
+                                   load_coco_spatial, overlap_tokens, side_labels, strict_outcome)
 from spatial_jax.data.geometry import box_to_tokens
 from spatial_jax.data.prompts import COCO_ORDERS
 
@@ -144,8 +144,9 @@ def token_grid(model: sj.Model, batch: sj.Batch, row: int) -> tuple[int, int]:
 
 def box_features(model: sj.Model, items: Sequence[CocoItem], rule: str, batch_size: int) -> dict:
     """Per axis, the probe data of the golden `items`: x [2n, D] (subject, object rows per item),
-    y [2n], the kept items' indices, and counts of the items dropped (no box, boxes against the truth)."""
-    data = {axis: {"x": [], "y": [], "items": [], "no_box": 0, "boxes_disagree": 0} for axis in AXES}
+    y [2n], the kept items' indices, and counts of the items dropped (no box; a box outside the part of
+    the image the tokens show, LLaVA's centre crop; boxes against the truth)."""
+    data = {axis: {"x": [], "y": [], "items": [], "no_box": 0, "outside_view": 0, "boxes_disagree": 0} for axis in AXES}
     with_boxes = [i for i, it in enumerate(items) if it.subject_box is not None and it.object_box is not None]
     for it in items:
         data[it.axis]["no_box"] += it.subject_box is None or it.object_box is None
@@ -161,9 +162,14 @@ def box_features(model: sj.Model, items: Sequence[CocoItem], rule: str, batch_si
             if grid[0] * grid[1] != positions.shape[1]:
                 raise ValueError(f"image {it.image_id}: token grid {grid} but {positions.shape[1]} visual tokens")
             size = it.image_size or _photo_size(it.image_path)
-            to_tokens = overlap_tokens if rule == "overlap" else box_to_tokens
-            subj, obj = (to_tokens(box, size, grid) for box in (it.subject_box, it.object_box))
+            view = model.processor.visible_box(size)
+            boxes = [box_in_view(box, view) for box in (it.subject_box, it.object_box)]
             d = data[it.axis]
+            if None in boxes:
+                d["outside_view"] += 1
+                continue
+            to_tokens = overlap_tokens if rule == "overlap" else box_to_tokens
+            subj, obj = (to_tokens(box, (view[2] - view[0], view[3] - view[1]), grid) for box in boxes)
             if not boxes_agree(it.relation, subj, obj, grid[1], ties_agree_second=families.get(model.family).coco_ties_agree_second):
                 d["boxes_disagree"] += 1
                 continue
@@ -282,7 +288,8 @@ def run() -> dict:
         features = box_features(model, golden, FLAGS.box_tokens, FLAGS.batch_size)
         for axis in AXES:
             d = features[axis]
-            stats = {"no_box": d["no_box"], "boxes_disagree": d["boxes_disagree"], "n_items": len(d["items"])}
+            stats = {"no_box": d["no_box"], "outside_view": d["outside_view"], "boxes_disagree": d["boxes_disagree"],
+                     "n_items": len(d["items"])}
             if len(d["items"]) >= 2:
                 w, trained = train_axis_probe(np.stack(d["x"]), np.array(d["y"]), FLAGS.seed)
                 stats |= trained | {"directions": w.tolist()}

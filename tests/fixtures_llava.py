@@ -231,3 +231,36 @@ def hf_run(hf, inputs: dict[str, np.ndarray], hooks=()) -> dict[str, np.ndarray]
     return hr.hf_run(hf, inputs, lambda layer: layer.self_attn, lambda layer: layer.mlp,
                      hf.model.vision_tower.encoder.layers, hooks)
 
+
+def write_random_llava(out_dir: str, extra_words=(), geometry: str = "organism", seed: int = 0) -> str:
+    """A tiny random LLaVA-1.5 checkpoint dir whose processor makes the `geometry` canvas one visual
+    token a grid cell; vocabulary: the synthetic tasks' words, the template's, and extra_words."""
+    import json
+    import os
+
+    from flax import nnx
+
+    from experiments import common
+    from spatial_jax.convert.export import export_hf
+    from spatial_jax.data.geometry import get_geometry
+    from spatial_jax.data.vocabulary import synthetic_words
+    from spatial_jax.families.llava.model import Llava, LlavaConfig
+    from spatial_jax.processing.words import split_words
+
+    g = get_geometry(geometry)
+    words = [*split_words("USER: ASSISTANT:"), *synthetic_words(), *extra_words]
+    tokens = tuple(dict.fromkeys((*SPECIAL_TOKENS, "\n", *words)))
+    write_processor_dir(out_dir, image_size=g.canvas_px, tokens=tokens, patch=g.token_px)
+    cfg = LlavaConfig(vision_layers=2, vision_dim=32, vision_heads=2, vision_mlp_dim=64, vision_act="quick_gelu",
+                      vision_eps=1e-5, image_size=g.canvas_px, patch_size=g.token_px, in_channels=3,
+                      vocab_size=len(tokens), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                      intermediate_size=128, hidden_act="silu", rms_norm_eps=1e-5, image_token_id=IMG,
+                      projector_act="gelu", projector_bias=True, feature_select="default", vision_feature_layer=-2,
+                      tie_word_embeddings=False, rope_theta=1e4)
+    export_hf(out_dir, "llava", cfg, nnx.to_pure_dict(nnx.state(Llava(cfg, rngs=nnx.Rngs(seed)))))
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, common.GEOMETRY_KEY: geometry}, f, indent=2)
+    return out_dir

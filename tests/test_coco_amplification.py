@@ -208,7 +208,8 @@ def test_real_run_on_a_random_checkpoint(run_flags):
     assert sum(summary["partition"].values()) == n_items and summary["n_items_asked"] == n_items
     assert summary["alpha0_mismatches"] == 0  # the sweep at alpha 0 is the unintervened model
     # every golden item is in a probe's data or counted as dropped
-    assert sum(p["n_items"] + p["no_box"] + p["boxes_disagree"] for p in summary["probes"].values()) == \
+    assert sum(p["n_items"] + p["no_box"] + p["outside_view"] + p["boxes_disagree"]
+               for p in summary["probes"].values()) == \
         summary["partition"]["golden"]
     if "table" in summary:
         assert sum(summary["n_items"].values()) + summary["partition"]["invalid"] <= n_items

@@ -19,7 +19,7 @@ def test_device_check_smoke(tmp_path):
     steps = json.loads(out.read_text())["steps"]
     assert set(steps) == {"env", "parity", "attention", "real_size/qwen2_vl", "real_size/gemma3"}
     assert not [k for k, v in steps.items() if "error" in v], steps
-    assert set(steps["parity"]) - {"step_s"} == {f"{f}/{d}" for f in ("qwen2_vl", "gemma3", "pixtral")
+    assert set(steps["parity"]) - {"step_s"} == {f"{f}/{d}" for f in ("qwen2_vl", "gemma3", "pixtral", "qwen2_5_vl", "llava")
                                                   for d in ("float32", "bfloat16")}
     assert all(v["within"] for k, v in steps["parity"].items() if k != "step_s")
     for fam in ("qwen2_vl", "gemma3"):

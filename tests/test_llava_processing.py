@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import fixtures_llava as fl
 import hf_reference as hr
 from fixtures_llava import llava_ckpts  # noqa: F401  (session fixture)
 import spatial_jax as sj
 from spatial_jax import families
+from spatial_jax.data.coco import box_in_view
+from spatial_jax.data.geometry import box_to_tokens
 from spatial_jax.families.llava.model import Llava, LlavaConfig
 from spatial_jax.families.llava.processor import LlavaPrep
 from spatial_jax.processing.images import rescale_and_normalize
@@ -143,3 +146,27 @@ def test_prepare_then_forward_matches_hf(llava_ckpts):
     want = hr.hf_logits(llava_ckpts.hf_model(),
                         {**ref_inputs, "position_ids": hr.hf_position_ids(ref_inputs["attention_mask"])})
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_visible_box_is_the_centre_crop(proc_dirs):
+    """COCO boxes reach LLaVA's tokens through `visible_box` (the centre crop in the original image's
+    pixels): a white square inside the crop lands on the token box_in_view + box_to_tokens predict,
+    one outside it is not in pixel_values at all and box_in_view drops it."""
+    prep = LlavaPrep.from_dir(proc_dirs["hub"])
+    width, height = 200, 80  # resized to 140 x 56, crop columns 42..98: x 60..140 of the original
+    view = prep.visible_box((width, height))
+    np.testing.assert_allclose(view, (60, 0, 140, 80))
+
+    def processed(box):
+        pixels = np.zeros((height, width, 3), np.uint8)
+        pixels[box[1]:box[3], box[0]:box[2]] = 255
+        return prep([Image.fromarray(pixels)], ["Where?"], system=None)["pixel_values"][0]  # [3, 56, 56]
+
+    inside = (100, 20, 120, 40)  # resized x 70..84, y 14..28: crop patch (row 1, col 2)
+    tokens = box_to_tokens(box_in_view(inside, view), (view[2] - view[0], view[3] - view[1]), (4, 4))
+    patch_means = processed(inside).mean(0).reshape(4, 14, 4, 14).mean((1, 3)).ravel()
+    assert tokens.tolist() == [6] and int(patch_means.argmax()) == 6
+    outside = (10, 20, 40, 40)
+    assert box_in_view(outside, view) is None and not np.ptp(processed(outside), axis=(1, 2)).any()
+    # no crop: the whole image
+    assert families.get("qwen2_vl").processor_cls.visible_box(None, (width, height)) == (0, 0, width, height)

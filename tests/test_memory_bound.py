@@ -1,8 +1,10 @@
 """Host memory of `sj.load` from a HF dir plus one forward, measured in a subprocess on a
-~300 MB (float32) Qwen2-VL: the peak above the process's baseline is at most 1.3x the
+~540 MB (float32) Qwen2-VL: the peak above the process's baseline is at most 1.3x the
 parameter bytes plus the forward's activations in either dtype, and bfloat16's at most 0.6x
 float32's (issue 17: the loaded tree was kept beside its device copy, and XLA:CPU built a float32
-copy of every bf16 stacked weight)."""
+copy of every bf16 stacked weight). A forward keeps ~30-40 MB whatever the dtype (the compiled
+program and its buffers), so the model is large enough that this fixed part cannot decide the
+0.6 bound (BUILD_NOTES, "The memory-bound test")."""
 import json
 import os
 import subprocess
@@ -17,7 +19,7 @@ from spatial_jax.families.qwen2_vl.model import Qwen2VL, Qwen2VLConfig
 HERE = os.path.dirname(os.path.abspath(__file__))
 CFG = Qwen2VLConfig(vision_depth=4, vision_dim=256, vision_heads=4, vision_mlp_dim=1024, patch_size=14,
                     temporal_patch_size=2, merge_size=2, in_channels=3, vision_rope_theta=1e4, vocab_size=8000,
-                    hidden_size=512, num_layers=16, num_heads=8, num_kv_heads=2, head_dim=64, intermediate_size=2048,
+                    hidden_size=512, num_layers=32, num_heads=8, num_kv_heads=2, head_dim=64, intermediate_size=2048,
                     rms_norm_eps=1e-6, rope_theta=1e4, mrope_section=(8, 12, 12), tie_word_embeddings=False,
                     image_token_id=7000, vision_start_token_id=7001, vision_end_token_id=7002)
 
@@ -40,7 +42,7 @@ def _probe(hf_dir: str, dtype: str) -> dict:
 
 def test_load_and_forward_peak_within_bounds(hf_dir):
     f32, bf16 = _probe(hf_dir, "float32"), _probe(hf_dir, "bfloat16")
-    assert bf16["params"] * 2 == f32["params"] > 150e6
+    assert bf16["params"] * 2 == f32["params"] > 500e6
     for r in (f32, bf16):
         assert r["peak"] - r["base"] <= 1.3 * r["params"] + r["activations"], r
     assert bf16["peak"] - bf16["base"] <= 0.6 * (f32["peak"] - f32["base"]), (f32, bf16)

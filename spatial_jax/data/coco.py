@@ -205,6 +205,14 @@ def overlap_tokens(box: Box, image_size: tuple[int, int], grid: tuple[int, int])
                     dtype=np.int32)
 
 
+def box_in_view(box: Box, view: Box) -> Box | None:
+    """A box of the original image in the coordinates of `view`, the window of it the visual tokens
+    show (`processor.visible_box`: a centre crop for LLaVA), clipped to it; None if it lies outside."""
+    x0, y0 = max(box[0], view[0]) - view[0], max(box[1], view[1]) - view[1]
+    x1, y1 = min(box[2], view[2]) - view[0], min(box[3], view[3]) - view[1]
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
 def boxes_agree(relation: str, subject_tokens: np.ndarray, object_tokens: np.ndarray, n_cols: int, *,
                 ties_agree_second: bool = False) -> bool:
     """Whether the mean token centres of the subject and the object agree with `relation`.

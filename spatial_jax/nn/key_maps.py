@@ -13,21 +13,35 @@ from __future__ import annotations
 
 KeyMap = tuple[tuple[str, str, str | None], ...]
 
+
+def linear(ours: str, hf: str, bias: bool = True) -> KeyMap:
+    """Our `Dense` at `ours` <- a torch Linear at `hf`: the kernel transposed, and the bias."""
+    return ((f"{ours}/kernel", f"{hf}.weight", "T"),) + (((f"{ours}/bias", f"{hf}.bias", None),) if bias else ())
+
+
+def layer_norm(ours: str, hf: str) -> KeyMap:
+    """Our `LayerNorm` at `ours` <- a torch LayerNorm at `hf`."""
+    return (f"{ours}/scale", f"{hf}.weight", None), (f"{ours}/bias", f"{hf}.bias", None)
+
+
 # `layers.DecoderLayer` <- HF's Qwen2 / Llama / Mistral decoder layer (q/k/v with biases: Qwen2).
 DECODER_LAYER = (
     ("input_norm/scale", "input_layernorm.weight", None),
-    ("q/kernel", "self_attn.q_proj.weight", "T"),
-    ("q/bias", "self_attn.q_proj.bias", None),
-    ("k/kernel", "self_attn.k_proj.weight", "T"),
-    ("k/bias", "self_attn.k_proj.bias", None),
-    ("v/kernel", "self_attn.v_proj.weight", "T"),
-    ("v/bias", "self_attn.v_proj.bias", None),
-    ("o/kernel", "self_attn.o_proj.weight", "T"),
+    *(entry for name in "qkv" for entry in linear(name, f"self_attn.{name}_proj")),
+    *linear("o", "self_attn.o_proj", bias=False),
     ("post_norm/scale", "post_attention_layernorm.weight", None),
-    ("gate/kernel", "mlp.gate_proj.weight", "T"),
-    ("up/kernel", "mlp.up_proj.weight", "T"),
-    ("down/kernel", "mlp.down_proj.weight", "T"),
+    *(entry for name in ("gate", "up", "down") for entry in linear(name, f"mlp.{name}_proj", bias=False)),
 )
 
 # The Llama/Mistral layer: the same without the q/k/v biases.
 DECODER_LAYER_NO_QKV_BIAS = tuple(entry for entry in DECODER_LAYER if not entry[0].endswith("/bias"))
+
+# `layers.ViTLayer` <- the encoder layer of HF's SigLIP and CLIP vision models (the same names).
+VIT_LAYER = (
+    *layer_norm("norm1", "layer_norm1"),
+    *(entry for name in "qkv" for entry in linear(name, f"self_attn.{name}_proj")),
+    *linear("o", "self_attn.out_proj"),
+    *layer_norm("norm2", "layer_norm2"),
+    *linear("fc1", "mlp.fc1"),
+    *linear("fc2", "mlp.fc2"),
+)

@@ -46,6 +46,15 @@ CATCH_ALL = r".*"
 _COL = r"(q|k|v|q_proj|k_proj|v_proj|query|key|value|gate|up|gate_proj|up_proj|fc1|mlp_fc1|in_proj)"
 _ROW = r"(o|o_proj|out|out_proj|down|down_proj|fc2|mlp_fc2)"
 
+# `layers.ViTLayer` stacked at vision/layers ([Lv, ...]; separate q/k/v: head-aligned column splits)
+VIT_LAYER_RULES: tuple[Rule, ...] = (
+    (r"^vision/layers/(norm1|norm2)/(scale|bias)$", REPLICATED),
+    (r"^vision/layers/(q|k|v|fc1)/kernel$", COLUMN),
+    (r"^vision/layers/(q|k|v|fc1)/bias$", COLUMN_BIAS),
+    (r"^vision/layers/(o|fc2)/kernel$", ROW),
+    (r"^vision/layers/(o|fc2)/bias$", REPLICATED),
+)
+
 GENERIC_RULES: tuple[Rule, ...] = (
     (r"(^|/)[^/]*norm[^/]*/(scale|bias)$", REPLICATED),     # every norm, incl. q_norm / k_norm
     (r"^embed(/embedding)?$", P(MODEL, None)),               # [V, D]: vocabulary over model

@@ -91,6 +91,12 @@ class ChatPrep:
     def padding_side(self) -> str:
         return self.tokenizer.padding_side
 
+    def visible_box(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1), in pixels of an image of image_size = (width, height), of the part the
+        visual tokens show: the whole image, unless the family crops it (LLaVA's centre crop)."""
+        width, height = image_size
+        return 0.0, 0.0, float(width), float(height)
+
 
 def images_per_prompt(images, prompts) -> list[list[Image.Image]]:
     """`prepare`'s images and prompts: one entry per prompt (a PIL image, a list of them, or None),

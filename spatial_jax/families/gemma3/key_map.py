@@ -1,26 +1,7 @@
 """Gemma 3: our parameter paths <- HF tensor names (format: spatial_jax/nn/key_maps.py)."""
 from __future__ import annotations
 
-from spatial_jax.nn.key_maps import KeyMap
-
-_GEMMA3_VISION_LAYER = (
-    ("norm1/scale", "layer_norm1.weight", None),
-    ("norm1/bias", "layer_norm1.bias", None),
-    ("q/kernel", "self_attn.q_proj.weight", "T"),
-    ("q/bias", "self_attn.q_proj.bias", None),
-    ("k/kernel", "self_attn.k_proj.weight", "T"),
-    ("k/bias", "self_attn.k_proj.bias", None),
-    ("v/kernel", "self_attn.v_proj.weight", "T"),
-    ("v/bias", "self_attn.v_proj.bias", None),
-    ("o/kernel", "self_attn.out_proj.weight", "T"),
-    ("o/bias", "self_attn.out_proj.bias", None),
-    ("norm2/scale", "layer_norm2.weight", None),
-    ("norm2/bias", "layer_norm2.bias", None),
-    ("fc1/kernel", "mlp.fc1.weight", "T"),
-    ("fc1/bias", "mlp.fc1.bias", None),
-    ("fc2/kernel", "mlp.fc2.weight", "T"),
-    ("fc2/bias", "mlp.fc2.bias", None),
-)
+from spatial_jax.nn.key_maps import VIT_LAYER, KeyMap
 
 # Gemma RMSNorm weights are stored zero-centred and kept so: the module applies (1 + w).
 _GEMMA3_DECODER_LAYER = (
@@ -47,7 +28,7 @@ KEY_MAP: KeyMap = (
     ("vision/patch_embed/kernel", _SIGLIP + "embeddings.patch_embedding.weight", "flat_T"),
     ("vision/patch_embed/bias", _SIGLIP + "embeddings.patch_embedding.bias", None),
     ("vision/pos_embed", _SIGLIP + "embeddings.position_embedding.weight", None),
-    *((f"vision/layers/{ours}", f"{_SIGLIP}encoder.layers.{{i}}.{hf}", t) for ours, hf, t in _GEMMA3_VISION_LAYER),
+    *((f"vision/layers/{ours}", f"{_SIGLIP}encoder.layers.{{i}}.{hf}", t) for ours, hf, t in VIT_LAYER),
     ("vision/post_norm/scale", _SIGLIP + "post_layernorm.weight", None),
     ("vision/post_norm/bias", _SIGLIP + "post_layernorm.bias", None),
     ("vision/projector_norm/scale", "multi_modal_projector.mm_soft_emb_norm.weight", None),

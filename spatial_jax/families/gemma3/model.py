@@ -241,32 +241,6 @@ class Gemma3Config:
 # Vision tower (SigLIP) and projector
 
 
-class VisionLayer(nnx.Module):
-    def __init__(self, cfg: Gemma3Config, *, dtype, rngs: nnx.Rngs):
-        d = cfg.vision_dim
-        self.norm1 = L.LayerNorm(d, eps=cfg.vision_eps, dtype=dtype)
-        self.q = L.Dense(d, d, bias=True, dtype=dtype, rngs=rngs)
-        self.k = L.Dense(d, d, bias=True, dtype=dtype, rngs=rngs)
-        self.v = L.Dense(d, d, bias=True, dtype=dtype, rngs=rngs)
-        self.o = L.Dense(d, d, bias=True, dtype=dtype, rngs=rngs)
-        self.norm2 = L.LayerNorm(d, eps=cfg.vision_eps, dtype=dtype)
-        self.fc1 = L.Dense(d, cfg.vision_mlp_dim, bias=True, dtype=dtype, rngs=rngs)
-        self.fc2 = L.Dense(cfg.vision_mlp_dim, d, bias=True, dtype=dtype, rngs=rngs)
-        self.heads = cfg.vision_heads
-        self.act = cfg.vision_act
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [n, N, Dv] -> [n, N, Dv]; SigLIP attention is unmasked (every patch of an image)."""
-        n, N, D = x.shape
-        hd = D // self.heads
-        h = self.norm1(x)
-        q = self.q(h).reshape(n, N, self.heads, hd)
-        k = self.k(h).reshape(n, N, self.heads, hd)
-        v = self.v(h).reshape(n, N, self.heads, hd)
-        x = x + self.o(L.attention(q, k, v, None, hd**-0.5).reshape(n, N, D))
-        return x + self.fc2(L.ACTIVATIONS[self.act](self.fc1(self.norm2(x))))
-
-
 class VisionTower(nnx.Module):
     """SigLIP encoder plus the Gemma 3 multimodal projector: pixels -> visual tokens."""
 
@@ -275,7 +249,9 @@ class VisionTower(nnx.Module):
         n_patches = cfg.patches_per_side**2
         self.patch_embed = L.Dense(cfg.patch_dim, cfg.vision_dim, bias=True, dtype=dtype, rngs=rngs)
         self.pos_embed = nnx.Param(L.init_normal(rngs, (n_patches, cfg.vision_dim), dtype))
-        self.layers = L.stack_modules([VisionLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.vision_layers)])
+        self.layers = L.stack_modules([L.ViTLayer(cfg.vision_dim, cfg.vision_heads, cfg.vision_mlp_dim, cfg.vision_eps,
+                                                  cfg.vision_act, dtype=dtype, rngs=rngs)
+                                       for _ in range(cfg.vision_layers)])
         self.post_norm = L.LayerNorm(cfg.vision_dim, eps=cfg.vision_eps, dtype=dtype)
         self.projector_norm = L.RMSNorm(cfg.vision_dim, eps=cfg.vision_eps, dtype=dtype, offset=1.0)
         self.projector = L.Dense(cfg.vision_dim, cfg.hidden_size, bias=False, dtype=dtype, rngs=rngs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from jax.sharding import PartitionSpec as P
 
 from spatial_jax.parallel.mesh import MODEL
-from spatial_jax.parallel.rules import CATCH_ALL, COLUMN, COLUMN_BIAS, REPLICATED, ROW, Rule
+from spatial_jax.parallel.rules import CATCH_ALL, COLUMN, REPLICATED, ROW, VIT_LAYER_RULES, Rule
 
 SHARDING_RULES: tuple[Rule, ...] = (
     # language model: [L, ...] stacked decoder layers; q_norm / k_norm act on head_dim (replicated)
@@ -16,12 +16,7 @@ SHARDING_RULES: tuple[Rule, ...] = (
     (r"^embed$", P(MODEL, None)),              # [V, D], tied: also the unembedding
     (r"^lm_head/kernel$", P(None, MODEL)),
     (r"^norm/scale$", REPLICATED),
-    # SigLIP: [Lv, ...] stacked layers with separate q/k/v (head-aligned column splits)
-    (r"^vision/layers/(norm1|norm2)/(scale|bias)$", REPLICATED),
-    (r"^vision/layers/(q|k|v|fc1)/kernel$", COLUMN),
-    (r"^vision/layers/(q|k|v|fc1)/bias$", COLUMN_BIAS),
-    (r"^vision/layers/(o|fc2)/kernel$", ROW),
-    (r"^vision/layers/(o|fc2)/bias$", REPLICATED),
+    *VIT_LAYER_RULES,  # SigLIP
     (r"^vision/(patch_embed/(kernel|bias)|pos_embed)$", REPLICATED),  # [C*p*p, Dv], [N, Dv]: small
     (r"^vision/(post_norm|projector_norm)/(scale|bias)$", REPLICATED),
     (r"^vision/projector/kernel$", REPLICATED),  # [Dv, D], 3M params: not worth a collective

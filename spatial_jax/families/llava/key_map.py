@@ -6,10 +6,9 @@ export loads back into transformers without missing keys.
 """
 from __future__ import annotations
 
-from spatial_jax.families.gemma3.key_map import _GEMMA3_VISION_LAYER
 from spatial_jax.families.pixtral.key_map import KEY_ALIASES as PIXTRAL_ALIASES
 from spatial_jax.families.pixtral.key_map import KEY_MAP as PIXTRAL
-from spatial_jax.nn.key_maps import KeyMap
+from spatial_jax.nn.key_maps import VIT_LAYER, KeyMap
 
 _CLIP = "vision_tower.vision_model."
 
@@ -19,8 +18,7 @@ KEY_MAP: KeyMap = (
     ("vision/pos_embed", _CLIP + "embeddings.position_embedding.weight", None),
     ("vision/pre_norm/scale", _CLIP + "pre_layrnorm.weight", None),
     ("vision/pre_norm/bias", _CLIP + "pre_layrnorm.bias", None),
-    # CLIP's encoder layer has SigLIP's names (both are gemma3.VisionLayer here).
-    *((f"vision/layers/{ours}", f"{_CLIP}encoder.layers.{{i}}.{hf}", t) for ours, hf, t in _GEMMA3_VISION_LAYER),
+    *((f"vision/layers/{ours}", f"{_CLIP}encoder.layers.{{i}}.{hf}", t) for ours, hf, t in VIT_LAYER),
     ("vision/post_norm/scale", _CLIP + "post_layernorm.weight", None),
     ("vision/post_norm/bias", _CLIP + "post_layernorm.bias", None),
     # The projector and the decoder are Pixtral's entries: the same Llava names, and Llama's decoder

@@ -7,7 +7,7 @@ Llama decoder (llava-hf/llava-1.5-7b-hf), as transformers 5.23 runs it.
     1 + r * side + c; `vision.tokens` [n_img, N_patches, D] (strategy "default": no CLS).
     Patches (the bias-free Conv2d, as a matmul over flattened patches) after the learned class
     embedding, plus the learned position table, then LayerNorm `pre_layrnorm` and the pre-LN
-    encoder layers of SigLIP (gemma3.VisionLayer: LayerNorms, attention with biases over the
+    encoder layers of SigLIP (layers.ViTLayer: LayerNorms, attention with biases over the
     whole image, fc1 / activation / fc2 with biases), here with quick_gelu. `post_layernorm`
     only feeds CLIP's pooled output, which Llava never reads: it is converted (so that the
     parameter count and an export match HF's) and not run.
@@ -34,7 +34,6 @@ from flax import nnx
 
 from spatial_jax.interventions import sites
 from spatial_jax.interventions.taps import Taps
-from spatial_jax.families.gemma3.model import VisionLayer
 from spatial_jax.families.pixtral.model import PixtralConfig
 from spatial_jax.nn import layers as L
 from spatial_jax.nn.context import LMContext
@@ -206,7 +205,9 @@ class VisionTower(nnx.Module):
         self.class_embed = nnx.Param(L.init_normal(rngs, (d,), dtype))
         self.pos_embed = nnx.Param(L.init_normal(rngs, (cfg.patches_per_side**2 + 1, d), dtype))
         self.pre_norm = L.LayerNorm(d, eps=cfg.vision_eps, dtype=dtype)
-        self.layers = L.stack_modules([VisionLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.vision_layers)])
+        self.layers = L.stack_modules([L.ViTLayer(cfg.vision_dim, cfg.vision_heads, cfg.vision_mlp_dim, cfg.vision_eps,
+                                                  cfg.vision_act, dtype=dtype, rngs=rngs)
+                                       for _ in range(cfg.vision_layers)])
         self.post_norm = L.LayerNorm(d, eps=cfg.vision_eps, dtype=dtype)  # CLIP's pooler only: never run
         d_in = len(cfg.feature_layers) * d
         self.projector_fc1 = L.Dense(d_in, cfg.hidden_size, bias=cfg.projector_bias, dtype=dtype, rngs=rngs)

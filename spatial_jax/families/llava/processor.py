@@ -98,6 +98,16 @@ class ImageConfig(gemma3.ImageConfig):
         new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
+    def visible_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) in the original image's pixels of the centre crop, the part the patches
+        show (`preprocess_image`'s resize, then crop); the whole image without a crop."""
+        if self.crop_hw is None:
+            return 0.0, 0.0, float(width), float(height)
+        resized_h, resized_w = self.resized_size(height, width) if self.do_resize else (height, width)
+        (crop_h, crop_w), sx, sy = self.crop_hw, width / resized_w, height / resized_h
+        top, left = (resized_h - crop_h) // 2, (resized_w - crop_w) // 2
+        return left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy
+
 
 def preprocess_image(image: Image.Image, config: ImageConfig) -> np.ndarray:
     """One PIL image -> float32 [3, *config.output_hw], as `CLIPImageProcessorPil._preprocess`."""
@@ -154,6 +164,9 @@ class LlavaPrep(ChatPrep):
         tokenizer = load_tokenizer(path)
         return cls(tokenizer, load_chat_template(path, tokenizer), image_config, tokens,
                    proc.get("image_token", IMAGE_TOKEN))
+
+    def visible_box(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        return self.image_config.visible_box(*image_size)
 
     def chat_text(self, prompt: str, num_images: int = 0, system: Optional[str] = None) -> str:
         """One user turn through the chat template, images before the text, with the generation
