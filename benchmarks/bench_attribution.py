@@ -87,13 +87,16 @@ def pearson(a, b) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
-def organisms(extra: list[str], sweeps: list[str]) -> None:
-    """extra: more flags for the binaries (--qk_fix, --grad_drop); sweeps: which binaries."""
+def organisms(extra: list[str], sweeps: list[str], names: list[str]) -> None:
+    """extra: more flags for the binaries (--qk_fix, --grad_drop); sweeps: which binaries; names:
+    which checkpoints/organism* (all if empty)."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
     print(f"flags: {' '.join(extra) or '-'}")
     print("| organism | sweep | pairs | r (all slots) | r per slot | max abs exact change | r of abs (estimate; GradDrop) |"
           "\n|---|---|---|---|---|---|---|")
     for ckpt in sorted(glob.glob(os.path.join(root, "organism*"))):
+        if names and os.path.basename(ckpt) not in names:
+            continue
         out = tempfile.mkdtemp()
         for name in sweeps:
             t0 = time.perf_counter()
@@ -142,13 +145,15 @@ def main():
     ap.add_argument("--qk_fix", action="store_true", help="--organisms: the binaries with --qk_fix")
     ap.add_argument("--grad_drop", action="store_true", help="--organisms: the binaries with --grad_drop")
     ap.add_argument("--sweeps", default="criss_cross,last_token", help="--organisms: the binaries to run")
+    ap.add_argument("--names", default="", help="--organisms: these checkpoints only (comma-separated; all if empty)")
     ap.add_argument("--hf_dir", default=None)
     ap.add_argument("--side", default=None, choices=["load", "forward", *METHODS])
     ap.add_argument("--rss_only", action="store_true", help="only the peak-RSS children (no timing)")
     ap.add_argument("--converted", default=None)
     args = ap.parse_args()
     if args.organisms:
-        return organisms([f"--{f}" for f in ("qk_fix", "grad_drop") if getattr(args, f)], args.sweeps.split(","))
+        return organisms([f"--{f}" for f in ("qk_fix", "grad_drop") if getattr(args, f)], args.sweeps.split(","),
+                         [n for n in args.names.split(",") if n])
     if args.side:
         return child(args)
     load0 = os.getloadavg()
