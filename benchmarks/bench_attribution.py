@@ -4,18 +4,22 @@ pairs, the ~350M Qwen2-VL of benchmarks/_qwen2_vl_mid.py, 336x336 images, T = 17
 
     python benchmarks/bench_attribution.py --pairs 50 --torch_pairs 1
     python benchmarks/bench_attribution.py --small --pairs 4 --torch_pairs 1 --no_rss   # quick check
-    python benchmarks/bench_attribution.py --organisms     # estimate vs exact on checkpoints/organism*
+    python benchmarks/bench_attribution.py --organisms [--qk_fix] [--grad_drop]   # estimate vs exact on checkpoints/organism*
 
-Interleaved per batch of --batch pairs (the order alternating): region_swap_sweep exact, then
-method="attribution" (one clean forward and one backward per read token, the rest contractions);
+Interleaved per batch of --batch pairs (the order rotating): region_swap_sweep exact,
+method="attribution" (one clean forward and one backward per read token, the rest contractions)
+and "metric", the same with metric= the logit difference of tokens 5 and 6 (one backward);
 the first --torch_pairs pairs also through bench_sweep.torch_loop (one full forward per patch).
 Wall and process CPU seconds per pair, `uptime` load. Accuracy: Pearson r between estimated
 and exact change of the read logits (token 5 and the 5-6 logit difference) over every slot,
-region set and pair. Peak RSS per side in a fresh process (load only, one exact batch, one
-attribution batch: the backward's memory is the attribution side's peak over load's).
+region set and pair (the metric path: its estimated change of that difference). Peak RSS per
+side in a fresh process (load only; one batch of exact, attribution, metric: the backward's
+memory is an attribution side's peak over load's).
 
 --organisms: the organisms' estimate-vs-exact correlation on their own criss-cross and
-last-token sweeps (the binaries with --method both, --n_pairs 8, squares), read from results.json.
+last-token sweeps (the binaries with --method both, --n_pairs 8, squares, and --qk_fix /
+--grad_drop if given), read from results.json: r of the signed changes, per slot, and r of
+their magnitudes (the ranking verify_top uses), GradDrop's score's beside it.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +42,12 @@ import bench_sweep as bs  # noqa: E402
 import spatial_jax as sj  # noqa: E402
 
 TOKENS = np.array([5, 6, 7, 8, 9])
+METHODS = ("exact", "attribution", "metric")
+
+
+def logit_difference(y):
+    """The metric path's metric: read logit of token 5 minus that of token 6, [B, 5] -> [B]."""
+    return y[:, 0] - y[:, 1]
 
 
 def inputs(pairs: np.ndarray, images: np.ndarray, ids: np.ndarray, index_maps: np.ndarray):
@@ -48,7 +59,12 @@ def inputs(pairs: np.ndarray, images: np.ndarray, ids: np.ndarray, index_maps: n
 
 
 def sweep(model, method, clean, cf, index):
-    """-> logits [L+1, R, b, 5] and the clean run's [b, 5] (attribution) or None."""
+    """-> logits [L+1, R, b, 5] and the clean run's [b, 5] (attribution) or None; metric: the
+    estimated change of logit_difference [L+1, R, b] and its clean value [b]."""
+    if method == "metric":
+        res = sj.region_swap_sweep(model, clean, cf, index, TOKENS, method="attribution",
+                                   metric=jax.tree_util.Partial(logit_difference))
+        return res.metric_change, res.metric_clean
     res = sj.region_swap_sweep(model, clean, cf, index, TOKENS, method=method)
     return res.logits, getattr(res, "clean", None)
 
@@ -59,8 +75,11 @@ def child(args) -> None:
     ids = bs.prompt_ids(144)
     images = np.random.default_rng(0).standard_normal((args.batch, 2, bs.GRID * bs.GRID, 1176)).astype(np.float32)
     loaded = bs.rss_now()
-    if args.side != "load":
-        sweep(model, args.side, *inputs(np.arange(args.batch), images, ids, bs.index_maps_for("criss_cross", ids)))
+    clean, cf, index = inputs(np.arange(args.batch), images, ids, bs.index_maps_for("criss_cross", ids))
+    if args.side == "forward":
+        jax.block_until_ready(sj.forward(model, clean).logits)
+    elif args.side != "load":
+        sweep(model, args.side, clean, cf, index)
     print(json.dumps(dict(side=args.side, after_load=loaded, peak=bs.peak_rss())))
 
 
@@ -68,15 +87,21 @@ def pearson(a, b) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
-def organisms() -> None:
+def organisms(extra: list[str], sweeps: list[str], names: list[str]) -> None:
+    """extra: more flags for the binaries (--qk_fix, --grad_drop); sweeps: which binaries; names:
+    which checkpoints/organism* (all if empty)."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
-    print("| organism | sweep | pairs | r (all slots) | r per slot | max abs exact change |\n|---|---|---|---|---|---|")
+    print(f"flags: {' '.join(extra) or '-'}")
+    print("| organism | sweep | pairs | r (all slots) | r per slot | max abs exact change | r of abs (estimate; GradDrop) |"
+          "\n|---|---|---|---|---|---|---|")
     for ckpt in sorted(glob.glob(os.path.join(root, "organism*"))):
+        if names and os.path.basename(ckpt) not in names:
+            continue
         out = tempfile.mkdtemp()
-        for name in ("criss_cross", "last_token"):
+        for name in sweeps:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", f"experiments.{name}", f"--checkpoint={ckpt}", "--dataset=squares",
-                            "--n_pairs=8", "--method=both", f"--output_dir={out}"], check=True, capture_output=True,
+                            "--n_pairs=8", "--method=both", f"--output_dir={out}", *extra], check=True, capture_output=True,
                            cwd=os.path.dirname(root))
             with open(os.path.join(out, name, "results.json")) as f:
                 parts = [v["attribution"] for v in json.load(f)["parts"].values() if v["n_pairs"]]
@@ -84,9 +109,29 @@ def organisms() -> None:
             exact = np.concatenate([np.asarray(p["exact"]) for p in parts], -1)
             per_slot = [pearson(e, x) if np.std(x) > 0 and np.std(e) > 0 else float("nan")
                         for e, x in zip(est.reshape(len(est), -1), exact.reshape(len(exact), -1))]
+            gd = ("; " + f"{pearson(np.concatenate([np.asarray(p['grad_drop_score']) for p in parts], -1), np.abs(exact)):.4f}"
+                  if "grad_drop_score" in parts[0] else "")
             print(f"| {os.path.basename(ckpt)} | {name} ({parts[0]['metric']}) | {est.shape[-1]} | "
                   f"{pearson(est, exact):.4f} | {' '.join(f'{r:.3f}' for r in per_slot)} | {np.abs(exact).max():.3g} | "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"{pearson(np.abs(est), np.abs(exact)):.4f}{gd} | ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def peak_rss(args, tmp: str) -> dict:
+    """side -> the child's {after_load, peak} bytes (load only, a plain forward of one batch, one
+    batch of each method), each in a fresh process on the converted checkpoint."""
+    converted = os.path.join(tmp, "converted")
+    subprocess.run([sys.executable, "-m", "spatial_jax.convert.cli", "--hf_dir", args.hf_dir, "--output_dir",
+                    converted], check=True, capture_output=True)
+    rss = {}
+    for side in ("load", "forward") + METHODS:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--side", side, "--converted", converted,
+                            "--batch", str(args.batch)], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{side} child failed:\n{r.stderr[-3000:]}")
+        rss[side] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"  {side}: peak RSS {rss[side]['peak'] / 2**30:.2f} GiB (after load {rss[side]['after_load'] / 2**30:.2f})",
+              flush=True)
+    return rss
 
 
 def main():
@@ -97,12 +142,18 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--no_rss", action="store_true")
     ap.add_argument("--organisms", action="store_true")
+    ap.add_argument("--qk_fix", action="store_true", help="--organisms: the binaries with --qk_fix")
+    ap.add_argument("--grad_drop", action="store_true", help="--organisms: the binaries with --grad_drop")
+    ap.add_argument("--sweeps", default="criss_cross,last_token", help="--organisms: the binaries to run")
+    ap.add_argument("--names", default="", help="--organisms: these checkpoints only (comma-separated; all if empty)")
     ap.add_argument("--hf_dir", default=None)
-    ap.add_argument("--side", default=None, choices=["load", "exact", "attribution"])
+    ap.add_argument("--side", default=None, choices=["load", "forward", *METHODS])
+    ap.add_argument("--rss_only", action="store_true", help="only the peak-RSS children (no timing)")
     ap.add_argument("--converted", default=None)
     args = ap.parse_args()
     if args.organisms:
-        return organisms()
+        return organisms([f"--{f}" for f in ("qk_fix", "grad_drop") if getattr(args, f)], args.sweeps.split(","),
+                         [n for n in args.names.split(",") if n])
     if args.side:
         return child(args)
     load0 = os.getloadavg()
@@ -110,6 +161,9 @@ def main():
     if args.hf_dir is None:
         args.hf_dir = os.path.join(tmp, "hf")
         bs.build_hf(args.hf_dir, args.small)
+    if args.rss_only:
+        peak_rss(args, tmp)
+        return
     model = sj.load(args.hf_dir)
     L = model.config.num_layers
     ids = bs.prompt_ids(144)
@@ -117,26 +171,24 @@ def main():
     images = np.random.default_rng(0).standard_normal((args.pairs, 2, bs.GRID * bs.GRID, 1176)).astype(np.float32)
     batches = [np.arange(i, min(i + args.batch, args.pairs)) for i in range(0, args.pairs, args.batch)]
     compile_s = {}
-    for method in ("exact", "attribution"):  # every batch shape compiles here, untimed
+    for method in METHODS:  # every batch shape compiles here, untimed
         t0 = time.perf_counter()
         for size in sorted({len(b) for b in batches}):
             sweep(model, method, *inputs(batches[0][:size], images, ids, index_maps))
         compile_s[method] = time.perf_counter() - t0
-    wall = {"exact": [], "attribution": []}
-    cpu = {"exact": [], "attribution": []}
-    out = {"exact": [], "attribution": []}
-    cleans, loads, torch_t, torch_cpu, torch_out = [], [], [], [], []
+    wall, cpu, out = ({m: [] for m in METHODS} for _ in range(3))
+    cleans, metric_cleans, loads, torch_t, torch_cpu, torch_out = [], [], [], [], [], []
     hf = bs.load_hf(args.hf_dir) if args.torch_pairs else None
     for j, pairs in enumerate(batches):
         args_b = inputs(pairs, images, ids, index_maps)
-        for method in (("exact", "attribution") if j % 2 == 0 else ("attribution", "exact")):
+        for method in METHODS[j % 3:] + METHODS[:j % 3]:
             t0, c0 = time.perf_counter(), time.process_time()
             logits, clean = sweep(model, method, *args_b)
             wall[method].append((time.perf_counter() - t0) / len(pairs))
             cpu[method].append((time.process_time() - c0) / len(pairs))
             out[method].append(logits)
             if clean is not None:
-                cleans.append(clean)
+                (metric_cleans if method == "metric" else cleans).append(clean)
         for i in (i for i in pairs if i < args.torch_pairs):
             import torch
             torch.set_num_threads(1)
@@ -146,27 +198,16 @@ def main():
             torch_t.append(time.perf_counter() - t0)
             torch_cpu.append(time.process_time() - c0)
         loads.append(os.getloadavg()[0])
-        print(f"  pairs {pairs[0] + 1}-{pairs[-1] + 1}: exact {wall['exact'][-1]:.2f} s/pair "
-              f"({cpu['exact'][-1]:.1f} CPU s), attribution {wall['attribution'][-1]:.2f} s/pair "
-              f"({cpu['attribution'][-1]:.1f} CPU s), load {loads[-1]:.1f}", flush=True)
+        print(f"  pairs {pairs[0] + 1}-{pairs[-1] + 1}: " + ", ".join(
+            f"{m} {wall[m][-1]:.2f} s/pair ({cpu[m][-1]:.1f} CPU s)" for m in METHODS) + f", load {loads[-1]:.1f}",
+            flush=True)
     load1 = os.getloadavg()
+    rss = None if args.no_rss else peak_rss(args, tmp)
     exact, est = (np.concatenate(out[m], 2) for m in ("exact", "attribution"))  # [L+1, R, n, 5]
+    metric_est = np.concatenate(out["metric"], 2)  # [L+1, R, n]
     clean = np.concatenate(cleans, 0)  # [n, 5]
     d_exact, d_est = exact - clean, est - clean
     diff = lambda x: x[..., 0] - x[..., 1]  # noqa: E731
-    rss = None
-    if not args.no_rss:
-        converted = os.path.join(tmp, "converted")
-        subprocess.run([sys.executable, "-m", "spatial_jax.convert.cli", "--hf_dir", args.hf_dir, "--output_dir",
-                        converted], check=True, capture_output=True)
-        rss = {}
-        for side in ("load", "exact", "attribution"):
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--side", side, "--converted", converted,
-                                "--batch", str(args.batch)], capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"{side} child failed:\n{r.stderr[-3000:]}")
-            rss[side] = json.loads(r.stdout.strip().splitlines()[-1])
-
     R = len(index_maps)
     print(f"\nconfig: L={L}, T={ids.shape[1]}, {args.pairs} pairs x {L + 1} slots x {R} region sets = "
           f"{args.pairs * (L + 1) * R} patches, {args.batch} pairs per call, {len(TOKENS)} read tokens")
@@ -174,21 +215,26 @@ def main():
           f"{load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; per-batch 1-min {min(loads):.1f}-{max(loads):.1f}")
     print(f"first calls incl. compile: exact {compile_s['exact']:.1f} s, attribution {compile_s['attribution']:.1f} s")
     print("| method | wall s per pair (min / median / total over pairs) | CPU s per pair (median / total) |\n|---|---|---|")
-    for m in ("exact", "attribution"):
+    for m in METHODS:
         print(f"| {m} | {min(wall[m]):.2f} / {statistics.median(wall[m]):.2f} / {sum(wall[m]) * args.batch:.1f} "
               f"| {statistics.median(cpu[m]):.2f} / {sum(cpu[m]) * args.batch:.1f} |")
     if torch_t:
         print(f"| torch hook loop, 1 thread ({len(torch_t)} pairs) | {min(torch_t):.2f} / {statistics.median(torch_t):.2f} | "
               f"{statistics.median(torch_cpu):.2f} |")
-    speed = statistics.median(wall["exact"]) / statistics.median(wall["attribution"])
-    speed_cpu = statistics.median(cpu["exact"]) / statistics.median(cpu["attribution"])
-    print(f"speed-up of attribution over exact: {speed:.2f}x wall (medians), "
-          f"{min(wall['exact']) / min(wall['attribution']):.2f}x (minima), {speed_cpu:.2f}x CPU s (medians)"
-          + (f"; over the hook loop {statistics.median(torch_t) / statistics.median(wall['attribution']):.1f}x wall, "
-             f"{statistics.median(torch_cpu) / statistics.median(cpu['attribution']):.1f}x CPU s" if torch_t else ""))
+    for m in METHODS[1:]:
+        speed = statistics.median(wall["exact"]) / statistics.median(wall[m])
+        speed_cpu = statistics.median(cpu["exact"]) / statistics.median(cpu[m])
+        print(f"speed-up of {m} over exact: {speed:.2f}x wall (medians), "
+              f"{min(wall['exact']) / min(wall[m]):.2f}x (minima), {speed_cpu:.2f}x CPU s (medians)"
+              + (f"; over the hook loop {statistics.median(torch_t) / statistics.median(wall[m]):.1f}x wall, "
+                 f"{statistics.median(torch_cpu) / statistics.median(cpu[m]):.1f}x CPU s" if torch_t else ""))
     print(f"estimate vs exact change, every slot/region/pair: r = {pearson(d_est[..., 0], d_exact[..., 0]):.4f} "
           f"(logit of token 5), r = {pearson(diff(d_est), diff(d_exact)):.4f} (logit 5 - logit 6); per slot "
           f"(logit 5 - 6): " + " ".join(f"{pearson(diff(d_est[s]), diff(d_exact[s])):.2f}" for s in range(L + 1)))
+    d_metric = metric_est
+    print(f"metric path (logit 5 - 6, one backward): r = {pearson(d_metric, diff(d_exact)):.4f} against the exact "
+          f"change, max |metric - per-logit estimate| {np.abs(d_metric - diff(d_est)).max():.2e}, clean values "
+          f"max |diff| {np.abs(np.concatenate(metric_cleans) - diff(clean)).max():.2e}")
     print(f"mean |exact change| of logit 5 - 6: {np.abs(diff(d_exact)).mean():.4f}, mean |estimate - exact|: "
           f"{np.abs(diff(d_est) - diff(d_exact)).mean():.4f}")
     if torch_out:

@@ -43,6 +43,10 @@ flags.DEFINE_integer("n_pairs", 50, "Golden pairs per direction for the patching
 flags.DEFINE_enum("method", "exact", ["exact", "attribution", "both"],
                   "Patching experiments (last_token, criss_cross, backup): exact patches (the official protocol), "
                   "their first-order attribution-patching estimate (sj.attribution_sweep), or both, compared.")
+flags.DEFINE_bool("qk_fix", False, "--method attribution|both: AtP*'s QK-fix (each patch's first attention layer "
+                  "run exactly, the rest linearised; sj.attribution_sweep(qk_fix=True)).")
+flags.DEFINE_bool("grad_drop", False, "--method attribution|both: also AtP*'s GradDrop score per slot and pair "
+                  "(L more backwards; sj.attribution_sweep(grad_drop=True)), reported beside the estimate.")
 flags.DEFINE_integer("seed", 0, "Seed for item sampling and pair building.")
 flags.DEFINE_bool("golden", True, "Keep only pairs the model answers correctly (the paper's protocol). "
                   "--nogolden keeps every pair: for smoke runs on untrained models.")

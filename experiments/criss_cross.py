@@ -84,8 +84,8 @@ ODDS = "change of log p(c2) - log p(c0)"  # the estimate's quantity: towards the
 
 def _sweep(model, chunk, index_fn, under, batch_size, source_is_clean=False, method="exact") -> dict:
     """One region-swap sweep over a chunk of pairs -> probs [S, R, B, 3], flipped, kept [S, R, B]
-    (exact), estimate_odds (attribution) and exact_odds (both) [S, R, B]: the change of
-    log p(c2) - log p(c0) from the clean run's. The chunk is run padded to batch_size
+    (exact), estimate_odds (attribution; score with --grad_drop) and exact_odds (both) [S, R, B]:
+    the change of log p(c2) - log p(c0) from the clean run's (`estimates.estimate`). The chunk is run padded to batch_size
     (common.padded); the copies' results are dropped."""
     tok = model.processor.tokenizer
     n, chunk = len(chunk), common.padded(chunk, batch_size)
@@ -103,11 +103,8 @@ def _sweep(model, chunk, index_fn, under, batch_size, source_is_clean=False, met
                    flipped=scoring.answers_match(res.argmax, cands.column(2), tok)[..., :n],
                    kept=scoring.answers_match(res.argmax, cands.column(0), tok)[..., :n])
     if method in ("attribution", "both"):
-        est = sj.region_swap_sweep(model, clean, cf, index, cands.readout, method="attribution", **extra)
-        clean_odds = estimates.log_odds(cands, est.clean, 2, 0)
-        out["estimate_odds"] = (estimates.log_odds(cands, est.logits, 2, 0) - clean_odds)[..., :n]
-        if method == "both":
-            out["exact_odds"] = (estimates.log_odds(cands, res.logits, 2, 0) - clean_odds)[..., :n]
+        out.update(estimates.estimate(sj.region_swap_sweep, (model, clean, cf, index, cands.readout), cands, 2, 0, n,
+                                      res.logits if method == "both" else None, **extra))
     return out
 
 
@@ -126,7 +123,7 @@ def sweep_pairs(model, pairs, index_fn, batch_size, under=None, method="exact") 
         out.update(flip=cat["flipped"].mean(-1), keep=cat["kept"].mean(-1), probs_mean=cat["probs"].mean(-2),
                    probs_std=cat["probs"].std(-2))
     if "estimate_odds" in cat:
-        out["attribution"] = estimates.summarise(cat["estimate_odds"], cat.get("exact_odds"), ODDS)
+        out["attribution"] = estimates.summarise(cat["estimate_odds"], cat.get("exact_odds"), ODDS, cat.get("score"))
     return out
 
 

@@ -4,7 +4,10 @@ estimate of every slot's patch (`sj.attribution_sweep`) beside, or instead of, t
 The quantity compared is the change, from the clean run, of a log-odds between two candidate
 words, log p(a) - log p(b), each word's probability summed over its spellings
 (`Candidates.word_logits`): it needs only the read tokens' logits, which is what the estimate
-gives (probabilities and the arg-max over the whole vocabulary it does not). Changes, not
+gives (probabilities and the arg-max over the whole vocabulary it does not), and the estimate is
+taken of it directly (`Candidates.log_odds_metric`: one backward through the log-odds rather
+than one per read token). --qk_fix and --grad_drop turn on AtP*'s fixes (GradDrop's score is
+stored beside the estimate, with its correlation with |exact|). Changes, not
 levels: the levels differ from pair to pair far more than a patch moves them, so their
 correlation would say little about the estimate. A part of results.json then holds, per slot (and region set), the
 estimate and (with both) the exact value per pair and their Pearson correlation over pairs and
@@ -32,7 +35,29 @@ def exact_wanted() -> bool:
 
 def run_config() -> dict:
     """The run setting a stored result must match (none for the official exact method)."""
-    return {} if FLAGS.method == "exact" else {"method": FLAGS.method}
+    if FLAGS.method == "exact":
+        return {}
+    return {"method": FLAGS.method, **{k: v for k, v in options().items() if v}}
+
+
+def options() -> dict:
+    """attribution_sweep's AtP* flags as the binary's flags set them."""
+    return {"qk_fix": FLAGS.qk_fix, "grad_drop": FLAGS.grad_drop}
+
+
+def estimate(sweep, args: tuple, cands, towards: int, against: int, n: int, exact_logits=None, **kwargs) -> dict:
+    """sweep(*args, method="attribution", metric=the log-odds of word `towards` against `against`)
+    with the binary's AtP* flags -> estimate_odds [..., n] (the estimated change of the log-odds:
+    one backward through the metric), score [..., n] (--grad_drop: the GradDrop score) and, given
+    the exact sweep's logits, exact_odds [..., n], the exact change from the same clean run."""
+    est = sweep(*args, method="attribution", metric=cands.log_odds_metric(towards, against), **options(), **kwargs)
+    out = {"estimate_odds": est.metric_change[..., :n]}
+    if FLAGS.grad_drop:
+        out["score"] = est.effect[..., :n]
+    if exact_logits is not None:
+        clean = log_odds(cands, est.clean, towards, against)
+        out["exact_odds"] = (log_odds(cands, exact_logits, towards, against) - clean)[..., :n]
+    return out
 
 
 def log_odds(cands, token_logits, towards: int, against: int) -> np.ndarray:
@@ -48,14 +73,19 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def summarise(estimate: np.ndarray, exact: np.ndarray | None, label: str) -> dict:
+def summarise(estimate: np.ndarray, exact: np.ndarray | None, label: str, score: np.ndarray | None = None) -> dict:
     """estimate, exact [S, ..., n] per slot and pair -> the results.json entry: both per pair, their
-    means per slot [S, ...], and the correlation over every (slot, ..., pair) point and per slot."""
+    means per slot [S, ...], and the correlation over every (slot, ..., pair) point and per slot;
+    score (GradDrop's, a magnitude) per pair and its correlation with |exact| beside |estimate|'s."""
     out = {"metric": label, "estimate": estimate, "estimate_mean": estimate.mean(-1)}
+    if score is not None:
+        out["grad_drop_score"] = score
     if exact is not None:
         flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
         out.update(exact=exact, exact_mean=exact.mean(-1), r=pearson(estimate, exact),
                    r_per_slot=[pearson(e, x) for e, x in zip(flat(estimate), flat(exact))])
+        if score is not None:
+            out.update(r_abs=pearson(np.abs(estimate), np.abs(exact)), r_grad_drop_abs=pearson(score, np.abs(exact)))
     return out
 
 

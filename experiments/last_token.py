@@ -39,7 +39,7 @@ def candidate_probs(model, pairs, batch_size, method: str = "exact") -> dict:
     """Over `pairs`: "probs", the mean probability [L+1, 5] of (c0..c4) at each slot, each summed
     over its spellings (exact); "attribution", the estimated change of log p(c3) - log p(c0) from
     the clean run per slot and pair beside the exact one (`estimates.summarise`; methods attribution, both)."""
-    total, estimate, exact = 0.0, [], []
+    total, parts = 0.0, []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         run = common.padded(chunk, batch_size)  # one batch shape per prompt length; the copies are dropped
@@ -51,15 +51,12 @@ def candidate_probs(model, pairs, batch_size, method: str = "exact") -> dict:
             res = sj.last_token_sweep(model, clean, cf, cands.readout)
             total = total + cands.probs(res.probs)[:, :n].sum(1)  # [L+1, 5]
         if method in ("attribution", "both"):
-            est = sj.last_token_sweep(model, clean, cf, cands.readout, method="attribution")
-            clean_odds = estimates.log_odds(cands, est.clean, 3, 0)
-            estimate.append((estimates.log_odds(cands, est.logits, 3, 0) - clean_odds)[..., :n])
-            if method == "both":
-                exact.append((estimates.log_odds(cands, res.logits, 3, 0) - clean_odds)[..., :n])
+            parts.append(estimates.estimate(sj.last_token_sweep, (model, clean, cf, cands.readout), cands, 3, 0, n,
+                                            res.logits if method == "both" else None))
     out = {} if method == "attribution" else {"probs": total / len(pairs)}
-    if estimate:
-        out["attribution"] = estimates.summarise(np.concatenate(estimate, -1),
-                                                 np.concatenate(exact, -1) if exact else None, ODDS)
+    if parts:
+        cat = {k: np.concatenate([p[k] for p in parts], -1) for k in parts[0]}
+        out["attribution"] = estimates.summarise(cat["estimate_odds"], cat.get("exact_odds"), ODDS, cat.get("score"))
     return out
 
 

@@ -65,7 +65,8 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     """A converted checkpoint dir, a HF model dir (converted in memory, `dtype` default float32),
     or a hub id `org/name[@revision]` (fetched into the HF cache; `convert.hub.resolve`).
 
-    dtype: "float32" or "bfloat16" (or an alias such as "bf16", or the dtype itself).
+    dtype: "float32", "bfloat16" or "float64" (or an alias such as "bf16", or the dtype itself);
+    float64 (norms, softmax, RoPE and logits too) needs jax_enable_x64, for exact parity checks.
 
     mesh: place every parameter with its family's sharding rule (spatial_jax.parallel.rules). A
     converted checkpoint is restored by Orbax straight into those shardings: each device reads
@@ -73,6 +74,8 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     """
     path = hub.resolve(path)
     dtype = None if dtype is None else validation.dtype_name(dtype)
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("dtype float64 needs jax.config.update('jax_enable_x64', True) before anything runs")
     shardings = None
     if mesh is not None:
         family, cfg, _ = resolve_config(path)

@@ -89,3 +89,16 @@ def run_layers(layers: nnx.Module, x: jax.Array, ctx: LMContext, taps: Taps, *, 
     x = jax.lax.fori_loop(start, n - 1, lambda idx, h: call(idx, layer_at(idx), h, taps.for_step(LM_LAYER_SITES),
                                                              changed), x)
     return jax.lax.cond(start < n, last, lambda h: select_rows(h, rows - P), x)
+
+
+def run_span(layers: nnx.Module, x: jax.Array, ctx: LMContext, taps: Taps, start: jax.Array, count: int) -> jax.Array:
+    """Layers start .. start + count - 1 (those that exist) on x [B, T, D], the residual entering
+    layer `start` (traced), every row computed: a few layers of one variant run exactly
+    (attribution's QK-fix). Returns the residual leaving the last of them [B, T, D]."""
+    graphdef, state = nnx.split(layers)
+    n = jax.tree.leaves(state)[0].shape[0]
+    for j in range(count):
+        idx = jnp.minimum(start + j, n - 1)
+        layer = nnx.merge(graphdef, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, idx, keepdims=False), state))
+        x = jnp.where(start + j < n, layer(x, ctx, taps.for_step(LM_LAYER_SITES), idx, None), x)
+    return x

@@ -19,11 +19,12 @@ from spatial_jax.interventions.ops import Intervention
 from spatial_jax import families
 
 DTYPE_ALIASES = {"float32": "float32", "f32": "float32", "fp32": "float32", "float": "float32",
-                 "bfloat16": "bfloat16", "bf16": "bfloat16"}
+                 "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "f64": "float64", "fp64": "float64",
+                 "double": "float64"}
 
 
 def dtype_name(dtype: Any) -> str:
-    """'float32' or 'bfloat16' for a dtype name, an alias ('bf16', 'fp32') or a dtype object."""
+    """'float32', 'bfloat16' or 'float64' for a dtype name, an alias ('bf16', 'fp32') or a dtype object."""
     if isinstance(dtype, str):
         key = dtype.lower()
     else:

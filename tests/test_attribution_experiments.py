@@ -83,3 +83,24 @@ def test_word_logits_differences_are_log_odds_of_summed_spellings():
     probs = cands.probs(np.exp(np.take_along_axis(logp, cands.readout, -1)))
     words = cands.word_logits(token_logits)
     np.testing.assert_allclose(words[:, 0] - words[:, 1], np.log(probs[:, 0] / probs[:, 1]), rtol=1e-10)
+
+
+def test_atp_star_flags(checkpoint, tmp_path):
+    """--qk_fix --grad_drop: the run records them, and beside the estimate the GradDrop score per
+    slot and pair (non-negative) with its correlation with |exact|."""
+    FLAGS.unparse_flags()
+    FLAGS(["test", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path}", *SETTINGS, "--method=both", "--qk_fix",
+           "--grad_drop"])
+    try:
+        criss_cross.run()
+    finally:
+        FLAGS.unparse_flags()
+    with open(tmp_path / "criss_cross" / "results.json") as f:
+        stored = json.load(f)
+    assert "qk_fix" in json.dumps(stored) and "grad_drop" in json.dumps(stored)
+    parts = [v for v in stored["parts"].values() if v["n_pairs"]]
+    for part in parts:
+        a = part["attribution"]
+        score = np.array(a["grad_drop_score"])
+        assert score.shape == np.shape(a["estimate"]) and (score >= 0).all() and score.max() > 0
+        assert "r_grad_drop_abs" in a and "r_abs" in a

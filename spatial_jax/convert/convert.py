@@ -13,7 +13,8 @@ from spatial_jax.convert.safetensors_dir import CheckpointError, TensorReader, r
 from spatial_jax.families import Family, family_of
 from spatial_jax.tree_paths import flatten_paths, unflatten_paths
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 needs jax_enable_x64 (forward.load checks): it runs the port without rounding, for parity checks.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def abstract_model(family: Family, cfg, dtype) -> nnx.Module:

@@ -170,14 +170,34 @@ class Candidates:
     def word_logits(self, token_logits) -> np.ndarray:
         """token_logits [..., B, K * M] -> [..., B, K]: the log of each word's probability summed
         over its spellings, up to the normaliser all tokens share (a difference is a log-odds)."""
-        t = np.asarray(token_logits, np.float64)
-        t = np.where(self.mask, t.reshape(t.shape[:-1] + self.ids.shape[1:]), -np.inf)
-        top = t.max(-1, keepdims=True)
-        return (top + np.log(np.exp(t - top).sum(-1, keepdims=True)))[..., 0]
+        return word_logits(np.asarray(token_logits, np.float64), self.mask)
+
+    def log_odds_metric(self, towards: int, against: int):
+        """The metric read logits [B, K * M] -> [B] log p(word `towards`) - log p(word `against`)
+        (`log_odds`), as `attribution_sweep(metric=)` takes it: a Partial whose mask is an array
+        argument, so that a new batch of candidates of the same shape compiles nothing new."""
+        from jax.tree_util import Partial
+        return Partial(log_odds, mask=self.mask, towards=towards, against=against)
 
     def column(self, k: int) -> list[str]:
         """[B] the k-th candidate word of every row."""
         return [w[k] for w in self.words]
+
+
+def word_logits(token_logits, mask):
+    """token_logits [..., B, K * M], mask [B, K, M] (the spellings a word has) -> [..., B, K]: the
+    log of each word's probability summed over its spellings, up to the normaliser all tokens share."""
+    xp = _array_module(token_logits)
+    t = xp.where(mask, token_logits.reshape(token_logits.shape[:-1] + mask.shape[1:]), -xp.inf)
+    top = t.max(-1, keepdims=True)
+    return (top + xp.log(xp.exp(t - top).sum(-1, keepdims=True)))[..., 0]
+
+
+def log_odds(token_logits, mask, towards, against):
+    """token_logits [..., B, K * M] -> [..., B]: log p(word `towards`) - log p(word `against`),
+    each word's probability summed over its spellings (mask [B, K, M])."""
+    words = word_logits(token_logits, mask)
+    return words[..., towards] - words[..., against]
 
 
 def top1_correct(logits, answers: Sequence[str], tokenizer: Tokenizer | Callable[[int], str]) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Layers shared by the model families, written to match transformers' numerics in float32.
 
-Weights use the [in, out] layout. Norms and softmax run in float32 and cast back, as HF does.
+Weights use the [in, out] layout. Norms, softmax, RoPE and matmul accumulation run in
+`compute_dtype` (float32 for float32 and bfloat16 models, as HF does) and cast back; a float64
+model (jax_enable_x64) runs them in float64, so that the port itself can be checked exactly.
 """
 from __future__ import annotations
 
@@ -23,16 +25,22 @@ PRECISION = jax.lax.Precision.HIGHEST
 NEG_INF = -1e30
 
 
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype a model of parameter dtype `dtype` accumulates, normalises and rotates in:
+    float32 for float32, bfloat16 and float16, float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def dot(a: jax.Array, b: jax.Array, subscripts: str | None = None, out_dtype=None) -> jax.Array:
-    """a @ b (or einsum(subscripts, a, b)) in the operands' own dtype with float32 accumulation,
-    cast to `out_dtype` (default: a's dtype).
+    """a @ b (or einsum(subscripts, a, b)) in the operands' own dtype with `compute_dtype`
+    accumulation, cast to `out_dtype` (default: a's dtype).
 
     bfloat16 operands go into the dot as bfloat16 with a float32 result (the cuBLAS / XLA:CPU
     bf16 GEMMs accumulate in float32), instead of a bfloat16 result that XLA:CPU computes by
     converting both operands to float32. HIGHEST is asked of float32 operands only (it keeps
     TF32/bf16 passes out on GPU/TPU); float32 models compile exactly as before.
     """
-    kw = dict(precision=PRECISION if a.dtype == jnp.float32 else None, preferred_element_type=jnp.float32)
+    kw = dict(precision=PRECISION if a.dtype == jnp.float32 else None, preferred_element_type=compute_dtype(a.dtype))
     out = jnp.matmul(a, b, **kw) if subscripts is None else jnp.einsum(subscripts, a, b, **kw)
     return out.astype(a.dtype if out_dtype is None else out_dtype)
 
@@ -60,11 +68,12 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
+        ct = compute_dtype(x.dtype)
+        xf = x.astype(ct)
         mean = xf.mean(-1, keepdims=True)
         var = jnp.square(xf - mean).mean(-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale[...].astype(ct) + self.bias[...].astype(ct)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -80,10 +89,11 @@ class RMSNorm(nnx.Module):
         self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
+        ct = compute_dtype(x.dtype)
+        xf = x.astype(ct)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
         if self.offset:
-            return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+            return (normed * (self.offset + self.scale[...].astype(ct))).astype(x.dtype)
         return self.scale[...] * normed.astype(x.dtype)
 
 
@@ -129,7 +139,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None,
     G = Hq // Hkv
     qh = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = dot(qh, kh, "bkqd,bksd->bkqs", jnp.float32) * scale
+    scores = dot(qh, kh, "bkqd,bksd->bkqs", compute_dtype(qh.dtype)) * scale
     if allowed is not None:
         scores = jnp.where(jnp.tile(allowed, (1, G, 1))[:, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -148,7 +158,7 @@ def cpu_attention_steps(B: int, heads: int, T: int, S: int) -> int:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, scale: float,
               with_probs: bool = False):
-    """Grouped-query attention with a boolean mask, softmax in float32.
+    """Grouped-query attention with a boolean mask, softmax in `compute_dtype` (float32 or float64).
 
     q [B, T, Hq, hd], k/v [B, S, Hkv, hd], allowed [B, T, S] (True = may attend) or None (all).
     Query head j reads kv head j // (Hq // Hkv), as HF's repeat_kv does. Returns [B, T, Hq, hd],
@@ -237,12 +247,12 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.where(m > 0, jnp.cumsum(m, axis=1) - 1, 0)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, factor: float = 1.0):
-    """positions [B, T] -> cos, sin [B, T, head_dim] float32 (HF default / linear RoPE)."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, factor: float = 1.0, dtype=jnp.float32):
+    """positions [B, T] -> cos, sin [B, T, head_dim] in dtype (HF default / linear RoPE; HF: float32)."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim)
     if factor != 1.0:
         inv_freq = inv_freq / factor
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq
+    freqs = positions[..., None].astype(dtype) * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -339,10 +349,10 @@ def scatter_rows(x: jax.Array, at: jax.Array, rows: jax.Array) -> jax.Array:
 
 
 def unembed(h: jax.Array, embed: jax.Array, lm_head: Dense | None) -> jax.Array:
-    """h [..., D] -> logits [..., V] float32, against the embedding table [V, D] when tied
-    (lm_head None)."""
+    """h [..., D] -> logits [..., V] in `compute_dtype` (float32; float64 for a float64 model),
+    against the embedding table [V, D] when tied (lm_head None)."""
     w = embed.T if lm_head is None else lm_head.kernel[...]
-    return dot(h, w).astype(jnp.float32)
+    return dot(h, w).astype(compute_dtype(h.dtype))
 
 
 class LanguageModel(nnx.Module):
@@ -378,7 +388,7 @@ class LanguageModel(nnx.Module):
         return taps.at(sites.LM_FINAL, self.norm(x), rows=rows)
 
     def unembed(self, h: jax.Array) -> jax.Array:
-        """h [..., D] -> logits [..., V] float32."""
+        """h [..., D] -> logits [..., V] float32 (float64 for a float64 model)."""
         return unembed(h, self.embed[...], self.lm_head)
 
 

@@ -59,8 +59,8 @@ def last_token_sweep(model: Model, clean: Batch, cf: Batch, tokens: np.ndarray,
     """Paper Fig. 3: the cf run's last-token residual patched into the clean run at every slot.
 
     tokens: [K] or [B, K] answer tokens to track (e.g. the five candidate colours).
-    Returns logits/probs [L+1, B, K] and argmax [L+1, B] (method "attribution": logits and
-    effect [L+1, B, ...]; its `top` indices, over [L+1, 1], are slots).
+    Returns logits/probs [L+1, B, K] and argmax [L+1, B] (method "attribution": logits, effect
+    and metric_change [L+1, B, ...]; its `top` indices, over [L+1, 1], are slots).
     """
     clean_mask = clean.with_defaults().attention_mask
     B, T = np.shape(clean_mask)
@@ -68,7 +68,8 @@ def last_token_sweep(model: Model, clean: Batch, cf: Batch, tokens: np.ndarray,
     index[0, np.arange(B), last_positions(clean_mask)] = last_positions(cf.with_defaults().attention_mask)
     res = _slot_sweep(model, clean, cf, index, tokens, **kwargs)
     if isinstance(res, AttributionResult):
-        return dataclasses.replace(res, logits=res.logits[:, 0], effect=res.effect[:, 0])
+        return dataclasses.replace(res, **{f: getattr(res, f)[:, 0] for f in ("logits", "effect", "metric_change")
+                                           if getattr(res, f) is not None})
     return SweepResult(res.logits[:, 0], res.probs[:, 0], res.argmax[:, 0])
 
 

@@ -134,13 +134,13 @@ class VisionBlock(nnx.Module):
         self.heads, self.act = cfg.vision_heads, cfg.vision_act
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend) -> jax.Array:
-        """x [1, N, Dv] in patch order; cos/sin [N, hd] float32; attend(q, k, v) -> [N, H * hd]
+        """x [1, N, Dv] in patch order; cos/sin [N, hd] in compute_dtype; attend(q, k, v) -> [N, H * hd]
         with q/k/v [N, H, hd]: the block's full or windowed attention."""
         _, N, D = x.shape
         qkv = self.qkv(self.norm1(x)).reshape(N, 3, self.heads, D // self.heads)
-        # HF rotates the vision q/k in float32 whatever the model dtype.
-        q, k = (L.apply_rope(qkv[:, i].astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
-                for i in (0, 1))
+        # HF rotates the vision q/k in float32 whatever the model dtype (float64 here for float64).
+        ct = L.compute_dtype(x.dtype)
+        q, k = (L.apply_rope(qkv[:, i].astype(ct), cos[:, None], sin[:, None]).astype(x.dtype) for i in (0, 1))
         x = x + self.proj(attend(q, k, qkv[:, 2])[None])
         h = self.norm2(x)
         return x + self.down(L.ACTIVATIONS[self.act](self.gate(h)) * self.up(h))
@@ -174,7 +174,7 @@ class VisionTower(qwen2_vl.VisionTower):
         grid_thw ((1, h, w), ...) -> visual tokens [1, N / merge^2, D]."""
         cfg = self.cfg
         N = x.shape[0]
-        cos, sin = vision_rope(cfg, grid_thw)
+        cos, sin = vision_rope(cfg, grid_thw, L.compute_dtype(x.dtype))
         images = image_groups(grid_thw)
         order, sizes = window_layout(grid_thw, cfg.merge_size, cfg.window_tokens)
         windows, inverse = L.equal_size_runs(sizes), np.argsort(order)

@@ -146,12 +146,13 @@ def image_groups(grid_thw: tuple[tuple[int, int, int], ...]) -> list[tuple[int, 
     return L.equal_size_runs([h * w for _, h, w in grid_thw])
 
 
-def vision_rope(cfg: Qwen2VLConfig, grid_thw: tuple[tuple[int, int, int], ...]) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [N_patches, head_dim] float32 of the tower's 2D RoPE: half the rotary
-    frequencies turn with the patch's row, half with its column."""
+def vision_rope(cfg: Qwen2VLConfig, grid_thw: tuple[tuple[int, int, int], ...],
+                dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [N_patches, head_dim] in dtype (HF: float32) of the tower's 2D RoPE: half the
+    rotary frequencies turn with the patch's row, half with its column."""
     h_idx, w_idx = vision_patch_layout(grid_thw, cfg.merge_size)
     hd = cfg.vision_dim // cfg.vision_heads
-    inv_freq = 1.0 / cfg.vision_rope_theta ** (jnp.arange(0, hd // 2, 2, dtype=jnp.float32) / (hd // 2))
+    inv_freq = 1.0 / cfg.vision_rope_theta ** (jnp.arange(0, hd // 2, 2, dtype=dtype) / (hd // 2))
     emb = jnp.concatenate([h_idx[:, None] * inv_freq, w_idx[:, None] * inv_freq], axis=-1)
     emb = jnp.concatenate([emb, emb], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -169,13 +170,14 @@ class VisionBlock(nnx.Module):
         self.heads = cfg.vision_heads
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, groups) -> jax.Array:
-        """x [1, N, Dv]; cos/sin [N, hd] float32; groups: `image_groups` of the batch."""
+        """x [1, N, Dv]; cos/sin [N, hd] in compute_dtype; groups: `image_groups` of the batch."""
         _, N, D = x.shape
         hd = D // self.heads
         qkv = self.qkv(self.norm1(x)).reshape(N, 3, self.heads, hd)
-        # HF rotates the vision q/k in float32 whatever the model dtype.
-        q = L.apply_rope(qkv[:, 0].astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
-        k = L.apply_rope(qkv[:, 1].astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        # HF rotates the vision q/k in float32 whatever the model dtype (float64 here for float64).
+        ct = L.compute_dtype(x.dtype)
+        q = L.apply_rope(qkv[:, 0].astype(ct), cos[:, None], sin[:, None]).astype(x.dtype)
+        k = L.apply_rope(qkv[:, 1].astype(ct), cos[:, None], sin[:, None]).astype(x.dtype)
         a = L.blockwise_attention(q, k, qkv[:, 2], groups, hd**-0.5)[None]
         x = x + self.proj(a)
         h = self.fc1(self.norm2(x))
@@ -200,7 +202,7 @@ class VisionTower(nnx.Module):
         """The tower after its patch embedding: x [N, Dv] -> visual tokens [1, N / merge^2, D]."""
         cfg = self.cfg
         N = x.shape[0]
-        cos, sin = vision_rope(cfg, grid_thw)
+        cos, sin = vision_rope(cfg, grid_thw, L.compute_dtype(x.dtype))
         groups = image_groups(grid_thw)
         x, _ = L.run_vision_blocks(self.blocks, x[None], taps, lambda block, h: block(h, cos, sin, groups))
         x = self.merger_norm(x).reshape(1, N // cfg.merge_size**2, -1)
@@ -243,10 +245,11 @@ def mrope_positions(input_ids: jax.Array, attention_mask: jax.Array, grid_thw: O
     return jnp.where(valid[None], pos, 0).astype(jnp.int32)
 
 
-def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, section: tuple[int, ...]):
-    """positions [3, B, T] -> cos, sin [B, T, head_dim] float32; frequency slots take t/h/w in turn."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [3, B, T, hd/2]
+def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, section: tuple[int, ...], dtype=jnp.float32):
+    """positions [3, B, T] -> cos, sin [B, T, head_dim] in dtype (HF: float32); frequency slots
+    take t/h/w in turn."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim)
+    freqs = positions[..., None].astype(dtype) * inv_freq  # [3, B, T, hd/2]
     axis_of_slot = jnp.concatenate([jnp.full((n,), i % 3) for i, n in enumerate(section)])
     f = jnp.where(axis_of_slot == 0, freqs[0], jnp.where(axis_of_slot == 1, freqs[1], freqs[2]))
     emb = jnp.concatenate([f, f], axis=-1)
@@ -310,5 +313,6 @@ class Qwen2VL(L.LanguageModel):
         cfg = self.cfg
         pos = mrope_positions(batch.input_ids, batch.attention_mask, batch.image_grid_thw,
                               cfg.image_token_id, cfg.merge_size)
-        cos, sin = mrope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        cos, sin = mrope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
+                                 L.compute_dtype(self.embed[...].dtype))
         return LMContext(cos, sin, L.causal_mask(batch.attention_mask))
