@@ -8,6 +8,7 @@ INSTALL_REQUIRES = [
     "jaxlib==0.10.2",
     "flax==0.12.8",
     "orbax-checkpoint==0.12.8",
+    "tensorstore==0.1.86",  # read directly by convert.checkpoint (also an orbax dependency)
     "optax==0.2.8",
     "numpy==2.4.6",
     "safetensors==0.8.0",
