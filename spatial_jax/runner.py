@@ -58,7 +58,7 @@ def run_layers(layers: nnx.Module, x: jax.Array, ctx: LMContext, taps: Taps, *, 
         return nnx.merge(graphdef, layer_state)(entering, ctx, step_taps, idx, at_rows)
 
     def layer_at(idx):
-        return jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, idx, keepdims=False), state)
+        return _layer_at(state, idx)
 
     def last(h):
         return call(n - 1, layer_at(n - 1), h, taps.for_step(LM_LAYER_SITES), rows)
@@ -99,6 +99,11 @@ def run_span(layers: nnx.Module, x: jax.Array, ctx: LMContext, taps: Taps, start
     n = jax.tree.leaves(state)[0].shape[0]
     for j in range(count):
         idx = jnp.minimum(start + j, n - 1)
-        layer = nnx.merge(graphdef, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, idx, keepdims=False), state))
+        layer = nnx.merge(graphdef, _layer_at(state, idx))
         x = jnp.where(start + j < n, layer(x, ctx, taps.for_step(LM_LAYER_SITES), idx, None), x)
     return x
+
+
+def _layer_at(state, idx: jax.Array):
+    """Layer idx's parameters out of the stacked [L, ...] state."""
+    return jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, idx, keepdims=False), state)

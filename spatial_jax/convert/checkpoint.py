@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spatial_jax.convert.convert import DTYPES, _aligned_empty, abstract_model, resolve_config
+from spatial_jax.convert.convert import DTYPES, aligned_empty, abstract_model, resolve_config
 from spatial_jax.tree_paths import flatten_paths
 from flax import nnx
 import tensorstore as ts
@@ -116,7 +116,7 @@ class _OneDeviceHandler(ocp.type_handlers.NumpyHandler):
         for info in infos:
             spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint)
             t = await ts.open(ts.Spec(spec), open=True, context=info.ts_context)
-            buf = _aligned_empty(tuple(t.shape), t.dtype.numpy_dtype)
+            buf = aligned_empty(tuple(t.shape), t.dtype.numpy_dtype)
             await ts.array(buf).write(t)
             out.append(jax.device_put(buf, self._device))
         return out

@@ -22,7 +22,7 @@ def abstract_model(family: Family, cfg, dtype) -> nnx.Module:
     return nnx.eval_shape(lambda: family.model_cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
     """np.empty on a 64-byte boundary: jax.device_put on CPU adopts such a buffer without a copy
     (numpy's own are 16-byte aligned, which jax copies)."""
     nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -72,7 +72,7 @@ def convert_hf(hf_dir: str, dtype: str = "float32", place: Optional[Callable[[st
             continue
         want = expected[path]
         names = [hf_name.format(i=i) for i in range(want.shape[0])] if "{i}" in hf_name else [hf_name]
-        out = _aligned_empty(want.shape, np_dtype)
+        out = aligned_empty(want.shape, np_dtype)
         for i, name in enumerate(names):
             if name not in reader:
                 raise CheckpointError(f"{hf_dir}: missing tensor {name} (for {path})")
