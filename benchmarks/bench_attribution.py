@@ -8,13 +8,18 @@ pairs, the ~350M Qwen2-VL of benchmarks/_qwen2_vl_mid.py, 336x336 images, T = 17
 
 Interleaved per batch of --batch pairs (the order rotating): region_swap_sweep exact,
 method="attribution" (one clean forward and one backward per read token, the rest contractions)
-and "metric", the same with metric= the logit difference of tokens 5 and 6 (one backward);
-the first --torch_pairs pairs also through bench_sweep.torch_loop (one full forward per patch).
+and "metric", the same with metric= the logit difference of tokens 5 and 6 (one backward),
+and "forwards": the two runs every method needs (the cf run cached at the slots, the clean run),
+whose time bounds how much faster than the exact sweep any method that needs them can be; the first --torch_pairs pairs also through bench_sweep.torch_loop (one full forward per patch).
 Wall and process CPU seconds per pair, `uptime` load. Accuracy: Pearson r between estimated
 and exact change of the read logits (token 5 and the 5-6 logit difference) over every slot,
 region set and pair (the metric path: its estimated change of that difference). Peak RSS per
 side in a fresh process (load only; one batch of exact, attribution, metric: the backward's
 memory is an attribution side's peak over load's).
+
+--heads P: first the head-level criss-cross (lm.attn_z at every layer x head x region set, 384
+variants per pair on the mid config) on P pairs, exact against the metric path: the regime where
+the number of variants, not the two forwards, sets the exact sweep's cost.
 
 --organisms: the organisms' estimate-vs-exact correlation on their own criss-cross and
 last-token sweeps (the binaries with --method both, --n_pairs 8, squares, and --qk_fix /
@@ -40,9 +45,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sweep as bs  # noqa: E402
 
 import spatial_jax as sj  # noqa: E402
+from spatial_jax.interventions import sites  # noqa: E402
 
 TOKENS = np.array([5, 6, 7, 8, 9])
-METHODS = ("exact", "attribution", "metric")
+METHODS = ("exact", "attribution", "metric", "forwards")
+SLOT_SITES = (sites.LM_RESID_PRE, sites.LM_RESID_POST)
 
 
 def logit_difference(y):
@@ -60,13 +67,67 @@ def inputs(pairs: np.ndarray, images: np.ndarray, ids: np.ndarray, index_maps: n
 
 def sweep(model, method, clean, cf, index):
     """-> logits [L+1, R, b, 5] and the clean run's [b, 5] (attribution) or None; metric: the
-    estimated change of logit_difference [L+1, R, b] and its clean value [b]."""
+    estimated change of logit_difference [L+1, R, b] and its clean value [b]. "forwards": the
+    floor every method pays, the cf run cached at the slots (where the sources come from) and
+    one clean run (where the patches are applied / linearised), nothing else: (None, None)."""
+    if method == "forwards":
+        for batch in (cf, clean):
+            jax.block_until_ready(sj.forward(model, batch, cache=SLOT_SITES, logits=False).cache)
+        return None, None
     if method == "metric":
         res = sj.region_swap_sweep(model, clean, cf, index, TOKENS, method="attribution",
                                    metric=jax.tree_util.Partial(logit_difference))
         return res.metric_change, res.metric_clean
     res = sj.region_swap_sweep(model, clean, cf, index, TOKENS, method=method)
     return res.logits, getattr(res, "clean", None)
+
+
+def head_sweep(model, method, clean, cf, index):
+    """The criss-cross swap at every head: variant (l, h, r) replaces head h of lm.attn_z (its
+    output before o_proj) at layer l in region set r's swapped tokens by the cf run's.
+    -> exact: logits [L, H, R, b, 5]; metric: the estimated change of logit_difference [L, H, R, b]
+    and its clean value [b]."""
+    L, H = model.config.num_layers, model.config.num_heads
+    z = sj.forward(model, cf, cache=sites.LM_ATTN_Z, logits=False).cache[sites.LM_ATTN_Z]
+    z = np.moveaxis(np.asarray(z), 1, 0)  # [L, b, T, H, hd]
+    R = index.shape[0]
+    iv = sj.Intervention(
+        site=sites.LM_ATTN_Z, op="replace", layer=np.broadcast_to(np.arange(L)[:, None, None], (L, H, R)),
+        index=np.broadcast_to(index[None, None], (L, H) + index.shape),
+        source=np.broadcast_to(z[:, None, None], (L, H, R) + z.shape[1:]),
+        head_mask=np.broadcast_to(np.eye(H, dtype=bool)[None, :, None], (L, H, R, H)))
+    readout = sj.Readout(sj.last_positions(clean.with_defaults().attention_mask), TOKENS)
+    if method == "metric":
+        res = sj.attribution_sweep(model, clean, [iv], readout, metric=jax.tree_util.Partial(logit_difference))
+        return res.metric_change, res.metric_clean
+    return sj.patch_sweep(model, clean, [iv], readout).logits, None
+
+
+def heads(model, args, ids, index_maps, images) -> None:
+    """--heads: exact against the metric path on the head-level criss-cross, one batch of
+    --heads pairs after an untimed first call of each."""
+    pairs = np.arange(args.heads)
+    batch = inputs(pairs, images, ids, index_maps)
+    cfg = model.config
+    print(f"head-level criss-cross: {cfg.num_layers} layers x {cfg.num_heads} heads x {len(index_maps)} region sets "
+          f"= {cfg.num_layers * cfg.num_heads * len(index_maps)} variants per pair, {args.heads} pairs in one call")
+    got, cpu = {}, {}
+    for method in ("exact", "metric"):
+        t0 = time.perf_counter()
+        head_sweep(model, method, *batch)
+        print(f"  first call {method} (incl. compile): {time.perf_counter() - t0:.1f} s", flush=True)
+    for method in ("exact", "metric", "exact", "metric"):
+        t0, c0 = time.perf_counter(), time.process_time()
+        got[method] = head_sweep(model, method, *batch)
+        wall = (time.perf_counter() - t0) / args.heads
+        cpu.setdefault(method, []).append((time.process_time() - c0) / args.heads)
+        print(f"  {method}: {wall:.2f} s/pair wall, {cpu[method][-1]:.2f} CPU s/pair, load {os.getloadavg()[0]:.1f}",
+              flush=True)
+    exact = got["exact"][0]
+    d_exact = exact[..., 0] - exact[..., 1] - got["metric"][1]
+    print(f"head-level: exact {min(cpu['exact']):.2f}, metric {min(cpu['metric']):.2f} CPU s per pair (best of 2): "
+          f"{min(cpu['exact']) / min(cpu['metric']):.1f}x; estimate vs exact change of logit 5 - 6: r = "
+          f"{pearson(got['metric'][0], d_exact):.4f}, mean |exact| {np.abs(d_exact).mean():.4f}")
 
 
 def child(args) -> None:
@@ -123,7 +184,7 @@ def peak_rss(args, tmp: str) -> dict:
     subprocess.run([sys.executable, "-m", "spatial_jax.convert.cli", "--hf_dir", args.hf_dir, "--output_dir",
                     converted], check=True, capture_output=True)
     rss = {}
-    for side in ("load", "forward") + METHODS:
+    for side in ("load", "forward", "exact", "attribution", "metric"):
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--side", side, "--converted", converted,
                             "--batch", str(args.batch)], capture_output=True, text=True)
         if r.returncode:
@@ -146,6 +207,8 @@ def main():
     ap.add_argument("--grad_drop", action="store_true", help="--organisms: the binaries with --grad_drop")
     ap.add_argument("--sweeps", default="criss_cross,last_token", help="--organisms: the binaries to run")
     ap.add_argument("--names", default="", help="--organisms: these checkpoints only (comma-separated; all if empty)")
+    ap.add_argument("--heads", type=int, default=0,
+                    help="also time the head-level criss-cross (lm.attn_z, every layer x head) on this many pairs")
     ap.add_argument("--hf_dir", default=None)
     ap.add_argument("--side", default=None, choices=["load", "forward", *METHODS])
     ap.add_argument("--rss_only", action="store_true", help="only the peak-RSS children (no timing)")
@@ -169,6 +232,10 @@ def main():
     ids = bs.prompt_ids(144)
     index_maps = bs.index_maps_for("criss_cross", ids)
     images = np.random.default_rng(0).standard_normal((args.pairs, 2, bs.GRID * bs.GRID, 1176)).astype(np.float32)
+    if args.heads:
+        heads(model, args, ids, index_maps, images)
+        if not args.pairs:
+            return
     batches = [np.arange(i, min(i + args.batch, args.pairs)) for i in range(0, args.pairs, args.batch)]
     compile_s = {}
     for method in METHODS:  # every batch shape compiles here, untimed
@@ -181,7 +248,7 @@ def main():
     hf = bs.load_hf(args.hf_dir) if args.torch_pairs else None
     for j, pairs in enumerate(batches):
         args_b = inputs(pairs, images, ids, index_maps)
-        for method in METHODS[j % 3:] + METHODS[:j % 3]:
+        for method in METHODS[j % len(METHODS):] + METHODS[:j % len(METHODS)]:
             t0, c0 = time.perf_counter(), time.process_time()
             logits, clean = sweep(model, method, *args_b)
             wall[method].append((time.perf_counter() - t0) / len(pairs))
@@ -221,13 +288,17 @@ def main():
     if torch_t:
         print(f"| torch hook loop, 1 thread ({len(torch_t)} pairs) | {min(torch_t):.2f} / {statistics.median(torch_t):.2f} | "
               f"{statistics.median(torch_cpu):.2f} |")
-    for m in METHODS[1:]:
+    for m in ("attribution", "metric"):
         speed = statistics.median(wall["exact"]) / statistics.median(wall[m])
         speed_cpu = statistics.median(cpu["exact"]) / statistics.median(cpu[m])
         print(f"speed-up of {m} over exact: {speed:.2f}x wall (medians), "
               f"{min(wall['exact']) / min(wall[m]):.2f}x (minima), {speed_cpu:.2f}x CPU s (medians)"
               + (f"; over the hook loop {statistics.median(torch_t) / statistics.median(wall[m]):.1f}x wall, "
                  f"{statistics.median(torch_cpu) / statistics.median(cpu[m]):.1f}x CPU s" if torch_t else ""))
+    floor = statistics.median(cpu["forwards"])
+    print(f"the floor, two forwards (cf cached at the slots, clean): {floor:.2f} CPU s per pair; exact / floor "
+          f"{statistics.median(cpu['exact']) / floor:.2f}x: no method that needs those two runs can be faster "
+          f"than the exact sweep by more; metric path / floor {statistics.median(cpu['metric']) / floor:.2f}x")
     print(f"estimate vs exact change, every slot/region/pair: r = {pearson(d_est[..., 0], d_exact[..., 0]):.4f} "
           f"(logit of token 5), r = {pearson(diff(d_est), diff(d_exact)):.4f} (logit 5 - logit 6); per slot "
           f"(logit 5 - 6): " + " ".join(f"{pearson(diff(d_est[s]), diff(d_exact[s])):.2f}" for s in range(L + 1)))
