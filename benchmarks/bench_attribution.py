@@ -252,11 +252,14 @@ def main():
         raise SystemExit(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; known: {', '.join(METHODS)}")
     batches = [np.arange(i, min(i + args.batch, args.pairs)) for i in range(0, args.pairs, args.batch)]
     compile_s = {}
+    print(f"loaded: process peak RSS {bs.peak_rss() / 2**30:.2f} GiB", flush=True)
     for method in methods:  # every batch shape compiles here, untimed
         t0 = time.perf_counter()
         for size in sorted({len(b) for b in batches}):
             sweep(model, method, *inputs(batches[0][:size], images, ids, index_maps))
         compile_s[method] = time.perf_counter() - t0
+        print(f"  first call of {method}: {compile_s[method]:.1f} s, process peak RSS so far {bs.peak_rss() / 2**30:.2f} GiB",
+              flush=True)
     wall, cpu, out, cleans = ({m: [] for m in methods} for _ in range(4))
     loads, torch_t, torch_cpu, torch_out = [], [], [], []
     hf = bs.load_hf(args.hf_dir) if args.torch_pairs else None
@@ -316,7 +319,8 @@ def main():
               f"{statistics.median(cpu['exact']) / floor:.2f}x: no method that needs those two runs can be faster "
               f"than the exact sweep by more" + "".join(f"; {m} / floor {statistics.median(cpu[m]) / floor:.2f}x"
                                                         for m in methods if m in METRIC_METHODS))
-    print(f"mean |exact change| of logit 5 - 6: {np.abs(d_exact).mean():.4f}")
+    print(f"mean |exact change| of logit 5 - 6: {np.abs(d_exact).mean():.4f}; per slot "
+          + " ".join(f"{np.abs(d_exact[s]).mean():.2g}" for s in range(L + 1)))
     if "attribution" in methods:
         d_est = np.concatenate(out["attribution"], 2) - np.concatenate(cleans["attribution"], 0)
         d_exact5 = exact[..., 0] - np.concatenate(cleans["attribution"], 0)[:, 0]
@@ -333,7 +337,8 @@ def main():
               f"pair), per region set " + " ".join(f"{pearson(est[:, r], d_exact[:, r]):.4f}" for r in range(R))
               + ", per slot " + " ".join(f"{pearson(est[s], d_exact[s]):.2f}" for s in range(L + 1))
               + f"; r of |.| {pearson(np.abs(est), np.abs(d_exact)):.4f}; mean |estimate - exact| "
-              f"{np.abs(est - d_exact).mean():.4f}")
+              f"{np.abs(est - d_exact).mean():.4f}, per slot " + " ".join(f"{np.abs(est[s] - d_exact[s]).mean():.2g}"
+                                                                          for s in range(L + 1)))
     if torch_out:
         err = max(np.abs(torch_out[i] - exact[:, :, i, 0]).max() for i in range(len(torch_out)))
         print(f"max |logit 5 diff| exact sweep vs hook loop on {len(torch_out)} pairs: {err:.2e}")
