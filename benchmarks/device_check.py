@@ -15,8 +15,10 @@ Writes one JSON, rewritten after every step (a crash in a later step leaves the 
              and run time of one forward, its XLA FLOP count and achieved TFLOP/s; a criss-cross
              (region swap) sweep over every layer: patched forwards/s and TFLOP/s (upper bound:
              each variant counted as the layers it recomputes over the whole sequence) and the
-             fraction of the bf16 peak; the largest chunk that fits (doubling until out of memory
-             or out of time)
+             fraction of the bf16 peak; Qwen2-VL: the same sweep by attribution patching
+             (`attribution_sweep`'s one-backward metric path, issue 19): time against the exact
+             sweep's, the device's peak memory before and after it, estimate-vs-exact r; the
+             largest chunk that fits (doubling until out of memory or out of time)
 Every step has its own time box (--budget_s split between them); a step out of time records
 what it finished. --smoke swaps the real-size models for tiny ones so the whole run takes < 2 min
 on this CPU (tests/test_device_check.py runs it).
@@ -292,6 +294,8 @@ def step_real_size(family: str, deadline: float) -> dict:
     if peak:
         res["forward_fraction_of_peak"] = res["forward_tflops"] / peak
         res["sweep_fraction_of_peak_upper_bound"] = res["sweep_tflops_upper_bound"] / peak
+    if family == "qwen2_vl" and time.time() < deadline:
+        res["attribution"] = attribution_vs_exact(model, clean, iv, readout, s)
     largest = None
     c = chunk
     while time.time() < deadline and c <= 4 * L:
@@ -307,6 +311,40 @@ def step_real_size(family: str, deadline: float) -> dict:
             res["chunk_stopped_by"] = f"{type(e).__name__}: {str(e)[:200]}"
             break
     res["largest_chunk_that_ran"] = largest
+    return res
+
+
+def logit_difference(y):
+    """The attribution step's metric: read logit 0 minus read logit 1, [B, K] -> [B]."""
+    return y[:, 0] - y[:, 1]
+
+
+def attribution_vs_exact(model, clean, iv, readout, exact_s: float) -> dict:
+    """The criss-cross sweep of step_real_size estimated by attribution patching (one backward of
+    a logit difference) after the exact sweep took exact_s: times, peak device memory, and how
+    well the estimate tracks the exact change."""
+    import jax
+
+    import spatial_jax as sj
+
+    def peak():
+        return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+    metric = jax.tree_util.Partial(logit_difference)
+    res = dict(peak_bytes_before=peak())
+    t0 = time.time()
+    sj.attribution_sweep(model, clean, [iv], readout, metric=metric)
+    res["first_call_s"] = time.time() - t0
+    t0 = time.time()
+    est = sj.attribution_sweep(model, clean, [iv], readout, metric=metric)
+    res.update(s=time.time() - t0, peak_bytes_after=peak())
+    res["exact_s_over_attribution_s"] = exact_s / res["s"]
+    exact = sj.patch_sweep(model, clean, [iv], readout).logits  # [L, 1, K]
+    d_exact = (exact[..., 0] - exact[..., 1] - est.metric_clean).ravel()
+    d_est = est.metric_change.ravel()
+    res.update(r=float(np.corrcoef(d_est, d_exact)[0, 1]) if d_exact.std() > 0 and d_est.std() > 0 else None,
+               mean_abs_exact_change=float(np.abs(d_exact).mean()),
+               mean_abs_error=float(np.abs(d_est - d_exact).mean()))
     return res
 
 

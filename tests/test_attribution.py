@@ -1,6 +1,8 @@
 """attribution_sweep (attribution patching): first order in alpha, exact on a linear segment,
 equal to central finite differences at every kind of site, verify_top equal to patch_sweep for
 the chosen variants, the same on a mesh."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -158,15 +160,35 @@ def test_replace_matches_its_direction_and_verify_top_equals_patch_sweep(model):
 
 def test_mesh_equals_one_device(model):
     """On 8 simulated devices (data:4, model:2) the estimate and the verified variants equal the
-    one-device result."""
+    one-device result, with AtP*'s QK-fix (span 2: the sweep has an lm.resid_post site) on the
+    per-logit and the metric path. Each variant replaces resid_pre at its layer and resid_post at
+    layer 2 (at the image tokens): the exactly run layers cover both for layers 1-3 and the
+    'nowhere' slot, only resid_pre for layer 0 (resid_post 2 is then estimated first order at its own site)."""
     clean, cf = _batch(0, rows=4), _batch(1, rows=4)
-    iv = _slot_replacements(model, clean, cf)
+    pre = _slot_replacements(model, clean, cf)  # [L, 2]
+    L = CFG.num_layers
+    slots = np.minimum(np.arange(L + 1), L - 1)  # + the 'nowhere' slot L (layer L)
+    pre = dataclasses.replace(pre, layer=np.repeat(np.arange(L + 1), 2).reshape(L + 1, 2), index=pre.index[slots],
+                              source=pre.source[slots])
+    src = np.asarray(sj.forward(model, cf, cache=("lm.resid_post",), logits=False).cache["lm.resid_post"])[:, 2]
+    # at the image tokens in both token sets (at the last token it would override the resid_pre
+    # swaps of layers 0-2 there: tied effects, a top-k order decided by float noise)
+    post = dataclasses.replace(pre, site="lm.resid_post", layer=np.full((L + 1, 2), 2), index=np.broadcast_to(
+        pre.index[:, :1], pre.index.shape), source=np.broadcast_to(src, pre.source.shape))
     readout = _readout(clean)
-    one = sj.attribution_sweep(model, clean, [iv], readout, verify_top=2)
-    got = sj.attribution_sweep(model, clean, [iv], readout, verify_top=2, mesh=parallel.make_mesh("data:4,model:2"))
+    mesh = parallel.make_mesh("data:4,model:2")
+    one = sj.attribution_sweep(model, clean, [pre, post], readout, verify_top=2, qk_fix=True)
+    got = sj.attribution_sweep(model, clean, [pre, post], readout, verify_top=2, qk_fix=True, mesh=mesh)
     np.testing.assert_allclose(got.logits, one.logits, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(got.top, one.top)
     np.testing.assert_allclose(got.exact.logits, one.exact.logits, rtol=1e-4, atol=1e-4)
+    # the metric path on the mesh against the chain rule of the one-device per-logit estimate
+    # (what it equals on one device, test_metric_is_the_chain_rule_of_the_per_logit_estimate)
+    got_m = sj.attribution_sweep(model, clean, [pre, post], readout, metric=_odds, qk_fix=True, mesh=mesh)
+    grad = np.asarray(jax.vmap(jax.grad(lambda y: _odds(y[None])[0]))(one.clean))  # [B, K]
+    chain = np.einsum("...bk,bk->...b", one.logits - one.clean, grad)
+    assert np.abs(chain).max() > 1e-2
+    np.testing.assert_allclose(got_m.metric_change, chain, rtol=1e-4, atol=1e-5 * np.abs(chain).max())
     assert jax.device_count() == 8
 
 

@@ -27,3 +27,5 @@ def test_device_check_smoke(tmp_path):
     for fam in ("qwen2_vl", "gemma3"):
         s = steps[f"real_size/{fam}"]
         assert s["forward_flops"] > 0 and s["patched_forwards_per_s"] > 0 and s["largest_chunk_that_ran"]
+    atp = steps["real_size/qwen2_vl"]["attribution"]
+    assert atp["s"] > 0 and atp["exact_s_over_attribution_s"] > 0 and atp["mean_abs_exact_change"] > 0

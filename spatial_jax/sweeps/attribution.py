@@ -37,7 +37,6 @@ AtP* (Kramar et al. 2024):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable, Sequence
 
@@ -214,13 +213,16 @@ _linearise_jit = jit(_linearise, static_argnames=("graphdef", "probed", "full_po
 
 
 def _estimate(graphdef, params, batch: Batch, base, ivs: tuple[Intervention, ...], acts: dict, grads: dict,
-              rows: dict, positions: jax.Array, valid: jax.Array, qk: dict | None, span: int) -> jax.Array:
+              rows: dict, positions: jax.Array, valid: jax.Array, qk: dict | None, first: jax.Array | None,
+              span: int) -> jax.Array:
     """The estimated change [n, B, K] of what is read for n variants (ivs' leaves [n, ...]).
 
     Interventions at one site compose in list order on the clean activation at the layer each
     targets; a layer that several of them target is counted once (at its first). span > 0
-    (QK-fix, qk from `_linearise`): the variant's first patched LM layer l and the layers up to
-    a = l + span - 1 run exactly from the clean residual entering l, under base and all of the
+    (QK-fix, qk from `_linearise`): the variants' first patched LM layer l = first (a scalar,
+    shared by the chunk: `_first_layers`; so one slice of the stacked weights serves every
+    variant, where a per-variant layer would gather a copy of them per variant) and the layers up
+    to a = l + span - 1 run exactly from the clean residual entering l, under base and all of the
     variant's interventions; the change of the residual leaving a is linearised from there, and
     only the interventions outside l..a are estimated at their own sites."""
     B, K = positions.shape[0], jax.tree.leaves(grads)[0].shape[0]
@@ -236,7 +238,6 @@ def _estimate(graphdef, params, batch: Batch, base, ivs: tuple[Intervention, ...
         if not span or not layered:
             return jnp.zeros((B, K), jnp.float32), [False] * len(variant)
         layer = {i: jnp.asarray(variant[i].layer, jnp.int32) for i in layered}
-        first = functools.reduce(jnp.minimum, [jnp.where((l >= 0) & (l < L), l, L) for l in layer.values()])
         x = jax.lax.dynamic_index_in_dim(qk["entering"], jnp.minimum(first, L - 1), 1, keepdims=False)
         out = run_span(module.layers, x, ctx, Taps(tuple(base) + tuple(variant)), first, span)
         last = jnp.minimum(first + span - 1, L - 1)
@@ -303,6 +304,17 @@ def _kept_positions(interventions: Sequence[Intervention], B: int, T: int, n: in
     return np.where(valid, order, last[:, None]).astype(np.int32), valid
 
 
+def _first_layers(variants: Sequence[Intervention], n: int, L: int) -> np.ndarray:
+    """[n] the first LM layer (0..L-1) each variant patches at a per-layer LM site; L if none
+    (a layer outside 0..L-1, e.g. the slot sweeps' "nowhere" = L, patches nothing)."""
+    first = np.full((n,), L, np.int64)
+    for iv in variants:
+        if _is_lm(iv.site) and iv.site not in sites.ONCE_SITES:
+            layer = np.asarray(iv.layer).reshape(n)
+            first = np.minimum(first, np.where((layer >= 0) & (layer < L), layer, L))
+    return first
+
+
 def _qk_span(interventions: Sequence[Intervention]) -> int:
     """Layers QK-fix runs per variant: 1 when every per-layer LM site of the sweep is read before
     its layer's attention softmax, else 2 (the change reaches attention in the next layer)."""
@@ -365,6 +377,7 @@ def attribution_sweep(model: Model, batch: Batch, interventions: Sequence[Interv
                              f"got {getattr(got, 'shape', type(got).__name__)}")
     positions, valid = _kept_positions(variants, B, T, n)
     span = _qk_span(interventions) if qk_fix else 0
+    firsts = _first_layers(variants, n, L) if span else None
     probed = tuple(sorted({iv.site for iv in interventions} | ({sites.LM_RESID_POST} if span else set())))
 
     args = (batch, base, readout, probed, positions)
@@ -390,8 +403,10 @@ def attribution_sweep(model: Model, batch: Batch, interventions: Sequence[Interv
                 qk["post"].size // L)
         chunk = -(-int(max(1, min(256, budget // per_variant))) // n_data) * n_data
         change = np.empty((n, B, Kr), np.float32)
-        for i in tqdm(range(0, n, chunk), disable=not progress, desc="attribution", unit="chunk"):
-            idx = np.arange(i, min(n, i + chunk))
+        # QK-fix: each call's variants share their first patched layer (see `_estimate`)
+        groups = [np.flatnonzero(firsts == f) for f in np.unique(firsts)] if span else [np.arange(n)]
+        calls = [g[i:i + chunk] for g in groups for i in range(0, len(g), chunk)]
+        for idx in tqdm(calls, disable=not progress, desc="attribution", unit="chunk"):
             size = exact_sweep._call_size(len(idx), chunk, mesh)
             padded = np.concatenate([idx, np.full((size - len(idx),), idx[-1])])
             which = np.unravel_index(padded, vshape)
@@ -399,7 +414,8 @@ def attribution_sweep(model: Model, batch: Batch, interventions: Sequence[Interv
             if mesh is not None:
                 ivs = parallel.put_tree(ivs, mesh, data_axis=0)
             change[idx] = parallel.to_host(_estimate_jit(model.graphdef, model.params, args[0], args[1], ivs, acts,
-                                                         grads, rows, *placed, qk, span))[:len(idx)]
+                                                         grads, rows, *placed, qk,
+                                                         np.int32(firsts[idx[0]]) if span else None, span))[:len(idx)]
         return change
 
     def strength(change: np.ndarray) -> np.ndarray:
