@@ -5,11 +5,37 @@ backends, so it is set here, before any test module imports jax.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# LLVM's optimization of XLA:CPU's generated code is about half of the CPU time of a compile, and
+# compiling is most of the suite's time: the tests check what a program computes, not how fast it
+# runs. The level is LLVM's: XLA's HLO passes (what tests/test_bf16_compute.py reads) and the
+# floating-point semantics (no fast-math, no reassociation) are the same at every level. Subprocesses
+# inherit it with the environment.
+_OPT = "--xla_backend_optimization_level=0"
+if _OPT.split("=")[0] not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + _OPT
+
+# Compiling dominates the suite's time (XLA:CPU takes 1-2 s of CPU per tiny-model forward or sweep),
+# and the same programs are compiled again and again: in each test module (the fixture below clears
+# the in-memory caches) and in each binary run as a subprocess. jax's persistent compilation cache
+# keeps every executable of this session on disk, in a directory of its own that is removed at the
+# end: nothing is shared with another session or left in the user's home. Set here, before jax is
+# imported, and through the environment, so subprocesses use it too; the session's first process
+# owns the directory.
+_CACHE_OWNER = "SPATIAL_JAX_TEST_XLA_CACHE_OWNER"
+if _CACHE_OWNER not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="spatial_jax_test_xla_cache_")
+    os.environ.update({_CACHE_OWNER: str(os.getpid()), "JAX_COMPILATION_CACHE_DIR": _cache_dir,
+                       # only programs worth keeping: jax's default (1 s) would skip most of them
+                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"})
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -34,8 +34,9 @@ def _even_vocabulary() -> tuple[str, ...]:
 
 
 def _run(args: list[str], n_devices: int) -> subprocess.Popen:
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+               XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={n_devices}"]))
     return subprocess.Popen([sys.executable, "-m", "experiments.last_token", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
