@@ -19,8 +19,10 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) -m experiments.demo --output_dir outputs/demo --dataset squares,shapes,objects
 
+# Two workers, a test file each at a time (its module fixtures built once): compiling, most of the
+# suite's time, is single-threaded.
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) outputs

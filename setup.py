@@ -35,7 +35,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # torch is only the reference implementation the tests compare against.
-        "test": ["torch==2.13.0", "pytest==9.2.0"],
+        "test": ["torch==2.13.0", "pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2"],
     },
     entry_points={"console_scripts": ["spatial-jax-convert=spatial_jax.convert.cli:run"]},
 )

@@ -523,7 +523,7 @@ def test_automatic_chunks_equal_one_variant_per_call(tiny, monkeypatch):
                          index=np.broadcast_to(masks, (2, R, B, T)),
                          source=np.broadcast_to(np.moveaxis(src[:, layers], 1, 0)[:, None], (2, R, B, T, src.shape[-1])))
     readout = sj.Readout(sj.last_positions(np.ones((B, T))), np.array([[1, 2, 3], [4, 5, 6]]))
-    budget = 3.5 * sweep_mod._variant_bytes(model, clean, [jax.tree.map(np.asarray, iv)], 2 * R)
+    budget = 3.5 * sweep_mod.variant_bytes(model, clean, [jax.tree.map(np.asarray, iv)], 2 * R)
     calls = _spy_variant_calls(monkeypatch)
     auto = sj.patch_sweep(model, clean, [iv], readout, memory_budget_bytes=budget)
     assert [c["n"] for c in calls] == [3, 2] * 2  # per layer: 3 + 2

@@ -132,7 +132,7 @@ def test_resident_stack_counts_in_the_budget(model, monkeypatch):
     # resident: the stack [B, L + 1, T, D] and one prefix [B, L, P, D] per prefix length
     resident = 4 * B * T * D * (L + 1) + sum(4 * B * L * int(P) * D for P in np.unique(prefixes))
     per_variant = resident // 4
-    monkeypatch.setattr(sweep_mod, "_variant_bytes", lambda *a: per_variant)
+    monkeypatch.setattr(sweep_mod, "variant_bytes", lambda *a: per_variant)
     chunks = []
     chunk_size = sweep_mod._chunk_size
 

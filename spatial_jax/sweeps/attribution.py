@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from spatial_jax import parallel, validation
+from spatial_jax import parallel
 from spatial_jax.batch import Batch
 from spatial_jax.forward import Model
 from spatial_jax.interventions import ops, sites
@@ -346,27 +346,14 @@ def attribution_sweep(model: Model, batch: Batch, interventions: Sequence[Interv
     qk_fix, grad_drop: AtP*'s fixes (module docstring); qk_fix adds a few layers per variant and
     the gradient at every position of lm.resid_post, grad_drop L more forward-backward passes.
     """
-    if mesh is None:
-        mesh = model.mesh
-    elif mesh != model.mesh:
-        model = exact_sweep._on_mesh(model, mesh)
-    batch = batch.with_defaults()
-    validation.check_batch(model, batch)
-    interventions, base = validation.intervention_list(interventions), validation.intervention_list(base)
-    shape = exact_sweep._num_variants(interventions)
-    validation.check_interventions(model.config, np.shape(batch.input_ids), interventions, shape)
-    validation.check_interventions(model.config, np.shape(batch.input_ids), base, name="base")
-    validation.check_readout(model.config, np.shape(batch.input_ids), readout.position, readout.tokens)
+    model, batch, interventions, base, readout, mesh, shape, variants = exact_sweep.prepare(
+        model, batch, interventions, readout, base, mesh)
     if verify_top < 0:
         raise ValueError(f"verify_top must be >= 0, got {verify_top}")
     L = model.config.num_layers
     if grad_drop and L < 2:
         raise ValueError(f"grad_drop needs at least 2 LM layers (its score divides by L - 1), the model has {L}")
-    n = int(math.prod(shape))
-    vshape = shape or (1,)
-    variants = [jax.tree.map(lambda a: np.broadcast_to(a, vshape + np.shape(a)[len(shape):]), iv)
-                for iv in interventions]
-    readout = Readout(np.asarray(readout.position, np.int32), np.asarray(readout.tokens, np.int32))
+    n, vshape = int(math.prod(shape)), shape or (1,)
     B, T = np.shape(batch.input_ids)
     if metric is not None:
         metric = metric if isinstance(metric, jax.tree_util.Partial) else jax.tree_util.Partial(metric)
@@ -399,7 +386,7 @@ def attribution_sweep(model: Model, batch: Batch, interventions: Sequence[Interv
         per_variant = 4 * sum((Kr + 3) * math.prod(a.shape) // (a.shape[1] if s not in sites.ONCE_SITES else 1)
                               for s, a in acts.items()) + sum(a.nbytes for a in jax.tree.leaves(variants)) // n
         if span:  # the exactly run layers' activations and the full-position gradient they contract with
-            per_variant += span * exact_sweep._variant_bytes(model, batch, variants, n) // L + 4 * (Kr + 2) * (
+            per_variant += span * exact_sweep.variant_bytes(model, batch, variants, n) // L + 4 * (Kr + 2) * (
                 qk["post"].size // L)
         chunk = -(-int(max(1, min(256, budget // per_variant))) // n_data) * n_data
         change = np.empty((n, B, Kr), np.float32)
@@ -407,7 +394,7 @@ def attribution_sweep(model: Model, batch: Batch, interventions: Sequence[Interv
         groups = [np.flatnonzero(firsts == f) for f in np.unique(firsts)] if span else [np.arange(n)]
         calls = [g[i:i + chunk] for g in groups for i in range(0, len(g), chunk)]
         for idx in tqdm(calls, disable=not progress, desc="attribution", unit="chunk"):
-            size = exact_sweep._call_size(len(idx), chunk, mesh)
+            size = exact_sweep.call_size(len(idx), chunk, mesh)
             padded = np.concatenate([idx, np.full((size - len(idx),), idx[-1])])
             which = np.unravel_index(padded, vshape)
             ivs = tuple(jax.tree.map(lambda a: a[which], iv) for iv in variants)

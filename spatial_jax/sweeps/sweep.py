@@ -172,7 +172,7 @@ def _unchanged_prefixes(variants, readout: Readout, allowed: np.ndarray, n: int,
     return T - _row_bucket(T - first, T, quantum)
 
 
-def _variant_bytes(model: Model, batch: Batch, variants, n: int) -> int:
+def variant_bytes(model: Model, batch: Batch, variants, n: int) -> int:
     """Rough bytes one variant of a chunk needs: its activations, plus its own slice of every
     intervention array (a chunk gathers one slice per variant, shared sources included).
     variants: the sweep's interventions, every leaf [*S, ...] with prod(S) = n (views are fine)."""
@@ -203,10 +203,10 @@ FREE_MEMORY_FRACTION = 0.8
 
 def _chunk_size(model: Model, batch: Batch, variants, n: int, memory_budget_bytes: float) -> int:
     """Variants per compiled call within the budget (at least 1, at most 256)."""
-    return int(max(1, min(256, memory_budget_bytes // _variant_bytes(model, batch, variants, n))))
+    return int(max(1, min(256, memory_budget_bytes // variant_bytes(model, batch, variants, n))))
 
 
-def _call_size(n: int, chunk: int, mesh) -> int:
+def call_size(n: int, chunk: int, mesh) -> int:
     """Variants one compiled call runs for n real ones (n <= chunk): the next power of two, at
     most the chunk, and a multiple of the mesh's data axis. A start-layer group smaller than the
     chunk is not padded up to it, while the number of distinct compiled sizes stays at most
@@ -225,6 +225,33 @@ def _on_mesh(model: Model, mesh: jax.sharding.Mesh) -> Model:
     state = jax.tree.map(lambda x: x, model.params)
     nnx.replace_by_pure_dict(state, placed)
     return dataclasses.replace(model, params=state, mesh=mesh)
+
+
+def prepare(model: Model, batch: Batch, interventions: Sequence[Intervention], readout: Readout,
+            base: Sequence[Intervention], mesh: jax.sharding.Mesh | None):
+    """What every sweep does with its arguments first: the model on `mesh` (default: its own),
+    the batch with defaults, everything checked on the host (one clear error for bad input).
+    Returns (model, batch, interventions, base, readout, mesh, S, variants): S the variant shape,
+    variants the interventions with every leaf a read-only view [*S, ...] (S = (1,) when the
+    sweep has no variant axes; scalars such as a shared alpha broadcast to S), so that a chunk
+    gathers only its own variants and a source broadcast over variants is held once, never
+    copied n times; readout with int32 arrays."""
+    if mesh is None:
+        mesh = model.mesh
+    elif mesh != model.mesh:
+        model = _on_mesh(model, mesh)
+    batch = batch.with_defaults()
+    validation.check_batch(model, batch)
+    interventions, base = validation.intervention_list(interventions), validation.intervention_list(base)
+    shape = _num_variants(interventions)
+    validation.check_interventions(model.config, np.shape(batch.input_ids), interventions, shape)
+    validation.check_interventions(model.config, np.shape(batch.input_ids), base, name="base")
+    validation.check_readout(model.config, np.shape(batch.input_ids), readout.position, readout.tokens)
+    vshape = shape or (1,)
+    variants = [jax.tree.map(lambda a: np.broadcast_to(a, vshape + np.shape(a)[len(shape):]), iv)
+                for iv in interventions]
+    readout = Readout(np.asarray(readout.position, np.int32), np.asarray(readout.tokens, np.int32))
+    return model, batch, interventions, base, readout, mesh, shape, variants
 
 
 def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention], readout: Readout, *,
@@ -249,25 +276,9 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     the model was loaded on (`sj.load(..., mesh=)`), if any; a different mesh places the params
     on it first with the family's sharding rules.
     """
-    if mesh is None:
-        mesh = model.mesh
-    elif mesh != model.mesh:
-        model = _on_mesh(model, mesh)
-    batch = batch.with_defaults()
-    validation.check_batch(model, batch)
-    interventions, base = validation.intervention_list(interventions), validation.intervention_list(base)
-    shape = _num_variants(interventions)
-    validation.check_interventions(model.config, np.shape(batch.input_ids), interventions, shape)
-    validation.check_interventions(model.config, np.shape(batch.input_ids), base, name="base")
-    validation.check_readout(model.config, np.shape(batch.input_ids), readout.position, readout.tokens)
-    n = int(math.prod(shape))
-    # Every leaf as a read-only view [*S, ...] (scalars such as a shared alpha broadcast to S; a
-    # sweep without variant axes is one variant, S = (1,)): each chunk then gathers only its own
-    # variants, so a source broadcast over variants is held once, never copied n times.
-    vshape = shape or (1,)
-    variants = [jax.tree.map(lambda a: np.broadcast_to(a, vshape + np.shape(a)[len(shape):]), iv)
-                for iv in interventions]
-    readout = Readout(np.asarray(readout.position, np.int32), np.asarray(readout.tokens, np.int32))
+    model, batch, interventions, base, readout, mesh, shape, variants = prepare(model, batch, interventions, readout,
+                                                                                base, mesh)
+    n, vshape = int(math.prod(shape)), shape or (1,)
     n_data = 1 if mesh is None else parallel.axis_size(mesh, parallel.DATA)
 
     if any(iv.site.startswith("vision.") for iv in interventions):
@@ -301,7 +312,7 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
     groups = np.split(order, np.flatnonzero((keys[1:] != keys[:-1]).any(1)) + 1)
     calls = [(g[i:i + chunk]) for g in groups for i in range(0, len(g), chunk)]
     for idx in tqdm(calls, disable=not progress, desc="sweep", unit="chunk"):
-        padded = np.concatenate([idx, np.full((_call_size(len(idx), chunk, mesh) - len(idx),), idx[-1])])
+        padded = np.concatenate([idx, np.full((call_size(len(idx), chunk, mesh) - len(idx),), idx[-1])])
         which = np.unravel_index(padded, vshape)
         ivs = tuple(jax.tree.map(lambda a: a[which], iv) for iv in variants)
         s, P = int(starts[idx[0]]), int(prefixes[idx[0]])
