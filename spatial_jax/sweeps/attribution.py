@@ -220,7 +220,7 @@ def _estimate(graphdef, params, batch: Batch, base, ivs: tuple[Intervention, ...
     Interventions at one site compose in list order on the clean activation at the layer each
     targets; a layer that several of them target is counted once (at its first). span > 0
     (QK-fix, qk from `_linearise`): the variants' first patched LM layer l = first (a scalar,
-    shared by the chunk: `_first_layers`; so one slice of the stacked weights serves every
+    shared by the chunk: `sweep.start_layers`; so one slice of the stacked weights serves every
     variant, where a per-variant layer would gather a copy of them per variant) and the layers up
     to a = l + span - 1 run exactly from the clean residual entering l, under base and all of the
     variant's interventions; the change of the residual leaving a is linearised from there, and
@@ -304,17 +304,6 @@ def _kept_positions(interventions: Sequence[Intervention], B: int, T: int, n: in
     return np.where(valid, order, last[:, None]).astype(np.int32), valid
 
 
-def _first_layers(variants: Sequence[Intervention], n: int, L: int) -> np.ndarray:
-    """[n] the first LM layer (0..L-1) each variant patches at a per-layer LM site; L if none
-    (a layer outside 0..L-1, e.g. the slot sweeps' "nowhere" = L, patches nothing)."""
-    first = np.full((n,), L, np.int64)
-    for iv in variants:
-        if _is_lm(iv.site) and iv.site not in sites.ONCE_SITES:
-            layer = np.asarray(iv.layer).reshape(n)
-            first = np.minimum(first, np.where((layer >= 0) & (layer < L), layer, L))
-    return first
-
-
 def _qk_span(interventions: Sequence[Intervention]) -> int:
     """Layers QK-fix runs per variant: 1 when every per-layer LM site of the sweep is read before
     its layer's attention softmax, else 2 (the change reaches attention in the next layer)."""
@@ -364,7 +353,7 @@ def attribution_sweep(model: Model, batch: Batch, interventions: Sequence[Interv
                              f"got {getattr(got, 'shape', type(got).__name__)}")
     positions, valid = _kept_positions(variants, B, T, n)
     span = _qk_span(interventions) if qk_fix else 0
-    firsts = _first_layers(variants, n, L) if span else None
+    firsts = exact_sweep.start_layers(interventions, shape, L) if span else None
     probed = tuple(sorted({iv.site for iv in interventions} | ({sites.LM_RESID_POST} if span else set())))
 
     args = (batch, base, readout, probed, positions)

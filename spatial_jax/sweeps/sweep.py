@@ -119,14 +119,16 @@ def _num_variants(interventions: Sequence[Intervention]) -> tuple[int, ...]:
     return shape
 
 
-def _start_layers(interventions: Sequence[Intervention], shape: tuple[int, ...], num_layers: int) -> np.ndarray:
-    """First LM layer each variant of a sweep of variant shape S changes ([prod(S)] int); the
-    once-site lm.final counts as L, and a scalar layer is shared by every variant."""
+def start_layers(interventions: Sequence[Intervention], shape: tuple[int, ...], num_layers: int) -> np.ndarray:
+    """First LM layer (0..L-1) each variant of a sweep of variant shape S patches at a per-layer LM
+    site ([prod(S)] int); L where it patches none (only lm.final or vision sites, or a layer no
+    layer has, such as the slot sweeps' "nowhere" = L). A scalar layer is shared by every variant."""
     n = int(math.prod(shape))
     start = np.full((n,), num_layers, np.int64)
     for iv in interventions:
-        if iv.site in sites.PER_LAYER_SITES:
-            start = np.minimum(start, np.broadcast_to(iv.layer, shape).reshape(n))
+        if iv.site in sites.PER_LAYER_SITES and iv.site.startswith("lm."):
+            layer = np.broadcast_to(iv.layer, shape).reshape(n)
+            start = np.minimum(start, np.where((layer >= 0) & (layer < num_layers), layer, num_layers))
     return start
 
 
@@ -285,7 +287,7 @@ def patch_sweep(model: Model, batch: Batch, interventions: Sequence[Intervention
         starts, prefixes = np.zeros((n,), np.int64), np.zeros((n,), np.int64)
         stack = None
     else:
-        starts = _start_layers(interventions, shape, model.config.num_layers)
+        starts = start_layers(interventions, shape, model.config.num_layers)
         args = (batch, base) if mesh is None else (parallel.shard_batch(batch, mesh), parallel.put_tree(base, mesh))
         # The residual stack stays where it was computed (over `data` with the batch's rows on
         # a mesh); only the [B, T, T] mask comes to the host, for the prefixes.
